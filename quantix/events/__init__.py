@@ -1,0 +1,1 @@
+"""Domain events: libvirt callbacks mapped to NodeEvent, the event bus, reconciliation."""

@@ -1,0 +1,44 @@
+"""Translate ``libvirtError`` into domain errors, so callers never branch on libvirt codes."""
+
+from __future__ import annotations
+
+import libvirt
+
+from quantix import errors
+
+_UNAVAILABLE = {
+    libvirt.VIR_ERR_NO_CONNECT,
+    libvirt.VIR_ERR_RPC,
+    libvirt.VIR_ERR_SYSTEM_ERROR,
+}
+_NOT_FOUND = {
+    libvirt.VIR_ERR_NO_DOMAIN,
+    libvirt.VIR_ERR_NO_STORAGE_POOL,
+    libvirt.VIR_ERR_NO_STORAGE_VOL,
+    libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT,
+    libvirt.VIR_ERR_NO_NETWORK,
+    libvirt.VIR_ERR_NO_SECRET,
+}
+_WRONG_STATE = {libvirt.VIR_ERR_OPERATION_INVALID, libvirt.VIR_ERR_OPERATION_DENIED}
+_INVALID = {libvirt.VIR_ERR_XML_ERROR, libvirt.VIR_ERR_INVALID_ARG, libvirt.VIR_ERR_CONFIG_UNSUPPORTED}
+
+
+def translate(exc: BaseException) -> errors.QuantixError | None:
+    """The domain error for a ``libvirtError``; ``None`` for anything else."""
+    if not isinstance(exc, libvirt.libvirtError):
+        return None
+    code = exc.get_error_code()
+    message = exc.get_error_message() or str(exc)
+    if code in _NOT_FOUND:
+        return errors.NotFound(message)
+    if code in _WRONG_STATE:
+        return errors.WrongState(message)
+    if code in _INVALID:
+        return errors.Invalid(message)
+    if code in _UNAVAILABLE:
+        return errors.HypervisorDown(message)
+    if code == libvirt.VIR_ERR_OPERATION_TIMEOUT:
+        return errors.Timeout(message)
+    if code == libvirt.VIR_ERR_OPERATION_UNSUPPORTED or code == libvirt.VIR_ERR_NO_SUPPORT:
+        return errors.Unsupported(message)
+    return errors.QuantixError(f"libvirt: {message}")

@@ -1,0 +1,215 @@
+"""Facts about this host: CPU, memory, disks, NICs, management IP, hypervisor capabilities.
+
+Collected in a worker thread (psutil and libvirt calls block); the result is a plain attrs value
+used by both ``GetNodeInfo`` and control-plane registration.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from pathlib import Path
+from xml.etree import ElementTree as ET
+
+import attrs
+import libvirt
+import psutil
+
+#: Interface name prefixes that never carry the management address.
+_VIRTUAL_PREFIXES = ("lo", "virbr", "vnet", "tap", "docker", "veth", "br-", "qtx")
+
+
+@attrs.frozen
+class CpuFacts:
+    model: str
+    sockets: int
+    cores_per_socket: int
+    threads_per_core: int
+    total_threads: int
+    mhz: int
+    features: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class DiskFacts:
+    device: str
+    mount_point: str
+    filesystem: str
+    total_bytes: int
+    used_bytes: int
+    available_bytes: int
+
+
+@attrs.frozen
+class NicFacts:
+    name: str
+    mac: str
+    ips: tuple[str, ...]
+    speed_mbps: int
+    up: bool
+
+
+@attrs.frozen
+class CapabilityFacts:
+    live_migration: bool
+    snapshots: bool
+    hotplug: bool
+    gpu_passthrough: bool
+    nested: bool
+    max_vcpus: int
+
+
+@attrs.frozen
+class HostFacts:
+    hostname: str
+    management_ip: str
+    cpu: CpuFacts
+    memory_total: int
+    memory_available: int
+    disks: tuple[DiskFacts, ...]
+    nics: tuple[NicFacts, ...]
+    capabilities: CapabilityFacts
+    os_name: str
+    kernel: str
+
+
+def _cpu_model_from_caps(caps_xml: str) -> tuple[str, tuple[str, ...]]:
+    root = ET.fromstring(caps_xml)
+    cpu = root.find("host/cpu")
+    if cpu is None:
+        return "", ()
+    model = cpu.findtext("model") or ""
+    features = tuple(sorted(f.get("name", "") for f in cpu.findall("feature") if f.get("name")))
+    return model, features
+
+
+def _proc_cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def cpu_facts(conn: libvirt.virConnect) -> CpuFacts:
+    """Topology from libvirt's node info (what the hypervisor schedules on); model from /proc."""
+    _arch, _mem_mb, cpus, mhz, nodes, sockets, cores, threads = conn.getInfo()
+    caps_model, features = _cpu_model_from_caps(conn.getCapabilities())
+    model = _proc_cpu_model() or caps_model
+    sockets_total = max(1, sockets * max(nodes, 1))
+    return CpuFacts(
+        model=model,
+        sockets=sockets_total,
+        cores_per_socket=max(1, cores),
+        threads_per_core=max(1, threads),
+        total_threads=max(1, cpus),
+        mhz=int(mhz),
+        features=features,
+    )
+
+
+def _default_route_interface() -> str | None:
+    try:
+        lines = Path("/proc/net/route").read_text().splitlines()[1:]
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 2 and fields[1] == "00000000":
+            return fields[0]
+    return None
+
+
+def _usable(ip: str, iface: str) -> bool:
+    if iface.startswith(_VIRTUAL_PREFIXES):
+        return False
+    try:
+        addr = ipaddress.ip_address(ip.split("%")[0])
+    except ValueError:
+        return False
+    return not (addr.is_loopback or addr.is_link_local or addr.is_multicast or addr.is_unspecified)
+
+
+def management_ip(addrs: dict | None = None, default_iface: str | None = None) -> str:
+    """The address the control plane should dial: the default-route NIC first, IPv4 preferred."""
+    addrs = psutil.net_if_addrs() if addrs is None else addrs
+    default_iface = _default_route_interface() if default_iface is None else default_iface
+    candidates: list[tuple[int, int, str]] = []
+    for iface, entries in addrs.items():
+        for entry in entries:
+            if entry.family not in (socket.AF_INET, socket.AF_INET6) or not _usable(entry.address, iface):
+                continue
+            rank = (0 if iface == default_iface else 1, 0 if entry.family == socket.AF_INET else 1)
+            candidates.append((*rank, entry.address.split("%")[0]))
+    return min(candidates)[2] if candidates else "127.0.0.1"
+
+
+def disk_facts() -> tuple[DiskFacts, ...]:
+    out = []
+    for part in psutil.disk_partitions(all=False):
+        try:
+            usage = psutil.disk_usage(part.mountpoint)
+        except OSError:
+            continue
+        out.append(DiskFacts(part.device, part.mountpoint, part.fstype, usage.total, usage.used, usage.free))
+    return tuple(out)
+
+
+def nic_facts() -> tuple[NicFacts, ...]:
+    stats = psutil.net_if_stats()
+    out = []
+    for name, entries in sorted(psutil.net_if_addrs().items()):
+        if name == "lo":
+            continue
+        mac = next((e.address for e in entries if e.family == psutil.AF_LINK), "")
+        ips = tuple(e.address.split("%")[0] for e in entries if e.family in (socket.AF_INET, socket.AF_INET6))
+        st = stats.get(name)
+        out.append(NicFacts(name, mac, ips, int(st.speed) if st else 0, bool(st and st.isup)))
+    return tuple(out)
+
+
+def _nested_enabled() -> bool:
+    for mod in ("kvm_intel", "kvm_amd"):
+        try:
+            if Path(f"/sys/module/{mod}/parameters/nested").read_text().strip() in ("Y", "1"):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def capability_facts(conn: libvirt.virConnect) -> CapabilityFacts:
+    try:
+        max_vcpus = int(conn.getMaxVcpus(None))
+    except libvirt.libvirtError:
+        max_vcpus = os.cpu_count() or 1
+    iommu = Path("/sys/kernel/iommu_groups")
+    return CapabilityFacts(
+        live_migration=conn.getType() != "TEST",
+        snapshots=True,
+        hotplug=True,
+        gpu_passthrough=iommu.is_dir() and any(iommu.iterdir()),
+        nested=_nested_enabled(),
+        max_vcpus=max_vcpus,
+    )
+
+
+def collect(conn: libvirt.virConnect, *, hostname: str | None = None, mgmt_ip: str | None = None) -> HostFacts:
+    """Blocking: gather every fact. Configured hostname/IP win over detection."""
+    mem = psutil.virtual_memory()
+    uname = os.uname()
+    return HostFacts(
+        hostname=hostname or socket.gethostname(),
+        management_ip=mgmt_ip or management_ip(),
+        cpu=cpu_facts(conn),
+        memory_total=mem.total,
+        memory_available=mem.available,
+        disks=disk_facts(),
+        nics=nic_facts(),
+        capabilities=capability_facts(conn),
+        os_name=uname.sysname,
+        kernel=uname.release,
+    )

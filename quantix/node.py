@@ -1,0 +1,75 @@
+"""The service tree of one daemon: every box, wired together, started and stopped in order."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, NoReturn
+
+import libvirt
+from twisted.application.service import MultiService
+from twisted.logger import Logger
+
+from quantix import state
+from quantix.config import Config
+from quantix.hypervisor import hostinfo
+from quantix.hypervisor.connection import Hypervisor
+from quantix.rpc import handlers
+from quantix.rpc.server import SERVICE, GrpcServer, ListenError
+
+log = Logger(namespace="quantix.node")
+
+
+def _fatal(message: str) -> NoReturn:
+    """Exit with one line on the real stderr: twistd would log an exception with a traceback,
+    and by now it has redirected ``sys.stderr`` into the log."""
+    print(f"quantix-node: {message}", file=sys.__stderr__, flush=True)
+    raise SystemExit(1)
+
+
+class NodeService(MultiService):
+    """Owns the configuration and the boxes; handler classes reach the boxes through it."""
+
+    def __init__(self, config: Config, reactor: Any = None) -> None:
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor
+        self.config = config
+        self.reactor = reactor
+        self.started_at = time.monotonic()
+        self.node_id = ""
+        hv = config.hypervisor
+        self.hypervisor = Hypervisor(
+            reactor, hv.uri, event_loop=hv.event_loop, keepalive=(hv.keepalive_interval, hv.keepalive_count)
+        )
+        self.hypervisor.setServiceParent(self)
+        self.grpc = GrpcServer(
+            config.listen_address,
+            lambda: handlers.build(self),
+            max_workers=config.server.max_workers,
+            grace=config.server.grace_seconds,
+            max_message_bytes=config.server.max_message_bytes,
+        )
+        self.grpc.setServiceParent(self)
+        self.hypervisor.listen(self._hypervisor_up, self._hypervisor_down)
+
+    def startService(self) -> None:
+        self.started_at = time.monotonic()
+        try:
+            self.node_id = state.node_id(self.config.state_dir, self.config.node.id)
+            super().startService()
+        except (ListenError, OSError) as exc:
+            _fatal(f"state dir {self.config.state_dir}: {exc.strerror}" if isinstance(exc, OSError) else str(exc))
+
+    def host_facts(self, conn: libvirt.virConnect) -> hostinfo.HostFacts:
+        """Blocking (worker thread): current host facts with configured overrides applied."""
+        node = self.config.node
+        return hostinfo.collect(conn, hostname=node.hostname, mgmt_ip=node.management_ip)
+
+    def _hypervisor_up(self, conn: libvirt.virConnect) -> None:
+        if self.grpc.server is not None:
+            self.grpc.set_serving(SERVICE.full_name, True)
+
+    def _hypervisor_down(self) -> None:
+        if self.grpc.server is not None:
+            self.grpc.set_serving(SERVICE.full_name, False)

@@ -1,0 +1,18 @@
+"""Every box's RPC handler class, in one list the server builds its method table from."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from quantix.rpc.registry import collect
+
+
+def handler_classes() -> list[type]:
+    from quantix.rpc.node_rpcs import NodeRpcs
+
+    return [NodeRpcs]
+
+
+def build(node: Any) -> dict[str, Callable[..., Any]]:
+    return collect(cls(node) for cls in handler_classes())

@@ -1,0 +1,146 @@
+"""Host the grpcio server inside the twistd process.
+
+The server and its thread pool are created in ``startService`` (after twistd has forked), bound
+synchronously so a busy port fails the start with one clear line, and stopped with a grace
+period in a thread so the reactor keeps serving the hops in-flight RPCs make into it.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+from google.protobuf import message_factory
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from twisted.application.service import Service
+from twisted.internet import threads
+from twisted.logger import Logger
+
+from quantix.config import parse_address
+from quantix.proto import node_pb2
+from quantix.rpc import status
+
+log = Logger(namespace="quantix.rpc")
+
+SERVICE = node_pb2.DESCRIPTOR.services_by_name["NodeDaemonService"]
+
+
+class ListenError(Exception):
+    """The gRPC address cannot be bound; the message is one line naming it."""
+
+
+def build_generic_handler(handlers: Mapping[str, Callable[..., Any]]) -> grpc.GenericRpcHandler:
+    """One grpc method handler per RPC of the service descriptor; unclaimed RPCs are UNIMPLEMENTED."""
+    unknown = set(handlers) - set(SERVICE.methods_by_name)
+    if unknown:
+        raise ValueError(f"handlers for RPCs not in the contract: {sorted(unknown)}")
+    methods = {}
+    for method in SERVICE.methods:
+        request = message_factory.GetMessageClass(method.input_type)
+        response = message_factory.GetMessageClass(method.output_type)
+        impl = handlers.get(method.name) or status.unimplemented(method.name)
+        if method.server_streaming:
+            factory, wrapped = grpc.unary_stream_rpc_method_handler, status.stream(method.name, impl)
+        else:
+            factory, wrapped = grpc.unary_unary_rpc_method_handler, status.unary(method.name, impl)
+        methods[method.name] = factory(
+            wrapped, request_deserializer=request.FromString, response_serializer=response.SerializeToString
+        )
+    return grpc.method_handlers_generic_handler(SERVICE.full_name, methods)
+
+
+def check_bindable(address: str) -> None:
+    """Fail with one line when ``address`` is unusable, before grpc logs its own multi-line error."""
+    try:
+        host, port = parse_address(address)
+    except ValueError as exc:
+        raise ListenError(f"invalid listen address {address!r}: {exc}") from None
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ListenError(f"cannot listen on {address}: {exc.strerror}") from None
+    family, kind, proto, _, sockaddr = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(sockaddr)
+        except OSError as exc:
+            raise ListenError(f"cannot listen on {address}: {exc.strerror.lower()}") from None
+
+
+class GrpcServer(Service):
+    """The gRPC endpoint: NodeDaemonService, the standard health service and reflection."""
+
+    def __init__(
+        self,
+        listen: str,
+        handlers: Callable[[], Mapping[str, Callable[..., Any]]],
+        *,
+        max_workers: int,
+        grace: float,
+        max_message_bytes: int,
+        credentials: grpc.ServerCredentials | None = None,
+        extra_options: tuple[tuple[str, Any], ...] = (),
+    ) -> None:
+        self.listen = listen
+        self._handlers = handlers
+        self._max_workers = max_workers
+        self._grace = grace
+        self._max_message = max_message_bytes
+        self._credentials = credentials
+        self._extra_options = extra_options
+        self.server: grpc.Server | None = None
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        self.port: int | None = None
+
+    def startService(self) -> None:
+        check_bindable(self.listen)
+        options = [
+            # grpcio sets SO_REUSEPORT by default: a second daemon would silently share the port.
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_receive_message_length", self._max_message),
+            ("grpc.max_send_message_length", self._max_message),
+            # Keep idle event streams alive through NATs and let clients ping us.
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            *self._extra_options,
+        ]
+        server = grpc.server(ThreadPoolExecutor(self._max_workers, thread_name_prefix="grpc"), options=options)
+        server.add_generic_rpc_handlers([build_generic_handler(self._handlers())])
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        names = (SERVICE.full_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, server)
+        try:
+            if self._credentials is not None:
+                self.port = server.add_secure_port(self.listen, self._credentials)
+            else:
+                self.port = server.add_insecure_port(self.listen)
+        except RuntimeError:
+            raise ListenError(f"cannot listen on {self.listen}: address unavailable or in use") from None
+        server.start()
+        self.server = server
+        self.set_serving(SERVICE.full_name, False)
+        self.set_serving("", True)
+        log.info("gRPC listening on {listen} (port {port})", listen=self.listen, port=self.port)
+        super().startService()
+
+    def set_serving(self, service: str, serving: bool) -> None:
+        """Publish a health status; the node service ties NodeDaemonService to libvirt's state."""
+        code = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        self.health.set(service, code)
+
+    def stopService(self):
+        super().stopService()
+        server, self.server = self.server, None
+        if server is None:
+            return None
+        self.health.enter_graceful_shutdown()
+        return threads.deferToThread(lambda: server.stop(self._grace).wait())

@@ -1,0 +1,118 @@
+"""The one table from domain errors to gRPC status codes, and the wrapper every RPC runs in.
+
+Handlers raise :mod:`quantix.errors` exceptions (or let a ``libvirtError`` escape); this module
+turns them into a status code and a short message. An unexpected exception is logged with its
+traceback and answered ``INTERNAL`` with a one-line message: never ``UNKNOWN``, never a
+traceback on the wire.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+from twisted.logger import Logger
+
+from quantix import errors
+
+log = Logger(namespace="quantix.rpc")
+
+#: Most specific class first: the first ``isinstance`` match wins.
+STATUS_MAP: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
+    (errors.NotFound, grpc.StatusCode.NOT_FOUND),
+    (errors.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (errors.WrongState, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.Invalid, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.HypervisorDown, grpc.StatusCode.UNAVAILABLE),
+    (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (errors.Timeout, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.Unsupported, grpc.StatusCode.UNIMPLEMENTED),
+)
+
+#: Called after every RPC as ``observer(method, code, seconds, peer)``; metrics and access logs.
+observers: list[Callable[[str, grpc.StatusCode, float, str], None]] = []
+
+
+def _libvirt_translate(exc: BaseException) -> errors.QuantixError | None:
+    try:
+        from quantix.hypervisor.errors import translate
+    except ImportError:  # pragma: no cover - the hypervisor box is always present
+        return None
+    return translate(exc)
+
+
+def classify(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """Status code and client-safe message for an exception raised by a handler."""
+    translated = _libvirt_translate(exc)
+    if translated is not None:
+        exc = translated
+    for cls, code in STATUS_MAP:
+        if isinstance(exc, cls):
+            return code, str(exc)
+    if isinstance(exc, errors.QuantixError):
+        return grpc.StatusCode.INTERNAL, str(exc)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}"
+
+
+def _finish(method: str, code: grpc.StatusCode, started: float, context: grpc.ServicerContext) -> None:
+    elapsed = time.monotonic() - started
+    peer = context.peer() if context is not None else ""
+    for observer in observers:
+        try:
+            observer(method, code, elapsed, peer)
+        except Exception:
+            log.failure("RPC observer failed")
+
+
+def _abort(method: str, exc: BaseException, context: grpc.ServicerContext) -> grpc.StatusCode:
+    code, message = classify(exc)
+    if code is grpc.StatusCode.INTERNAL:
+        log.failure("{method} failed unexpectedly", method=method)
+    context.abort(code, message)
+    return code  # not reached: abort raises
+
+
+def unary(method: str, handler: Callable[[Any, grpc.ServicerContext], Any]) -> Callable:
+    """Wrap a unary handler with the error map and the observers."""
+
+    def call(request: Any, context: grpc.ServicerContext) -> Any:
+        started = time.monotonic()
+        code = grpc.StatusCode.OK
+        try:
+            return handler(request, context)
+        except Exception as exc:
+            code = classify(exc)[0]
+            _abort(method, exc, context)
+        finally:
+            _finish(method, code, started, context)
+
+    return call
+
+
+def stream(method: str, handler: Callable[[Any, grpc.ServicerContext], Iterator[Any]]) -> Callable:
+    """Wrap a server-streaming handler the same way as :func:`unary`."""
+
+    def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        started = time.monotonic()
+        code = grpc.StatusCode.OK
+        try:
+            yield from handler(request, context)
+        except Exception as exc:
+            code = classify(exc)[0]
+            _abort(method, exc, context)
+        finally:
+            _finish(method, code, started, context)
+
+    return call
+
+
+def unimplemented(method: str) -> Callable:
+    """Handler for an RPC no box has claimed yet."""
+
+    def call(request: Any, context: grpc.ServicerContext) -> Any:
+        raise errors.Unsupported(f"{method} is not implemented on this node")
+
+    return call

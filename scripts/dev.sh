@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# One entry point for newcomers and CI:
+#   scripts/dev.sh run    install what is needed, then run the daemon on libvirt's test driver
+#   scripts/dev.sh test   install what is needed (plus libvirtd + QEMU for the integration tier), run every test
+# Idempotent: a second run reuses the apt packages and the venv.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+VENV=${QUANTIX_VENV:-$ROOT/.venv}
+PY=${PYTHON:-python3}
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+apt_install() {
+  local missing=()
+  for pkg in "$@"; do dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg"); done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  echo "== apt-get install ${missing[*]}"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+setup() {
+  local pkgs=(libvirt-dev pkg-config gcc)
+  "$PY" -c 'import venv, ensurepip' 2>/dev/null || pkgs+=(python3-venv)
+  [ -f "$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ] || pkgs+=(python3-dev)
+  apt_install "${pkgs[@]}" "$@"
+  if [ ! -x "$VENV/bin/python" ]; then
+    echo "== creating $VENV"
+    "$PY" -m venv "$VENV"
+    "$VENV/bin/pip" install -q --upgrade pip wheel
+  fi
+  echo "== pip install .[test]"
+  "$VENV/bin/pip" install -q --disable-pip-version-check ".[test]" 2>&1 | grep -v '^WARNING: Location' || true
+}
+
+# A real libvirtd with QEMU (TCG) for the integration tier; only as root, only if not already up.
+start_libvirtd() {
+  if virsh -q -c qemu:///system uri >/dev/null 2>&1; then return 0; fi
+  if [ "$(id -u)" != 0 ]; then echo "== not root: the real-libvirtd tier will skip"; return 0; fi
+  getent group libvirt-qemu >/dev/null || groupadd -r libvirt-qemu
+  getent passwd libvirt-qemu >/dev/null || useradd -r -g libvirt-qemu -d /var/lib/libvirt -s /usr/sbin/nologin libvirt-qemu
+  # root-owned QEMU avoids a capability re-probe per start; file stdio needs no virtlogd.
+  grep -q '^stdio_handler' /etc/libvirt/qemu.conf 2>/dev/null ||
+    printf 'user = "root"\ngroup = "root"\nstdio_handler = "file"\n' >> /etc/libvirt/qemu.conf
+  LIBVIRTD_LOG=${LIBVIRTD_LOG:-$(mktemp -d)/libvirtd}
+  printf 'log_filters="1:qemu 1:libvirt 3:object 3:json 3:event 3:util 3:rpc"\nlog_outputs="3:file:%s.log"\n' \
+    "$LIBVIRTD_LOG" > "$LIBVIRTD_LOG.conf"
+  # tini -s reaps QEMU promptly; this machine's PID 1 reaps orphans only once a second.
+  setsid tini -s -- /usr/sbin/libvirtd --config "$LIBVIRTD_LOG.conf" > "$LIBVIRTD_LOG.out" 2>&1 &
+  LIBVIRTD_PID=$!
+  for _ in $(seq 200); do virsh -q -c qemu:///system uri >/dev/null 2>&1 && break; sleep 0.05; done
+  virsh -q -c qemu:///system uri >/dev/null
+  echo "== libvirtd started (pid $LIBVIRTD_PID, log $LIBVIRTD_LOG.log)"
+}
+
+case "${1:-}" in
+  run)
+    shift
+    setup
+    STATE=${QUANTIX_STATE_DIR:-$ROOT/.state}
+    mkdir -p "$STATE"
+    # The test driver is the embedded default here; flags given after "run" override it.
+    exec "$VENV/bin/twistd" -n --pidfile= quantix-node --libvirt-uri test:///default --state-dir "$STATE" \
+      --agent-socket-dir "$STATE/agents" "$@"
+    ;;
+  test)
+    shift
+    setup libvirt-daemon libvirt-daemon-driver-qemu qemu-system-x86 qemu-utils libvirt-clients tini
+    start_libvirtd
+    export PYTHONPATH=$ROOT
+    "$VENV/bin/python" -m twisted.trial "${@:-tests}"
+    ;;
+  *)
+    echo "usage: $0 run [twistd quantix-node flags] | test [trial test names]" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,128 @@
+"""Configuration: precedence, errors that name file and key, the shipped example."""
+
+from __future__ import annotations
+
+import os
+
+from twisted.trial import unittest
+
+from quantix import config as cfg
+from quantix.plugin import Options, load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLE = os.path.join(ROOT, "etc", "limiquantix", "node.yaml")
+
+
+class ConfigTests(unittest.TestCase):
+    def write(self, text: str) -> str:
+        path = self.mktemp() + ".yaml"
+        with open(path, "w") as fh:
+            fh.write(text)
+        return path
+
+    def options(self, *argv: str) -> Options:
+        opts = Options()
+        opts.parseOptions(list(argv))
+        return opts
+
+    def test_defaults(self):
+        c = cfg.load(None, environ={})
+        self.assertEqual(c.listen_address, "0.0.0.0:9090")
+        self.assertEqual(c.hypervisor.uri, "qemu:///system")
+        self.assertEqual(c.hypervisor.event_loop, "thread")
+        self.assertEqual(c.state_dir, "/var/lib/quantix")
+        self.assertEqual(c.agent.socket_dir, "/var/run/quantix-kvm/vms")
+        self.assertFalse(c.auto_register)
+
+    def test_precedence_file_env_flags(self):
+        path = self.write(
+            "listen_address: 10.0.0.1:9000\n"
+            "hypervisor:\n  uri: qemu:///session\n"
+            "state_dir: /srv/file\n"
+            "agent:\n  socket_dir: /srv/agents\n"
+        )
+        env = {"QUANTIX_STATE_DIR": "/srv/env", "QUANTIX_HYPERVISOR_URI": "test:///default"}
+        c = load_config(self.options("--config", path, "--libvirt-uri", "qemu+tcp://h/system"), environ=env)
+        self.assertEqual(c.listen_address, "10.0.0.1:9000")  # file beats default
+        self.assertEqual(c.state_dir, "/srv/env")  # env beats file
+        self.assertEqual(c.hypervisor.uri, "qemu+tcp://h/system")  # given flag beats env
+        self.assertEqual(c.agent.socket_dir, "/srv/agents")
+
+    def test_flag_default_never_overrides_file(self):
+        path = self.write("listen_address: 10.0.0.1:9000\nauto_register: true\n")
+        c = load_config(self.options("--config", path), environ={})
+        self.assertEqual(c.listen_address, "10.0.0.1:9000")
+        self.assertTrue(c.auto_register)
+
+    def test_register_flag(self):
+        c = load_config(self.options("--register"), environ={})
+        self.assertTrue(c.auto_register)
+
+    def test_missing_default_file_is_fine_but_explicit_is_not(self):
+        opts = Options()
+        opts.parseOptions([])
+        self.assertEqual(load_config(opts, environ={}).listen_address, "0.0.0.0:9090")
+        with self.assertRaises(cfg.ConfigError) as caught:
+            load_config(self.options("--config", "/nonexistent/node.yaml"), environ={})
+        self.assertIn("/nonexistent/node.yaml", str(caught.exception))
+
+    def test_bad_yaml_names_file_and_line(self):
+        path = self.write("listen_address: [unclosed\n")
+        with self.assertRaises(cfg.ConfigError) as caught:
+            cfg.load(path, environ={})
+        self.assertIn(path, str(caught.exception))
+        self.assertIn("line", str(caught.exception))
+
+    def test_bad_address_names_key(self):
+        path = self.write("listen_address: nonsense\n")
+        with self.assertRaises(cfg.ConfigError) as caught:
+            cfg.load(path, environ={})
+        self.assertIn(f"{path}: key listen_address", str(caught.exception))
+
+    def test_unknown_hypervisor_type_names_key(self):
+        path = self.write("hypervisor:\n  type: xen\n")
+        with self.assertRaises(cfg.ConfigError) as caught:
+            cfg.load(path, environ={})
+        self.assertIn("hypervisor.type", str(caught.exception))
+        self.assertIn("xen", str(caught.exception))
+
+    def test_bad_env_value_names_variable(self):
+        with self.assertRaises(cfg.ConfigError) as caught:
+            cfg.load(None, environ={"QUANTIX_SERVER_MAX_WORKERS": "many"})
+        self.assertIn("QUANTIX_SERVER_MAX_WORKERS", str(caught.exception))
+
+    def test_bad_flag_names_flag(self):
+        with self.assertRaises(cfg.ConfigError) as caught:
+            load_config(self.options("--listen", "nope"), environ={})
+        self.assertIn("--listen", str(caught.exception))
+
+    def test_unknown_keys_warn(self):
+        path = self.write("colour: blue\nhypervisor:\n  flavour: x\n")
+        warnings: list[str] = []
+        cfg.load(path, environ={}, warnings=warnings)
+        self.assertEqual(len(warnings), 2)
+        self.assertIn("colour", warnings[0] + warnings[1])
+        self.assertIn("hypervisor.flavour", warnings[0] + warnings[1])
+
+    def test_example_loads_cleanly(self):
+        warnings: list[str] = []
+        c = cfg.load(EXAMPLE, path_explicit=True, environ={}, warnings=warnings)
+        self.assertEqual(warnings, [])
+        self.assertEqual(c.listen_address, "0.0.0.0:9090")
+
+    def test_example_documents_every_key(self):
+        import attrs
+        import yaml
+
+        with open(EXAMPLE) as fh:
+            data = yaml.safe_load(fh)
+        for field in attrs.fields(cfg.Config):
+            self.assertIn(field.name, data)
+            if attrs.has(field.type):
+                for sub in attrs.fields(field.type):
+                    self.assertIn(sub.name, data[field.name], f"{field.name}.{sub.name}")
+
+    def test_ipv6_address(self):
+        self.assertEqual(cfg.parse_address("[::1]:9090"), ("::1", 9090))
+        with self.assertRaises(ValueError):
+            cfg.parse_address("host:99999")
