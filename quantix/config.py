@@ -183,7 +183,7 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, tuple[str, str]]:
         for section, cls in _sections().items():
             prefix = section + "_"
             if rest.startswith(prefix) and rest[len(prefix) :] in {f.name for f in attrs.fields(cls)}:
-                key = f"{section}.{rest[len(prefix):]}"
+                key = f"{section}.{rest[len(prefix) :]}"
                 break
         if key is None and rest in top and rest not in _sections():
             key = rest
@@ -329,6 +329,15 @@ def load(
     return build(values)
 
 
-for _cls in (NodeConfig, HypervisorConfig, StorageConfig, AgentConfig, ServerConfig, EventsConfig,
-             ControlPlaneConfig, LoggingConfig, Config):
+for _cls in (
+    NodeConfig,
+    HypervisorConfig,
+    StorageConfig,
+    AgentConfig,
+    ServerConfig,
+    EventsConfig,
+    ControlPlaneConfig,
+    LoggingConfig,
+    Config,
+):
     attrs.resolve_types(_cls)

@@ -59,7 +59,9 @@ class NodeService(MultiService):
             self.node_id = state.node_id(self.config.state_dir, self.config.node.id)
             super().startService()
         except (ListenError, OSError) as exc:
-            _fatal(f"state dir {self.config.state_dir}: {exc.strerror}" if isinstance(exc, OSError) else str(exc))
+            _fatal(
+                f"state dir {self.config.state_dir}: {exc.strerror}" if isinstance(exc, OSError) else str(exc)
+            )
 
     def host_facts(self, conn: libvirt.virConnect) -> hostinfo.HostFacts:
         """Blocking (worker thread): current host facts with configured overrides applied."""

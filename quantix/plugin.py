@@ -24,7 +24,8 @@ _PARAMS = [
 
 class Options(usage.Options):
     optParameters = [
-        [name, None, None, help + (f" [default: {default}]" if default else "")] for name, default, help in _PARAMS
+        [name, None, None, help + (f" [default: {default}]" if default else "")]
+        for name, default, help in _PARAMS
     ]
     optFlags = [["register", None, "register with the control plane and send heartbeats"]]
 

@@ -36,7 +36,9 @@ class NodeRpcTests(unittest.TestCase):
         self.assertTrue(reply.management_ip)
         self.assertFalse(reply.management_ip.startswith("127."))
         # The private test-driver host declares 2 sockets x 2 cores x 2 threads at 2400 MHz.
-        self.assertEqual((reply.cpu.sockets, reply.cpu.cores_per_socket, reply.cpu.threads_per_core), (2, 2, 2))
+        self.assertEqual(
+            (reply.cpu.sockets, reply.cpu.cores_per_socket, reply.cpu.threads_per_core), (2, 2, 2)
+        )
         self.assertEqual(reply.cpu.frequency_mhz, 2400)
         self.assertGreater(reply.memory.total_bytes, 0)
         self.assertTrue(reply.storage)
@@ -49,8 +51,9 @@ class NodeRpcTests(unittest.TestCase):
         yield self.daemon.stop()
         again = Daemon(self)
         again.config = self.daemon.config
-        from quantix.node import NodeService
         from twisted.internet import reactor
+
+        from quantix.node import NodeService
 
         again.node = NodeService(again.config, reactor)
         yield again.start()
@@ -79,7 +82,9 @@ class NodeRpcTests(unittest.TestCase):
             requests = iter(
                 [
                     reflection_pb2.ServerReflectionRequest(list_services=""),
-                    reflection_pb2.ServerReflectionRequest(file_containing_symbol="limiquantix.node.v1.NodeDaemonService"),
+                    reflection_pb2.ServerReflectionRequest(
+                        file_containing_symbol="limiquantix.node.v1.NodeDaemonService"
+                    ),
                 ]
             )
             return list(stub.ServerReflectionInfo(requests))
@@ -88,7 +93,9 @@ class NodeRpcTests(unittest.TestCase):
         names = [s.name for s in listing.list_services_response.service]
         self.assertIn("limiquantix.node.v1.NodeDaemonService", names)
         self.assertIn("grpc.health.v1.Health", names)
-        fd = descriptor_pb2.FileDescriptorProto.FromString(files.file_descriptor_response.file_descriptor_proto[0])
+        fd = descriptor_pb2.FileDescriptorProto.FromString(
+            files.file_descriptor_response.file_descriptor_proto[0]
+        )
         self.assertEqual(fd.package, "limiquantix.node.v1")
 
 
@@ -98,9 +105,9 @@ class HypervisorDownTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_unreachable_libvirt(self):
         """No libvirt: health says so, libvirt-backed RPCs are UNAVAILABLE, never a fake backend."""
-        daemon = yield Daemon(self, **{"hypervisor.uri": "qemu+unix:///system?socket=/nonexistent/sock"}).start(
-            wait_connected=False
-        )
+        daemon = yield Daemon(
+            self, **{"hypervisor.uri": "qemu+unix:///system?socket=/nonexistent/sock"}
+        ).start(wait_connected=False)
         reply = yield daemon.call("HealthCheck", node_pb2.HealthCheckRequest())
         self.assertFalse(reply.healthy)
         code, details = yield rpc_error(daemon.call("GetNodeInfo", empty_pb2.Empty()))

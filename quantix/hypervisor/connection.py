@@ -62,7 +62,9 @@ def _open(uri: str, keepalive: tuple[int, int]) -> tuple[libvirt.virConnect, Hyp
 class Hypervisor(Service):
     """Owns the one libvirt connection of the daemon."""
 
-    def __init__(self, reactor: Any, uri: str, *, event_loop: str = "thread", keepalive: tuple[int, int] = (5, 3)):
+    def __init__(
+        self, reactor: Any, uri: str, *, event_loop: str = "thread", keepalive: tuple[int, int] = (5, 3)
+    ):
         self.reactor = reactor
         self.uri = uri
         self.event_loop_kind = event_loop
@@ -89,7 +91,9 @@ class Hypervisor(Service):
             raise errors.HypervisorDown()
         return conn
 
-    def listen(self, on_connect: Callable[[libvirt.virConnect], Any], on_disconnect: Callable[[], Any] | None = None):
+    def listen(
+        self, on_connect: Callable[[libvirt.virConnect], Any], on_disconnect: Callable[[], Any] | None = None
+    ):
         """Call ``on_connect(conn)`` on the reactor after every (re)connect, now if connected."""
         self._listeners.append((on_connect, on_disconnect))
         if self._conn is not None:
@@ -136,7 +140,9 @@ class Hypervisor(Service):
         self._delay = BACKOFF_INITIAL
         conn.registerCloseCallback(self.loop.dispatch(self._closed), None)
         self._conn = conn
-        log.info("connected to {uri} ({name} {version})", uri=self.uri, name=ident.name, version=ident.version)
+        log.info(
+            "connected to {uri} ({name} {version})", uri=self.uri, name=ident.name, version=ident.version
+        )
         for on_connect, _ in list(self._listeners):
             try:
                 on_connect(conn)
@@ -145,8 +151,12 @@ class Hypervisor(Service):
 
     def _open_failed(self, failure: Any) -> None:
         self._opening = False
-        log.warn("cannot connect to {uri}: {err}; retrying in {delay}s", uri=self.uri,
-                 err=failure.getErrorMessage(), delay=self._delay)
+        log.warn(
+            "cannot connect to {uri}: {err}; retrying in {delay}s",
+            uri=self.uri,
+            err=failure.getErrorMessage(),
+            delay=self._delay,
+        )
         self._schedule()
 
     def _schedule(self) -> None:

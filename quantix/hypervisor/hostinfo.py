@@ -197,7 +197,9 @@ def capability_facts(conn: libvirt.virConnect) -> CapabilityFacts:
     )
 
 
-def collect(conn: libvirt.virConnect, *, hostname: str | None = None, mgmt_ip: str | None = None) -> HostFacts:
+def collect(
+    conn: libvirt.virConnect, *, hostname: str | None = None, mgmt_ip: str | None = None
+) -> HostFacts:
     """Blocking: gather every fact. Configured hostname/IP win over detection."""
     mem = psutil.virtual_memory()
     uname = os.uname()

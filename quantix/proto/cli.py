@@ -22,10 +22,14 @@ def main(argv: list[str] | None = None) -> int:
         fp = codegen.fingerprint(root)
         out = args.out or codegen.cache_root() / fp
         if args.check:
-            if codegen.is_current(out, fp) or (args.out is None and codegen.is_current(codegen.bundled_dir(), fp)):
+            if codegen.is_current(out, fp) or (
+                args.out is None and codegen.is_current(codegen.bundled_dir(), fp)
+            ):
                 print(f"up to date: {fp[:12]} ({root})")
                 return 0
-            print(f"stale: generated code does not match {root}; run `{codegen.FIX_COMMAND}`", file=sys.stderr)
+            print(
+                f"stale: generated code does not match {root}; run `{codegen.FIX_COMMAND}`", file=sys.stderr
+            )
             return 1
         codegen.generate(root, out)
         print(f"generated {out} from {root}")

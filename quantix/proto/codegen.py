@@ -83,7 +83,9 @@ def generate(root: Path, out: Path) -> None:
         args = ["protoc", f"-I{root}", f"-I{include}", f"--python_out={tmp}", f"--pyi_out={tmp}"]
         rc = protoc.main([*args, *PROTO_FILES])
         if rc == 0:
-            rc = protoc.main(["protoc", f"-I{root}", f"-I{include}", f"--grpc_python_out={tmp}", *_GRPC_FILES])
+            rc = protoc.main(
+                ["protoc", f"-I{root}", f"-I{include}", f"--grpc_python_out={tmp}", *_GRPC_FILES]
+            )
         if rc != 0:
             raise ProtoError(f"protoc failed on {root} (exit {rc})")
         (tmp / STAMP).write_text(fingerprint(root) + "\n")
@@ -114,5 +116,7 @@ def locate(*, regenerate: bool = True) -> Path:
     try:
         generate(root, cached)
     except OSError as exc:
-        raise ProtoError(f"cannot generate protobuf code into {cached} ({exc.strerror}); run `{FIX_COMMAND}`") from exc
+        raise ProtoError(
+            f"cannot generate protobuf code into {cached} ({exc.strerror}); run `{FIX_COMMAND}`"
+        ) from exc
     return cached

@@ -45,7 +45,9 @@ def node_info_message(node_id: str, facts: hostinfo.HostFacts, hv_name: str, hv_
             for d in facts.disks
         ],
         network=[
-            node_pb2.NetworkInfo(name=n.name, mac_address=n.mac, ip_addresses=list(n.ips), speed_mbps=n.speed_mbps, up=n.up)
+            node_pb2.NetworkInfo(
+                name=n.name, mac_address=n.mac, ip_addresses=list(n.ips), speed_mbps=n.speed_mbps, up=n.up
+            )
             for n in facts.nics
         ],
         capabilities=node_pb2.HypervisorCapabilities(

@@ -113,10 +113,16 @@ class GrpcServer(Service):
             ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
             *self._extra_options,
         ]
-        server = grpc.server(ThreadPoolExecutor(self._max_workers, thread_name_prefix="grpc"), options=options)
+        server = grpc.server(
+            ThreadPoolExecutor(self._max_workers, thread_name_prefix="grpc"), options=options
+        )
         server.add_generic_rpc_handlers([build_generic_handler(self._handlers())])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        names = (SERVICE.full_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+        names = (
+            SERVICE.full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        )
         reflection.enable_server_reflection(names, server)
         try:
             if self._credentials is not None:
@@ -134,7 +140,9 @@ class GrpcServer(Service):
 
     def set_serving(self, service: str, serving: bool) -> None:
         """Publish a health status; the node service ties NodeDaemonService to libvirt's state."""
-        code = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        code = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         self.health.set(service, code)
 
     def stopService(self):
