@@ -14,6 +14,8 @@ from quantix import state
 from quantix.config import Config
 from quantix.hypervisor import hostinfo
 from quantix.hypervisor.connection import Hypervisor
+from quantix.ops.service import Operations
+from quantix.ops.shutdown import stop_in_order
 from quantix.rpc import handlers
 from quantix.rpc.server import SERVICE, GrpcServer, ListenError
 
@@ -38,6 +40,9 @@ class NodeService(MultiService):
         self.reactor = reactor
         self.started_at = time.monotonic()
         self.node_id = ""
+        # First child: starts before gRPC, stops last (children stop one by one, last added first).
+        self.ops = Operations(self)
+        self.ops.setServiceParent(self)
         hv = config.hypervisor
         self.hypervisor = Hypervisor(
             reactor, hv.uri, event_loop=hv.event_loop, keepalive=(hv.keepalive_interval, hv.keepalive_count)
@@ -62,6 +67,15 @@ class NodeService(MultiService):
             _fatal(
                 f"state dir {self.config.state_dir}: {exc.strerror}" if isinstance(exc, OSError) else str(exc)
             )
+        self.ops.ready()
+
+    def stopService(self):
+        self.ops.stopping()
+        return stop_in_order(self)
+
+    def setServiceParent(self, parent) -> None:
+        super().setServiceParent(parent)
+        self.ops.attach_logging(parent)
 
     def host_facts(self, conn: libvirt.virConnect) -> hostinfo.HostFacts:
         """Blocking (worker thread): current host facts with configured overrides applied."""

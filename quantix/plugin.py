@@ -66,4 +66,6 @@ def make_service(options: Options):
         from quantix.node import NodeService
     except Exception as exc:  # a stale or missing generated module, most likely
         raise SystemExit(f"quantix-node: {exc}") from None
-    return NodeService(config)
+    node = NodeService(config)
+    node.ops.configure_twistd(getattr(options, "parent", None))
+    return node

@@ -34,6 +34,8 @@ STATUS_MAP: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
 
 #: Called after every RPC as ``observer(method, code, seconds, peer)``; metrics and access logs.
 observers: list[Callable[[str, grpc.StatusCode, float, str], None]] = []
+#: Same, also given the request (for its ``vm_id``): ``observer(method, code, seconds, peer, request)``.
+request_observers: list[Callable[[str, grpc.StatusCode, float, str, Any], None]] = []
 
 
 def _libvirt_translate(exc: BaseException) -> errors.QuantixError | None:
@@ -57,12 +59,19 @@ def classify(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}"
 
 
-def _finish(method: str, code: grpc.StatusCode, started: float, context: grpc.ServicerContext) -> None:
+def _finish(
+    method: str, code: grpc.StatusCode, started: float, context: grpc.ServicerContext, request: Any = None
+) -> None:
     elapsed = time.monotonic() - started
     peer = context.peer() if context is not None else ""
     for observer in observers:
         try:
             observer(method, code, elapsed, peer)
+        except Exception:
+            log.failure("RPC observer failed")
+    for observer in request_observers:
+        try:
+            observer(method, code, elapsed, peer, request)
         except Exception:
             log.failure("RPC observer failed")
 
@@ -87,7 +96,7 @@ def unary(method: str, handler: Callable[[Any, grpc.ServicerContext], Any]) -> C
             code = classify(exc)[0]
             _abort(method, exc, context)
         finally:
-            _finish(method, code, started, context)
+            _finish(method, code, started, context, request)
 
     return call
 
@@ -104,7 +113,7 @@ def stream(method: str, handler: Callable[[Any, grpc.ServicerContext], Iterator[
             code = classify(exc)[0]
             _abort(method, exc, context)
         finally:
-            _finish(method, code, started, context)
+            _finish(method, code, started, context, request)
 
     return call
 

@@ -1,0 +1,1 @@
+"""Operations: systemd notify and watchdog, log output, Prometheus metrics, orderly shutdown."""

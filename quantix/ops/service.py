@@ -1,0 +1,63 @@
+"""The operations box of a node: metrics endpoint, access log, systemd notifications.
+
+Add it as the node's *first* child so it starts before gRPC and stops last (metrics and the
+access log see the whole drain); the node calls :meth:`Operations.ready` once every child has
+started and :meth:`Operations.stopping` before it stops them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.logger import ILogObserver
+
+from quantix.ops import access, logs, shutdown
+from quantix.ops.metrics import MetricsService
+from quantix.ops.notify import Notifier
+from quantix.rpc import status
+
+
+class Operations(MultiService):
+    def __init__(self, node: Any, environ: dict[str, str] | None = None) -> None:
+        super().__init__()
+        self.node = node
+        self.notifier = Notifier(node.reactor, environ)
+        self.metrics = MetricsService(node.reactor, node.config.server.metrics_listen, node)
+        self.metrics.setServiceParent(self)
+        #: Set by :meth:`configure_twistd`; handed to twistd when the node joins its application.
+        self.log_observer: ILogObserver | None = None
+
+    def configure_twistd(self, twistd_options: Any) -> None:
+        """Running under twistd: log in ``logging.format`` and exit 0 on SIGTERM."""
+        self.log_observer = logs.twistd_observer(self.node.config.logging, twistd_options)
+        self.node.reactor.callWhenRunning(shutdown.exit_zero_on_sigterm, self.node.reactor)
+
+    def attach_logging(self, parent: Any) -> None:
+        """Called when the node joins twistd's application, before twistd starts logging."""
+        logs.attach(parent, self.log_observer)
+
+    def startService(self) -> None:
+        status.request_observers.append(self._access)
+        super().startService()
+
+    def ready(self) -> None:
+        grpc = getattr(self.node, "grpc", None)
+        self.notifier.ready(f"serving gRPC on port {getattr(grpc, 'port', '?')}")
+
+    def stopping(self) -> None:
+        self.notifier.stopping("draining")
+
+    def stopService(self) -> Any:
+        if self._access in status.request_observers:
+            status.request_observers.remove(self._access)
+        d = super().stopService()
+        d.addBoth(self._closed)
+        return d
+
+    def _closed(self, result: Any) -> Any:
+        self.notifier.close()
+        return result
+
+    def _access(self, method: str, code: Any, seconds: float, peer: str, request: Any) -> None:
+        access.log_rpc(method, code, seconds, peer, request)
