@@ -227,6 +227,11 @@ def format_vm(vm: Any, pb: Any) -> str:
 EVENT_COLUMNS = ("TIME", "ID", "TYPE", "VM ID", "MESSAGE")
 
 
+def format_event_header() -> str:
+    time_, id_, kind, vm, message = EVENT_COLUMNS
+    return f"{time_:19}  {id_:>8}  {kind:18}  {vm:36}  {message}"
+
+
 def format_event(e: Any, pb: Any) -> str:
     kind = (
         enum_name(pb.EventType.Name(e.type), "EVENT_TYPE_")
@@ -386,12 +391,8 @@ class _Ctl:
     def events(self) -> int:
         metadata = [(RESUME_METADATA, self.args.resume_after)] if self.args.resume_after else None
         call = self.stub.StreamEvents(self.empty(), metadata=metadata)
-        if not self.args.json:
-            self.out.write(
-                f"{EVENT_COLUMNS[0]:19}  {EVENT_COLUMNS[1]:>8}  {EVENT_COLUMNS[2]:18}  "
-                f"{EVENT_COLUMNS[3]:36}  {EVENT_COLUMNS[4]}\n"
-            )
-        return self._follow(call, lambda e: format_event(e, self.pb), self.args.count)
+        header = None if self.args.json else format_event_header()
+        return self._follow(call, lambda e: format_event(e, self.pb), self.args.count, header)
 
     def metrics(self) -> int:
         interval = max(1, self.args.interval)
@@ -401,10 +402,14 @@ class _Ctl:
             return self._follow(call, format_metrics, 1)
         return self._follow(self.stub.StreamMetrics(request), format_metrics_line, self.args.count)
 
-    def _follow(self, call: Any, render: Callable[[Any], str], count: int | None) -> int:
+    def _follow(
+        self, call: Any, render: Callable[[Any], str], count: int | None, header: str | None = None
+    ) -> int:
         seen = 0
         try:
             for message in call:
+                if header is not None and not seen:
+                    self.out.write(header + "\n")
                 self.emit(message, render)
                 seen += 1
                 if count is not None and seen >= count:

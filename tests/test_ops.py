@@ -1,0 +1,550 @@
+"""Operations box: systemd notify and watchdog, log output, access log, metrics, quantix-nodectl.
+
+Everything runs against real parts: a datagram socket standing in for systemd/journald, a real
+in-process daemon on the test driver, real grpc and HTTP clients.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import socket
+import tempfile
+import time
+import urllib.request
+
+import grpc
+from google.protobuf import empty_pb2
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet import defer, reactor, task, threads
+from twisted.logger import Logger, globalLogPublisher
+from twisted.trial import unittest
+
+from quantix.config import LoggingConfig
+from quantix.ops import logs, nodectl
+from quantix.ops.metrics import MetricsService
+from quantix.ops.notify import Notifier, notify_address, watchdog_interval
+from quantix.proto import node_pb2
+from quantix.rpc.server import ListenError
+from tests.support import Daemon, wait_for
+
+RUNNING_VM = "11111111-2222-3333-4444-555555555555"
+
+
+class DatagramSink:
+    """A bound AF_UNIX datagram socket: what systemd's notify socket or journald's socket is."""
+
+    def __init__(self, testcase: unittest.TestCase, name: str = "notify") -> None:
+        # Short path: sun_path is limited to 108 bytes, trial's temp dirs can be longer.
+        self.dir = tempfile.mkdtemp(prefix="qtx-ops-")
+        testcase.addCleanup(shutil.rmtree, self.dir, True)
+        self.path = os.path.join(self.dir, name)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.sock.setblocking(False)
+        testcase.addCleanup(self.sock.close)
+        self.received: list[bytes] = []
+
+    def drain(self) -> list[bytes]:
+        """Everything queued right now (never blocks)."""
+        got = []
+        while True:
+            try:
+                got.append(self.sock.recv(1 << 20))
+            except BlockingIOError:
+                break
+        self.received.extend(got)
+        return got
+
+    def messages(self) -> list[str]:
+        self.drain()
+        return [m.decode() for m in self.received]
+
+    def count(self, line: str) -> int:
+        return sum(line in m.splitlines() for m in self.messages())
+
+
+def set_env(testcase: unittest.TestCase, **values: str) -> None:
+    for key, value in values.items():
+        old = os.environ.get(key)
+        os.environ[key] = value
+        testcase.addCleanup(_restore_env, key, old)
+
+
+def _restore_env(key: str, old: str | None) -> None:
+    if old is None:
+        os.environ.pop(key, None)
+    else:
+        os.environ[key] = old
+
+
+# -- systemd notify ---------------------------------------------------------------------------
+
+
+class NotifyProtocolTests(unittest.TestCase):
+    def test_socket_address(self):
+        self.assertEqual(notify_address({"NOTIFY_SOCKET": "/run/systemd/notify"}), b"/run/systemd/notify")
+        self.assertEqual(notify_address({"NOTIFY_SOCKET": "@abstract"}), b"\0abstract")
+        self.assertIsNone(notify_address({}))
+        self.assertIsNone(notify_address({"NOTIFY_SOCKET": "vsock:2:1234"}))
+
+    def test_watchdog_interval_is_half_and_only_for_our_pid(self):
+        self.assertEqual(watchdog_interval({"WATCHDOG_USEC": "30000000"}, 42), 15.0)
+        self.assertEqual(watchdog_interval({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "42"}, 42), 15.0)
+        self.assertIsNone(watchdog_interval({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "7"}, 42))
+        self.assertIsNone(watchdog_interval({"WATCHDOG_USEC": "0"}, 42))
+        self.assertIsNone(watchdog_interval({}, 42))
+
+    def test_without_notify_socket_everything_is_a_noop(self):
+        notifier = Notifier(reactor, {"WATCHDOG_USEC": "1000"})
+        self.assertFalse(notifier.enabled)
+        self.assertFalse(notifier.send("READY=1"))
+        notifier.ready()
+        notifier.stopping()
+        notifier.close()
+
+
+class NotifyDaemonTests(unittest.TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_ready_after_grpc_bound_watchdog_pings_stopping_at_stop(self):
+        sink = DatagramSink(self)
+        set_env(self, NOTIFY_SOCKET=sink.path, WATCHDOG_USEC="100000")
+        daemon = Daemon(self)
+        self.assertEqual(sink.messages(), [])
+        yield daemon.start(wait_connected=False)
+        ready = [m for m in sink.messages() if "READY=1" in m.splitlines()]
+        self.assertEqual(len(ready), 1)
+        self.assertIn(f"STATUS=serving gRPC on port {daemon.node.grpc.port}", ready[0].splitlines())
+        # The port named in READY accepts connections right away: it was bound before READY.
+        socket.create_connection(("127.0.0.1", daemon.node.grpc.port), timeout=5).close()
+        yield wait_for(lambda: sink.count("WATCHDOG=1") >= 3)
+        self.assertEqual(sink.count("STOPPING=1"), 0)
+        yield daemon.stop()
+        self.assertEqual(sink.count("STOPPING=1"), 1)
+        # After the stop the watchdog is quiet.
+        before = sink.count("WATCHDOG=1")
+        yield task.deferLater(reactor, 0.3, lambda: None)
+        self.assertEqual(sink.count("WATCHDOG=1"), before)
+
+    @defer.inlineCallbacks
+    def test_blocked_reactor_sends_no_watchdog_ping(self):
+        sink = DatagramSink(self)
+        notifier = Notifier(reactor, {"NOTIFY_SOCKET": sink.path, "WATCHDOG_USEC": "20000"})
+        self.addCleanup(notifier.close)
+        notifier.ready()
+        yield wait_for(lambda: sink.count("WATCHDOG=1") >= 2)
+
+        def stuck() -> list[bytes]:
+            # On the reactor thread: everything sent so far is already queued on the socket
+            # (a Unix datagram is delivered by sendto), so drain it, block for 25 intervals,
+            # and look again before the reactor can turn.
+            sink.drain()
+            time.sleep(0.5)
+            return sink.drain()
+
+        during = yield task.deferLater(reactor, 0, stuck)
+        self.assertEqual(during, [])
+        # Once the reactor turns again, so does the watchdog.
+        after = sink.count("WATCHDOG=1")
+        yield wait_for(lambda: sink.count("WATCHDOG=1") > after)
+
+
+# -- logging ----------------------------------------------------------------------------------
+
+
+def capture_json(testcase: unittest.TestCase, level: str = "debug") -> io.StringIO:
+    """Our JSON observer on the global publisher, writing into a buffer."""
+    buffer = io.StringIO()
+    observer = logs.make_observer(LoggingConfig(level=level, format="json"), buffer)
+    globalLogPublisher.addObserver(observer)
+    testcase.addCleanup(globalLogPublisher.removeObserver, observer)
+    return buffer
+
+
+def json_lines(buffer: io.StringIO, namespace: str) -> list[dict]:
+    records = [json.loads(line) for line in buffer.getvalue().splitlines()]
+    return [r for r in records if r["namespace"] == namespace]
+
+
+class AccessLogTests(unittest.TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.daemon = yield Daemon(self).start()
+
+    @defer.inlineCallbacks
+    def test_one_json_line_per_rpc_with_fields(self):
+        buffer = capture_json(self)
+        yield self.daemon.call("HealthCheck", node_pb2.HealthCheckRequest())
+        reply = yield self.daemon.call("HealthCheck", node_pb2.HealthCheckRequest())
+        self.assertTrue(reply.healthy)
+        lines = json_lines(buffer, "quantix.access")
+        self.assertEqual(len(lines), 2)
+        line = lines[0]
+        self.assertEqual(line["level"], "debug")
+        self.assertEqual(line["method"], "HealthCheck")
+        self.assertEqual(line["code"], "OK")
+        self.assertIsInstance(line["duration"], float)
+        self.assertGreaterEqual(line["duration"], 0)
+        self.assertRegex(line["peer"], r"^ipv4:127\.0\.0\.1:\d+$")
+        self.assertNotIn("vm_id", line)
+        self.assertIn("HealthCheck OK", line["message"])
+        self.assertRegex(line["time"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
+
+    @defer.inlineCallbacks
+    def test_vm_rpc_carries_vm_id_and_error_code(self):
+        buffer = capture_json(self)
+        try:
+            yield self.daemon.call("GetVMStatus", node_pb2.VMIdRequest(vm_id="no-such-vm"))
+        except grpc.RpcError as exc:
+            code = exc.code().name
+        else:
+            code = "OK"
+        lines = json_lines(buffer, "quantix.access")
+        self.assertEqual(len(lines), 1)
+        self.assertEqual(lines[0]["method"], "GetVMStatus")
+        self.assertEqual(lines[0]["vm_id"], "no-such-vm")
+        self.assertEqual(lines[0]["code"], code)
+        self.assertNotEqual(code, "OK")  # NOT_FOUND once the VM box lands, UNIMPLEMENTED before
+
+    @defer.inlineCallbacks
+    def test_info_level_hides_access_lines(self):
+        buffer = capture_json(self, level="info")
+        yield self.daemon.call("HealthCheck", node_pb2.HealthCheckRequest())
+        Logger(namespace="quantix.test").info("still here")
+        self.assertEqual(json_lines(buffer, "quantix.access"), [])
+        self.assertEqual(len(json_lines(buffer, "quantix.test")), 1)
+
+
+class LogFormatTests(unittest.TestCase):
+    def test_json_line_has_fields_and_traceback(self):
+        event = {
+            "log_format": "boom on {vm_id}",
+            "log_level": logs.LogLevel.error,
+            "log_namespace": "quantix.x",
+            "log_time": 0.5,
+            "vm_id": "abc",
+            "code": grpc.StatusCode.NOT_FOUND,
+            "log_failure": _failure(),
+        }
+        record = json.loads(logs.event_as_json(event))
+        self.assertEqual(record["message"], "boom on abc")
+        self.assertEqual(record["level"], "error")
+        self.assertEqual(record["time"], "1970-01-01T00:00:00.500000Z")
+        self.assertEqual(record["vm_id"], "abc")
+        self.assertEqual(record["code"], "NOT_FOUND")
+        self.assertIn("ZeroDivisionError", record["traceback"])
+        self.assertNotIn("log_format", record)
+
+    def test_journald_native_protocol_over_a_real_socket(self):
+        sink = DatagramSink(self, "journal")
+        observer = logs.make_observer(
+            LoggingConfig(level="debug", format="journald"), journal_socket=sink.path
+        )
+        Logger(namespace="quantix.x", observer=observer).warn(
+            "vm {vm_id} said {text}", vm_id="abc", text="two\nlines", method="StartVM"
+        )
+        (datagram,) = sink.drain()
+        fields = _parse_journal(datagram)
+        self.assertEqual(fields["MESSAGE"], "vm abc said two\nlines")
+        self.assertEqual(fields["PRIORITY"], "4")
+        self.assertEqual(fields["SYSLOG_IDENTIFIER"], "quantix-node")
+        self.assertEqual(fields["VM_ID"], "abc")
+        self.assertEqual(fields["METHOD"], "StartVM")
+        self.assertEqual(fields["TEXT"], "two\nlines")
+        self.assertEqual(fields["TWISTED_NAMESPACE"], "quantix.x")
+
+    def test_journald_gone_falls_back_to_text(self):
+        sink = DatagramSink(self, "journal")
+        fallback = io.StringIO()
+        observer = logs.JournaldObserver(sink.path, fallback=fallback)
+        sink.sock.close()
+        os.unlink(sink.path)
+        Logger(namespace="quantix.x", observer=observer).info("hello {who}", who="there")
+        self.assertIn("hello there", fallback.getvalue())
+
+    def test_journal_field_names(self):
+        self.assertEqual(logs.journal_field_name("vm_id"), "VM_ID")
+        self.assertEqual(logs.journal_field_name("message"), "QUANTIX_MESSAGE")
+        self.assertEqual(logs.journal_field_name("_x-y"), "X_Y")
+        self.assertEqual(logs.journal_field_name("9lives"), "QUANTIX_9LIVES")
+
+    def test_twistd_destination(self):
+        base = {"syslog": False, "logger": None, "logfile": None, "nodaemon": True}
+        self.assertIsNone(logs.twistd_observer(LoggingConfig(), dict(base, syslog=True)))
+        self.assertIsNone(logs.twistd_observer(LoggingConfig(), dict(base, logger="x.y")))
+        self.assertIsNone(logs.twistd_observer(LoggingConfig(), None))
+        self.assertIsNotNone(logs.twistd_observer(LoggingConfig(), base))
+        path = os.path.abspath(self.mktemp())
+        observer = logs.twistd_observer(LoggingConfig(format="json"), dict(base, logfile=path))
+        Logger(namespace="quantix.x", observer=observer).info("to {where}", where="file")
+        with open(path) as fh:
+            self.assertEqual(json.loads(fh.read())["where"], "file")
+
+
+def _failure():
+    from twisted.python.failure import Failure
+
+    try:
+        1 / 0  # noqa: B018
+    except ZeroDivisionError:
+        return Failure()
+
+
+def _parse_journal(data: bytes) -> dict[str, str]:
+    out: dict[str, str] = {}
+    while data:
+        head, _sep, rest = data.partition(b"\n")
+        if b"=" in head:
+            name, _, value = head.partition(b"=")
+            out[name.decode()] = value.decode()
+            data = rest
+        else:
+            size = int.from_bytes(rest[:8], "little")
+            out[head.decode()] = rest[8 : 8 + size].decode()
+            data = rest[8 + size + 1 :]
+    return out
+
+
+# -- metrics ----------------------------------------------------------------------------------
+
+
+def scrape(port: int) -> dict[tuple[str, tuple], float]:
+    """Blocking GET /metrics → {(sample name, sorted labels): value}."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples
+
+
+class _Bus:
+    """Stand-ins with the attribute names the collector reads, for boxes not wired in yet."""
+
+    last_id = 41
+
+    def subscriber_count(self):
+        return 2
+
+    def queue_depths(self):
+        return {"a": 3, "b": 7}
+
+    def lag_seconds(self):
+        return 0.25
+
+
+class _Agents:
+    def connected_count(self):
+        return 5
+
+
+class _ControlPlane:
+    registered = True
+
+
+class MetricsTests(unittest.TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_rpc_counters_by_method_and_code_over_http(self):
+        daemon = yield Daemon(self, **{"server.metrics_listen": "127.0.0.1:0"}).start()
+        for _ in range(3):
+            yield daemon.call("HealthCheck", node_pb2.HealthCheckRequest())
+        yield daemon.call("GetNodeInfo", empty_pb2.Empty())
+        try:
+            yield daemon.call("ListVMs", empty_pb2.Empty())
+            list_code = "OK"
+        except grpc.RpcError as exc:
+            list_code = exc.code().name
+        samples = yield threads.deferToThread(scrape, daemon.node.ops.metrics.port)
+        count = "quantix_rpc_requests_total"
+        self.assertEqual(samples[(count, (("code", "OK"), ("method", "HealthCheck")))], 3)
+        self.assertEqual(samples[(count, (("code", "OK"), ("method", "GetNodeInfo")))], 1)
+        self.assertEqual(samples[(count, (("code", list_code), ("method", "ListVMs")))], 1)
+        self.assertEqual(
+            samples[("quantix_rpc_duration_seconds_count", (("code", "OK"), ("method", "HealthCheck")))], 3
+        )
+        self.assertEqual(samples[("quantix_libvirt_connected", ())], 1)
+        self.assertEqual(samples[("quantix_libvirt_reconnects_total", ())], 0)
+        info = [k for k in samples if k[0] == "quantix_node_info"]
+        self.assertEqual(dict(info[0][1])["node_id"], daemon.node.node_id)
+        self.assertIn(("process_open_fds", ()), samples)
+
+    @defer.inlineCallbacks
+    def test_box_state_is_read_at_scrape_time(self):
+        daemon = yield Daemon(self, **{"server.metrics_listen": "127.0.0.1:0"}).start()
+        port = daemon.node.ops.metrics.port
+        samples = yield threads.deferToThread(scrape, port)
+        self.assertNotIn(("quantix_events_subscribers", ()), samples)
+        node = daemon.node
+        for name, box in (("bus", _Bus()), ("agents", _Agents()), ("cplink", _ControlPlane())):
+            if getattr(node, name, None) is None:
+                setattr(node, name, box)
+                self.addCleanup(delattr, node, name)
+        samples = yield threads.deferToThread(scrape, port)
+        if isinstance(node.bus, _Bus):
+            self.assertEqual(samples[("quantix_events_subscribers", ())], 2)
+            self.assertEqual(samples[("quantix_events_queued", ())], 10)
+            self.assertEqual(samples[("quantix_events_queue_depth_max", ())], 7)
+            self.assertEqual(samples[("quantix_events_lag_seconds", ())], 0.25)
+            self.assertEqual(samples[("quantix_events_last_id", ())], 41)
+        if isinstance(node.agents, _Agents):
+            self.assertEqual(samples[("quantix_agent_connections", ())], 5)
+        if isinstance(node.cplink, _ControlPlane):
+            self.assertEqual(samples[("quantix_controlplane_registered", ())], 1)
+        # libvirt going away shows at the next scrape.
+        yield daemon.node.hypervisor.stopService()
+        samples = yield threads.deferToThread(scrape, port)
+        self.assertEqual(samples[("quantix_libvirt_connected", ())], 0)
+
+    def test_busy_port_is_one_line(self):
+        busy = socket.socket()
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        self.addCleanup(busy.close)
+        address = f"127.0.0.1:{busy.getsockname()[1]}"
+        service = MetricsService(reactor, address, node=None)
+        with self.assertRaises(ListenError) as caught:
+            service.startService()
+        self.assertEqual(
+            str(caught.exception), f"cannot listen on {address} (metrics): address already in use"
+        )
+
+    def test_disabled_binds_nothing(self):
+        service = MetricsService(reactor, None, node=None)
+        service.startService()
+        self.assertIsNone(service.port)
+        service.stopService()
+
+
+# -- quantix-nodectl --------------------------------------------------------------------------
+
+
+def nodectl_run(*argv: str) -> defer.Deferred:
+    """``main(argv)`` in a thread (it makes blocking grpc calls); fires (code, stdout, stderr)."""
+
+    def run():
+        out, err = io.StringIO(), io.StringIO()
+        code = nodectl.main(list(argv), stdout=out, stderr=err)
+        return code, out.getvalue(), err.getvalue()
+
+    return threads.deferToThread(run)
+
+
+class NodectlTests(unittest.TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.daemon = yield Daemon(self).start()
+        self.address = self.daemon.address
+
+    def ctl(self, *argv: str) -> defer.Deferred:
+        return nodectl_run("--address", self.address, "--timeout", "20", *argv)
+
+    @defer.inlineCallbacks
+    def test_health(self):
+        code, out, err = yield self.ctl("health")
+        self.assertEqual((code, err), (0, ""))
+        self.assertRegex(out, r"(?m)^healthy:\s+yes$")
+        self.assertRegex(out, r"(?m)^hypervisor:\s+TEST \d+\.\d+\.\d+$")
+        self.assertRegex(out, r"(?m)^uptime:\s+\d+s$")
+
+    @defer.inlineCallbacks
+    def test_health_json(self):
+        code, out, _ = yield self.ctl("--json", "health")
+        self.assertEqual(code, 0)
+        self.assertEqual(json.loads(out)["hypervisor"], "TEST")
+
+    @defer.inlineCallbacks
+    def test_health_when_libvirt_is_down_exits_4(self):
+        yield self.daemon.node.hypervisor.stopService()
+        code, out, _ = yield self.ctl("health")
+        self.assertEqual(code, nodectl.EXIT_UNHEALTHY)
+        self.assertRegex(out, r"(?m)^healthy:\s+no$")
+
+    @defer.inlineCallbacks
+    def test_info(self):
+        code, out, err = yield self.ctl("info")
+        self.assertEqual((code, err), (0, ""))
+        self.assertRegex(out, rf"(?m)^node id:\s+{self.daemon.node.node_id}$")
+        self.assertIn("2 sockets x 2 cores x 2 threads = 8", out)
+        self.assertRegex(out, r"(?m)^DEVICE\s+MOUNT\s+FS\s+SIZE\s+USED\s+AVAIL$")
+        self.assertRegex(out, r"(?m)^NIC\s+MAC\s+UP\s+SPEED\s+ADDRESSES$")
+
+    @defer.inlineCallbacks
+    def test_vms(self):
+        code, out, err = yield self.ctl("vms")
+        if code == nodectl.EXIT_RPC_ERROR:  # the VM box is not on this branch yet
+            self.assertEqual(err.strip().split(":")[:2], ["quantix-nodectl", " UNIMPLEMENTED"])
+            self.assertEqual(out, "")
+            return
+        self.assertEqual((code, err), (0, ""))
+        self.assertRegex(out, r"^VM ID\s+NAME\s+STATE")
+        self.assertRegex(out, rf"(?m)^{RUNNING_VM}\s+vm-running\s+running\b")
+
+    @defer.inlineCallbacks
+    def test_vm(self):
+        code, out, err = yield self.ctl("vm", RUNNING_VM)
+        if code == nodectl.EXIT_RPC_ERROR:
+            self.assertIn("UNIMPLEMENTED", err)
+            return
+        self.assertEqual((code, err), (0, ""))
+        self.assertRegex(out, rf"(?m)^vm id:\s+{RUNNING_VM}$")
+        self.assertRegex(out, r"(?m)^state:\s+running$")
+
+    @defer.inlineCallbacks
+    def test_unknown_vm_is_an_rpc_error(self):
+        code, out, err = yield self.ctl("vm", "00000000-0000-0000-0000-00000000dead")
+        self.assertEqual(code, nodectl.EXIT_RPC_ERROR)
+        self.assertRegex(err, r"^quantix-nodectl: (NOT_FOUND|UNIMPLEMENTED): ")
+        self.assertEqual(out, "")
+
+    @defer.inlineCallbacks
+    def test_streams_answer_or_fail_cleanly(self):
+        for argv in (["events", "--count", "1"], ["metrics"]):
+            code, _out, err = yield self.ctl(*argv)
+            if code == nodectl.EXIT_RPC_ERROR:
+                self.assertIn("UNIMPLEMENTED", err)
+            else:
+                self.assertEqual((code, err), (0, ""), argv)
+
+    @defer.inlineCallbacks
+    def test_unreachable_exits_3(self):
+        closed = socket.socket()
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        closed.close()
+        code, _out, err = yield nodectl_run("--address", f"127.0.0.1:{port}", "health")
+        self.assertEqual(code, nodectl.EXIT_UNREACHABLE)
+        self.assertIn("UNAVAILABLE", err)
+
+    @defer.inlineCallbacks
+    def test_usage_exits_2(self):
+        code, out, err = yield nodectl_run("vm")
+        self.assertEqual(code, nodectl.EXIT_USAGE)
+        self.assertIn("required: vm_id", err)
+        code, out, err = yield nodectl_run("frobnicate")
+        self.assertEqual(code, nodectl.EXIT_USAGE)
+        code, out, err = yield nodectl_run("--help")
+        self.assertEqual(code, 0)
+        self.assertIn("exit codes", out)
+
+
+class NodectlFormatTests(unittest.TestCase):
+    def test_table_aligns_and_right_aligns_numbers(self):
+        text = nodectl.table(["NAME", "CPU%"], [("a", "1.5"), ("longer-name", "12.0")])
+        self.assertEqual(text.splitlines(), ["NAME         CPU%", "a             1.5", "longer-name  12.0"])
+
+    def test_human_units(self):
+        self.assertEqual(nodectl.human_bytes(512), "512 B")
+        self.assertEqual(nodectl.human_bytes(3 * 1024**3), "3.0 GiB")
+        self.assertEqual(nodectl.human_duration(0), "0s")
+        self.assertEqual(nodectl.human_duration(90061), "1d 1h")
