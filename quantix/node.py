@@ -14,6 +14,7 @@ from quantix import state
 from quantix.config import Config
 from quantix.hypervisor import hostinfo
 from quantix.hypervisor.connection import Hypervisor
+from quantix.hypervisor.storage import StorageManager
 from quantix.rpc import handlers
 from quantix.rpc.server import SERVICE, GrpcServer, ListenError
 
@@ -43,6 +44,7 @@ class NodeService(MultiService):
             reactor, hv.uri, event_loop=hv.event_loop, keepalive=(hv.keepalive_interval, hv.keepalive_count)
         )
         self.hypervisor.setServiceParent(self)
+        self.storage = StorageManager(self.hypervisor.conn, config.storage)
         self.grpc = GrpcServer(
             config.listen_address,
             lambda: handlers.build(self),
