@@ -187,7 +187,7 @@ def _system_available() -> str | None:
     return None
 
 
-class SystemStorageTests(unittest.TestCase):
+class _SystemBase(unittest.TestCase):
     """Real pools on the shared libvirtd: unique names, everything undefined at teardown."""
 
     timeout = 60
@@ -226,6 +226,8 @@ class SystemStorageTests(unittest.TestCase):
     def _pool_names(self) -> defer.Deferred:
         return threads.deferToThread(lambda: [p.name() for p in self.conn.listAllStoragePools(0)])
 
+
+class SystemStorageTests(_SystemBase):
     @defer.inlineCallbacks
     def test_local_dir_real_volumes(self):
         d = self.daemon
@@ -363,3 +365,56 @@ class SystemStorageTests(unittest.TestCase):
         )
         secrets = yield threads.deferToThread(lambda: [s.usageID() for s in self.conn.listAllSecrets(0)])
         self.assertNotIn(f"quantix-{pid}", secrets)
+
+
+def _domain_xml(name: str, disk: str) -> str:
+    import xml.etree.ElementTree as ET
+
+    dom = ET.Element("domain", type="qemu")
+    ET.SubElement(dom, "name").text = name
+    ET.SubElement(dom, "memory", unit="MiB").text = "64"
+    ET.SubElement(dom, "vcpu").text = "1"
+    os_ = ET.SubElement(dom, "os")
+    ET.SubElement(os_, "type", arch="x86_64").text = "hvm"
+    devices = ET.SubElement(dom, "devices")
+    el = ET.SubElement(devices, "disk", type="file", device="disk")
+    ET.SubElement(el, "driver", name="qemu", type="qcow2")
+    ET.SubElement(el, "source", file=disk)
+    ET.SubElement(el, "target", dev="vda", bus="virtio")
+    return ET.tostring(dom, encoding="unicode")
+
+
+class SystemRunningDiskTests(_SystemBase):
+    """A disk held open by a running VM grows through the VM, not through qemu-img."""
+
+    @defer.inlineCallbacks
+    def test_resize_disk_of_running_vm(self):
+        d = self.daemon
+        vm = f"{self.prefix}-vm"
+        path = yield threads.deferToThread(d.node.storage.create_disk, "default", f"{vm}-disk0.qcow2", MIB)
+
+        def start():
+            dom = self.conn.defineXML(_domain_xml(vm, path))
+            self.addCleanup(threads.deferToThread, self._drop_domain, vm)
+            dom.create()
+            return dom
+
+        dom = yield threads.deferToThread(start)
+        yield d.call(
+            "ResizeVolume",
+            node_pb2.ResizeVolumeRequest(pool_id="default", volume_id="disk0", new_size_bytes=4 * MIB),
+        )
+        capacity = yield threads.deferToThread(lambda: dom.blockInfo("vda")[0])
+        self.assertEqual(capacity, 4 * MIB)
+
+    def _drop_domain(self, name: str) -> None:
+        conn = libvirt.open(SYSTEM_URI)
+        try:
+            dom = conn.lookupByName(name)
+            if dom.isActive():
+                dom.destroy()
+            dom.undefine()
+        except libvirt.libvirtError:
+            pass
+        finally:
+            conn.close()

@@ -254,6 +254,12 @@ def _domain_disks(xml: str) -> Iterator[tuple[str, str]]:
             yield path, target.get("dev", "") if target is not None else ""
 
 
+def _reason(exc: libvirt.libvirtError) -> str:
+    """libvirt's message on one line, without the generic "internal error:" prefix."""
+    message = exc.get_error_message() or str(exc)
+    return " ".join(message.removeprefix("internal error: ").split())
+
+
 def _defined_xml(pool: libvirt.virStoragePool) -> str:
     """The persistent definition; drivers without the flag (the test driver) give the live one."""
     try:
@@ -294,6 +300,7 @@ class StorageManager:
         self.root = os.path.abspath(config.root)
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
+        self._vm_pool_seen = ""
 
     @property
     def vm_pool_name(self) -> str:
@@ -357,7 +364,7 @@ class StorageManager:
             self._drop_secret(conn, plan.secret if created_secret else None)
             if exc.get_error_code() == libvirt.VIR_ERR_INTERNAL_ERROR:
                 # e.g. "missing backend for pool type 9 (rbd)": this host cannot serve the type.
-                reason = exc.get_error_message()
+                reason = _reason(exc)
                 raise errors.WrongState(f"cannot define {plan.kind} pool: {reason}") from None
             raise _storage_error(exc) from None
         target = plan.target_path
@@ -387,8 +394,7 @@ class StorageManager:
                     pool.build(0)
             pool.create(0)
         except libvirt.libvirtError as exc:
-            reason = exc.get_error_message() or str(exc)
-            reason = reason.removeprefix("internal error: ").strip()
+            reason = _reason(exc)
             what = f"cannot start {plan.kind} pool {pool.name()}: {reason}"
             if exc.get_error_code() in (libvirt.VIR_ERR_INTERNAL_ERROR, libvirt.VIR_ERR_SYSTEM_ERROR):
                 raise (errors.Unavailable if plan.kind in REMOTE_KINDS else errors.WrongState)(what) from None
@@ -517,19 +523,35 @@ class StorageManager:
         path = os.path.abspath(self.config.vm_images)
         with self._locked(self.vm_pool_name):
             conn = self._conn()
-            with _libvirt_errors():
-                for pool in conn.listAllStoragePools(0):
-                    try:
-                        d = sxml.parse_pool(_defined_xml(pool))
-                    except libvirt.libvirtError:
-                        continue
-                    if d.kind == "dir" and sxml.os_norm(d.target_path) == sxml.os_norm(path):
-                        if not pool.isActive():
-                            self._start(pool, PoolPlan("dir", "", path))
-                        return pool
-            plan = PoolPlan("dir", sxml.dir_pool_xml(self.vm_pool_name, path), path)
-            with _libvirt_errors():
-                return self._define(conn, plan)
+            pool = self._find_dir_pool(conn, path)
+            if pool is None:
+                plan = PoolPlan("dir", sxml.dir_pool_xml(self.vm_pool_name, path), path)
+                with _libvirt_errors():
+                    pool = self._define(conn, plan)
+            elif not pool.isActive():
+                self._start(pool, PoolPlan("dir", "", path))
+            self._vm_pool_seen = pool.name()
+            return pool
+
+    def _find_dir_pool(self, conn: libvirt.virConnect, path: str) -> libvirt.virStoragePool | None:
+        """The dir pool over ``path``: the one found last time if it still is, else a scan."""
+        if self._vm_pool_seen:
+            try:
+                pool = conn.storagePoolLookupByName(self._vm_pool_seen)
+                if sxml.os_norm(sxml.parse_pool(_defined_xml(pool)).target_path) == sxml.os_norm(path):
+                    return pool
+            except libvirt.libvirtError:
+                pass
+        with _libvirt_errors():
+            pools = conn.listAllStoragePools(0)
+        for pool in pools:
+            try:
+                d = sxml.parse_pool(_defined_xml(pool))
+            except libvirt.libvirtError:
+                continue  # undefined while we looked
+            if d.kind == "dir" and sxml.os_norm(d.target_path) == sxml.os_norm(path):
+                return pool
+        return None
 
     # -- volumes ------------------------------------------------------------------------------
 
