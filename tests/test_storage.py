@@ -68,6 +68,38 @@ class TestDriverStorageTests(unittest.TestCase):
         yield d.call("DestroyStoragePool", node_pb2.StoragePoolIdRequest(pool_id="p1"))  # unknown: fine
 
     @defer.inlineCallbacks
+    def test_concurrent_init_is_idempotent(self):
+        replies = yield defer.gatherResults(
+            [self.daemon.call("InitStoragePool", local_pool("pc")) for _ in range(4)], consumeErrors=True
+        )
+        self.assertEqual({r.pool_id for r in replies}, {"pc"})
+
+    @defer.inlineCallbacks
+    def test_changed_definition_of_active_pool(self):
+        yield self.daemon.call("InitStoragePool", local_pool("pd"))
+        other = os.path.join(self.daemon.tmp, "elsewhere")
+        code, details = yield rpc_error(self.daemon.call("InitStoragePool", local_pool("pd", other)))
+        self.assertEqual(code, grpc.StatusCode.FAILED_PRECONDITION)
+        self.assertIn("different definition", details)
+        # Stopped, the same request redefines it (keeping its identity) and starts it again.
+        conn = self.daemon.node.hypervisor.conn()
+        before = conn.storagePoolLookupByName("pd").UUIDString()
+        conn.storagePoolLookupByName("pd").destroy()
+        reply = yield self.daemon.call("InitStoragePool", local_pool("pd", other))
+        self.assertEqual(reply.mount_path, other)
+        self.assertEqual(conn.storagePoolLookupByName("pd").UUIDString(), before)
+
+    @defer.inlineCallbacks
+    def test_reserved_and_bad_ids(self):
+        for pid in ("default", "a/b", "..", ""):
+            code, _ = yield rpc_error(self.daemon.call("InitStoragePool", local_pool(pid)))
+            self.assertEqual(code, grpc.StatusCode.INVALID_ARGUMENT, pid)
+        code, _ = yield rpc_error(
+            self.daemon.call("DestroyStoragePool", node_pb2.StoragePoolIdRequest(pool_id="default"))
+        )
+        self.assertEqual(code, grpc.StatusCode.INVALID_ARGUMENT)
+
+    @defer.inlineCallbacks
     def test_missing_pool_is_not_found(self):
         for method, req in (
             ("GetStoragePoolInfo", node_pb2.StoragePoolIdRequest(pool_id="nope")),

@@ -130,6 +130,14 @@ def check_name(what: str, value: str) -> str:
     return value
 
 
+def check_pool_id(pool_id: str) -> str:
+    """A pool the control plane names; "default" is reserved for the VM-disk pool."""
+    check_name("pool_id", pool_id)
+    if pool_id in DEFAULT_POOL_IDS:
+        raise errors.Invalid(f"pool id {pool_id!r} is reserved for the VM-disk pool")
+    return pool_id
+
+
 def pool_uuid(pool_id: str) -> str | None:
     """A control-plane UUID becomes the libvirt pool UUID too, so both sides agree."""
     try:
@@ -164,7 +172,7 @@ def keyring_key(text: str, user: str) -> bytes:
 
 def plan_pool(req: PoolRequest, root: str, keyring: bytes | None = None) -> PoolPlan:
     """The libvirt definition for a request (pure). ``keyring`` is the Ceph key already read."""
-    pid = check_name("pool_id", req.pool_id)
+    pid = check_pool_id(req.pool_id)
     uuid = pool_uuid(pid)
     if req.type == LOCAL_DIR:
         path = os.path.normpath(req.local_path) if req.local_path else os.path.join(root, "pools", pid)
@@ -348,7 +356,7 @@ class StorageManager:
                         f"storage pool {pool.name()} is active with a different definition; destroy it first"
                     )
                 self._ensure_secret(conn, plan.secret)
-                pool = conn.storagePoolDefineXML(plan.xml, 0)
+                pool = conn.storagePoolDefineXML(sxml.with_uuid(plan.xml, pool.UUIDString()), 0)
         if not pool.isActive():
             self._start(pool, plan)
         with _libvirt_errors():
@@ -444,7 +452,7 @@ class StorageManager:
 
     def destroy_pool(self, pool_id: str) -> None:
         """Stop and undefine a pool (unmounting NFS); data stays. An unknown pool is fine."""
-        check_name("pool_id", pool_id)
+        check_pool_id(pool_id)
         with self._locked(pool_id):
             conn = self._conn()
             try:
@@ -475,8 +483,8 @@ class StorageManager:
         for pool in pools:
             try:
                 out.append(self._info(pool, refresh=False))
-            except errors.NotFound:
-                continue  # undefined while we were listing
+            except (errors.NotFound, errors.WrongState):
+                continue  # undefined or stopped while we were listing
         out.sort(key=lambda p: p.pool_id)
         return out
 

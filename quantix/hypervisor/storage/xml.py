@@ -57,6 +57,17 @@ def _target(root: ET.Element, path: str) -> None:
     _text(target, "path", path)
 
 
+def with_uuid(xml: str, uuid: str) -> str:
+    """``xml`` with its ``<uuid>`` set: a redefinition must keep the pool's identity."""
+    root = ET.fromstring(xml)
+    el = root.find("uuid")
+    if el is None:
+        el = ET.Element("uuid")
+        root.insert(1, el)
+    el.text = uuid
+    return _dump(root)
+
+
 def dir_pool_xml(name: str, path: str, uuid: str | None = None) -> str:
     root = _pool("dir", name, uuid)
     _target(root, path)
