@@ -350,12 +350,12 @@ class StorageManager:
         with _libvirt_errors():
             current = sxml.parse_pool(_defined_xml(pool))
             wanted = sxml.parse_pool(plan.xml)
+            self._ensure_secret(conn, plan.secret)  # a rotated key or CHAP password takes effect
             if not current.same_backend(wanted):
                 if pool.isActive():
                     raise errors.WrongState(
                         f"storage pool {pool.name()} is active with a different definition; destroy it first"
                     )
-                self._ensure_secret(conn, plan.secret)
                 pool = conn.storagePoolDefineXML(sxml.with_uuid(plan.xml, pool.UUIDString()), 0)
         if not pool.isActive():
             self._start(pool, plan)
