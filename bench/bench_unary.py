@@ -102,10 +102,8 @@ def main() -> None:
             for n in levels:
                 base_rps, base_lat = load(f"127.0.0.1:{port}", method, requests()[method], n, args.seconds)
                 rps, lat = load(address, method, requests()[method], n, args.seconds)
-                rows.append(
-                    [method, n, round(base_rps), round(rps), rps / base_rps,
-                     median(base_lat) * 1e3, median(lat) * 1e3, pct(base_lat, 0.99) * 1e3, pct(lat, 0.99) * 1e3]
-                )  # fmt: skip
+                ms = [median(base_lat), median(lat), pct(base_lat, 0.99), pct(lat, 0.99)]
+                rows.append([method, n, round(base_rps), round(rps), rps / base_rps, *(x * 1e3 for x in ms)])
         table(
             "Unary RPCs: daemon vs bare grpcio servicer (target ratio >= 0.7)",
             ["rpc", "clients", "bare rps", "daemon rps", "ratio", "bare p50 ms", "daemon p50 ms",
