@@ -14,7 +14,7 @@ from quantix import state
 from quantix.config import Config
 from quantix.hypervisor import hostinfo
 from quantix.hypervisor.connection import Hypervisor
-from quantix.rpc import handlers
+from quantix.rpc import handlers, tls
 from quantix.rpc.server import SERVICE, GrpcServer, ListenError
 
 log = Logger(namespace="quantix.node")
@@ -49,6 +49,8 @@ class NodeService(MultiService):
             max_workers=config.server.max_workers,
             grace=config.server.grace_seconds,
             max_message_bytes=config.server.max_message_bytes,
+            credentials=tls.server_credentials(config.server),
+            extra_options=(("grpc.max_concurrent_streams", config.server.max_streams_per_connection),),
         )
         self.grpc.setServiceParent(self)
         self.hypervisor.listen(self._hypervisor_up, self._hypervisor_down)
