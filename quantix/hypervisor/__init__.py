@@ -1,0 +1,1 @@
+"""libvirt backend: connection supervision, event loops, domain XML, lifecycle and storage."""
