@@ -726,4 +726,9 @@ def domain_xml(spec, ctx: DomainContext) -> str:
 
 
 def element_xml(el: ET.Element) -> str:
-    return ET.tostring(el, encoding="unicode")
+    """One element on its own (e.g. a device for attach/detach), without its trailing text."""
+    tail, el.tail = el.tail, None
+    try:
+        return ET.tostring(el, encoding="unicode")
+    finally:
+        el.tail = tail
