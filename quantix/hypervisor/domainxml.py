@@ -350,13 +350,18 @@ class VMMeta:
         return None
 
 
-def metadata_element(meta: VMMeta) -> ET.Element:
+def metadata_element(meta: VMMeta, *, for_set_metadata: bool = False) -> ET.Element:
     """``<quantix:vm xmlns:quantix=…>`` with unqualified children.
 
     The namespace is declared on this element itself (not on ``<domain>``), which is the shape
-    ``virDomainSetMetadata`` produces too, so both paths read back the same way.
+    ``virDomainSetMetadata`` produces too, so both paths read back the same way. That call adds
+    the namespace itself and refuses one already declared: ``for_set_metadata`` gives a bare
+    ``<vm>`` for it (pass ``NS_PREFIX`` and ``NS`` as key and uri).
     """
-    vm = ET.Element(f"{NS_PREFIX}:vm", {f"xmlns:{NS_PREFIX}": NS})
+    if for_set_metadata:
+        vm = ET.Element("vm")
+    else:
+        vm = ET.Element(f"{NS_PREFIX}:vm", {f"xmlns:{NS_PREFIX}": NS})
     if meta.digest:
         vm.set("digest", meta.digest)
     if meta.guest_os:
