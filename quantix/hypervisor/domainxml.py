@@ -703,26 +703,27 @@ def build_domain(spec, ctx: DomainContext) -> ET.Element:
 
 
 def _graphics(devices: ET.Element, console, listen: str) -> None:
-    """VNC and/or SPICE per ConsoleSpec; a spec asking for neither still gets VNC (the UI needs one)."""
+    """VNC and/or SPICE per ConsoleSpec; a spec asking for neither still gets VNC (the UI needs one).
+
+    An empty ``listen`` leaves the address to libvirt's qemu.conf (``vnc_listen``/``spice_listen``).
+    """
     vnc, spice = console.vnc_enabled, console.spice_enabled
     if not vnc and not spice:
         vnc = True
-    if vnc:
-        port = console.vnc_port
-        if port and not 5900 <= port <= 65535:
-            raise Invalid(f"vnc_port must be 0 (automatic) or 5900-65535, not {port}")
-        g = _sub(devices, "graphics", type="vnc", port=str(port or -1), autoport="no" if port else "yes")
-        g.set("listen", listen)
-        if console.vnc_password:
+    if vnc and console.vnc_port and not 5900 <= console.vnc_port <= 65535:
+        raise Invalid(f"vnc_port must be 0 (automatic) or 5900-65535, not {console.vnc_port}")
+    if spice and console.spice_port > 65535:
+        raise Invalid(f"spice_port out of range: {console.spice_port}")
+    for kind, enabled, port in (("vnc", vnc, console.vnc_port), ("spice", spice, console.spice_port)):
+        if not enabled:
+            continue
+        g = _sub(devices, "graphics", type=kind, port=str(port or -1), autoport="no" if port else "yes")
+        if listen:
+            g.set("listen", listen)
+        if kind == "vnc" and console.vnc_password:
             g.set("passwd", check_text("vnc_password", console.vnc_password, max_len=64))
-        _sub(g, "listen", type="address", address=listen)
-    if spice:
-        port = console.spice_port
-        if port > 65535:
-            raise Invalid(f"spice_port out of range: {port}")
-        g = _sub(devices, "graphics", type="spice", port=str(port or -1), autoport="no" if port else "yes")
-        g.set("listen", listen)
-        _sub(g, "listen", type="address", address=listen)
+        if listen:
+            _sub(g, "listen", type="address", address=listen)
 
 
 def domain_xml(spec, ctx: DomainContext) -> str:
