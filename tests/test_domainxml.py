@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import tempfile
 import unicodedata
 import uuid
 import xml.etree.ElementTree as ET
@@ -13,7 +16,7 @@ from hypothesis import strategies as st
 from twisted.trial import unittest
 
 from quantix.errors import Invalid
-from quantix.hypervisor import domaininfo, domainxml
+from quantix.hypervisor import cloudinit, domaininfo, domainxml
 from quantix.hypervisor.domainxml import DiskSource, DomainContext, NicSource
 from quantix.proto import node_pb2
 
@@ -560,6 +563,9 @@ class ValidationTests(unittest.TestCase):
         self.assertRaises(Invalid, build, labels={"k\x01": "v"})
         self.assertRaises(Invalid, build, labels={"k": "v\x1b"})
         self.assertRaises(Invalid, build, labels={"k": "\ud800"})
+        self.assertRaises(Invalid, build, labels={"k": "c1\x85"})
+        info = domaininfo.parse_domain(ET.tostring(build(labels={"k": "a\tb\r\nc"})))
+        self.assertEqual(info.meta.labels, {"k": "a\tb\r\nc"})
         self.assertRaises(Invalid, build, labels={"k": "v" * (domainxml.MAX_LABEL_VALUE + 1)})
 
     def test_other_strings(self) -> None:
@@ -568,6 +574,103 @@ class ValidationTests(unittest.TestCase):
         s = spec()
         s.nics.add(bridge="br\x00")
         self.assertRaises(Invalid, build, s)
+
+
+LIVE_XML = """<domain type='kvm' id='7'>
+  <name>web</name>
+  <uuid>0b7e4d1c-5f3a-4e2b-9c8d-1a2b3c4d5e6f</uuid>
+  <metadata>
+    <quantix:vm xmlns:quantix="https://quantix.dev/xmlns/node/1.0" digest="d1">
+      <label key="env" value="prod"/>
+      <device kind="disk" id="root" dev="vda" path="/p/root.qcow2" created="yes"/>
+      <device kind="nic" id="eth0" mac="52:54:00:0a:0b:0c"/>
+    </quantix:vm>
+  </metadata>
+  <memory unit='KiB'>2097152</memory>
+  <vcpu placement='static'>2</vcpu>
+  <devices>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='/p/root.qcow2' index='1'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='raw'/>
+      <source file='/p/hotplugged.raw'/>
+      <target dev='vdb' bus='virtio'/>
+      <readonly/>
+    </disk>
+    <interface type='bridge'>
+      <mac address='52:54:00:0A:0B:0C'/>
+      <source bridge='br0'/>
+      <target dev='vnet3'/>
+      <model type='virtio'/>
+    </interface>
+    <interface type='network'>
+      <mac address='52:54:00:99:98:97'/>
+      <source network='default' portid='x' bridge='virbr0'/>
+      <model type='e1000'/>
+    </interface>
+    <channel type='unix'>
+      <source mode='bind' path='/run/q/0b7e.agent.sock'/>
+      <target type='virtio' name='org.quantix.agent.0' state='disconnected'/>
+    </channel>
+    <graphics type='spice' port='5930' autoport='yes' listen='0.0.0.0'>
+      <listen type='address' address='0.0.0.0'/>
+    </graphics>
+    <graphics type='vnc' port='5901' autoport='yes' listen='127.0.0.1' passwd='pw'>
+      <listen type='network' address='192.0.2.10' network='mgmt'/>
+    </graphics>
+  </devices>
+</domain>"""
+
+
+class DomainInfoTests(unittest.TestCase):
+    def test_live_xml(self) -> None:
+        info = domaininfo.parse_domain(LIVE_XML)
+        self.assertEqual((info.uuid, info.name, info.domain_type), (VM_ID, "web", "kvm"))
+        self.assertEqual((info.vcpus, info.memory_kib), (2, 2 * 1024 * 1024))
+        self.assertEqual(info.meta.labels, {"env": "prod"})
+        self.assertEqual(info.meta.digest, "d1")
+        self.assertEqual(info.agent_socket, "/run/q/0b7e.agent.sock")
+
+    def test_disks_by_id_or_dev(self) -> None:
+        info = domaininfo.parse_domain(LIVE_XML)
+        root, hot = info.disks
+        self.assertEqual((root.id, root.created, root.format, root.readonly), ("root", True, "qcow2", False))
+        self.assertEqual((hot.id, hot.path, hot.readonly), ("vdb", "/p/hotplugged.raw", True))
+        self.assertIs(info.disk("vda"), root)
+        self.assertIsNone(info.disk("nope"))
+        # The element alone, ready for detachDeviceFlags.
+        el = ET.fromstring(hot.xml)
+        self.assertEqual(el.find("target").get("dev"), "vdb")
+        self.assertFalse(hot.xml.endswith("\n"))
+
+    def test_nics_by_id_or_mac(self) -> None:
+        info = domaininfo.parse_domain(LIVE_XML)
+        eth0, other = info.nics
+        self.assertEqual(
+            (eth0.id, eth0.mac, eth0.kind, eth0.source), ("eth0", "52:54:00:0a:0b:0c", "bridge", "br0")
+        )
+        self.assertEqual(eth0.target, "vnet3")
+        self.assertEqual(
+            (other.id, other.kind, other.source, other.model),
+            ("52:54:00:99:98:97", "network", "default", "e1000"),
+        )
+        self.assertIs(info.nic("52:54:00:99:98:97"), other)
+        self.assertIs(info.nic("eth0"), eth0)
+
+    def test_console(self) -> None:
+        info = domaininfo.parse_domain(LIVE_XML)
+        vnc = info.console()
+        self.assertEqual((vnc.type, vnc.port, vnc.listen, vnc.password), ("vnc", 5901, "192.0.2.10", "pw"))
+        self.assertEqual(info.console("spice").port, 5930)
+        self.assertIsNone(domaininfo.parse_domain(domainxml.domain_xml(spec(), ctx())).console().port)
+
+    def test_foreign_domain_without_our_metadata(self) -> None:
+        info = domaininfo.parse_domain("<domain type='kvm'><name>x</name><uuid>u</uuid></domain>")
+        self.assertEqual((info.disks, info.nics, info.graphics, info.agent_socket), ((), (), (), None))
+        self.assertEqual(info.meta, domainxml.VMMeta())
 
 
 # --- properties ------------------------------------------------------------------------------
@@ -623,7 +726,11 @@ class PropertyTests(unittest.TestCase):
     @given(labels=LABELS)
     def test_any_labels_round_trip_or_are_invalid(self, labels: dict[str, str]) -> None:
         info = _try_build(labels=labels)
-        bad = any(not _xml_char(c) for s in [*labels, *labels.values()] for c in s)
+        bad = any(not _xml_char(c) or unicodedata.category(c) == "Cc" for c in "".join(labels))
+        bad |= any(
+            not _xml_char(c) or (unicodedata.category(c) == "Cc" and c not in "\t\n\r")
+            for c in "".join(labels.values())
+        )
         if bad:
             self.assertIsNone(info)
         if info is not None:
@@ -807,3 +914,42 @@ class RealLibvirtTests(unittest.TestCase):
         self.assertEqual(info.name, name)
         self.assertEqual(dict(info.meta.labels), labels)
         self.assertEqual(info.disk("d").path, path)
+
+    def test_boots_under_tcg(self) -> None:
+        """Start the XML for real (no OS; the guest sits in firmware) and read the live XML back."""
+        work = tempfile.mkdtemp(prefix="qtx-test-dx-", dir="/var/tmp")
+        self.addCleanup(shutil.rmtree, work, True)
+        disk = os.path.join(work, "root.qcow2")
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", disk, "16M"], check=True)
+        iso = os.path.join(work, "cloud-init.iso")
+        vm_id = str(uuid.uuid4())
+        name = f"qtx-test-{vm_id[:8]}"
+        cloudinit.write_nocloud_iso(iso, vm_id, name, node_pb2.CloudInitConfig(user_data="#cloud-config\n"))
+        s = spec(cpu_cores=1, memory_mib=64, guest_os="debian")
+        s.disks.add(id="root", path=disk, iops_limit=1000)
+        s.cdroms.add(id="empty")
+        s.console.vnc_enabled = True
+        c = ctx(
+            vm_id=vm_id,
+            name=name,
+            domain_type="qemu",
+            agent_socket_dir=work,
+            console_listen="127.0.0.1",
+            cloud_init_iso=iso,
+            labels={"purpose": "boot test"},
+        )
+        dom = self.conn.defineXML(domainxml.domain_xml(s, c))
+        self.addCleanup(dom.undefineFlags, libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+        dom.create()
+        try:
+            info = domaininfo.parse_domain(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE))
+            vnc = info.console("vnc")
+            self.assertEqual(vnc.listen, "127.0.0.1")
+            self.assertGreaterEqual(vnc.port, 5900)
+            self.assertTrue(os.path.exists(info.agent_socket))
+            self.assertEqual(info.agent_socket, os.path.join(work, f"{vm_id}.agent.sock"))
+            self.assertEqual(info.meta.labels, {"purpose": "boot test"})
+            self.assertEqual(info.disk("cloud-init").path, iso)
+            self.assertIsNone(info.disk("empty").path)
+        finally:
+            dom.destroy()

@@ -38,7 +38,7 @@ MAX_NIC_MBPS = 10**7
 
 ET.register_namespace(NS_PREFIX, NS)
 
-# Proto enum numbers → libvirt words. Numbers absent here take the first entry's default.
+# Proto enum numbers → libvirt words. Numbers absent here (open enums) get the entry for 0.
 _DISK_BUS = {0: "virtio", 1: "scsi", 2: "sata", 3: "ide"}
 _DISK_FORMAT = {0: "qcow2", 1: "raw"}
 _NIC_MODEL = {0: "virtio", 1: "e1000", 2: "rtl8139"}
@@ -50,9 +50,11 @@ FORMATS = ("qcow2", "raw")
 _FIXED_PCIE_DEVICES = 6
 
 _MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
-# The XML 1.0 Char production, minus every control character except tab/newline/CR.
+# Anything outside XML 1.0's Char production (lone surrogates, U+FFFE/FFFF, most of C0).
 _XML_BAD = re.compile("[^\t\n\r\u0020-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+# Control characters (Unicode Cc): never in names or paths; only tab/newline/CR in free text.
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+_CONTROL_MULTILINE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,9 +67,7 @@ def check_text(what: str, value: str, *, max_len: int = MAX_TEXT, allow_newlines
         raise Invalid(f"{what} must be a string")
     if len(value) > max_len:
         raise Invalid(f"{what} is too long ({len(value)} > {max_len} characters)")
-    bad = _XML_BAD.search(value)
-    if bad is None and not allow_newlines:
-        bad = _CONTROL.search(value)
+    bad = _XML_BAD.search(value) or (_CONTROL_MULTILINE if allow_newlines else _CONTROL).search(value)
     if bad is not None:
         raise Invalid(f"{what} contains a forbidden character U+{ord(bad.group()):04X}")
     return value
@@ -310,10 +310,6 @@ class DomainContext:
     hotplug_ports: int = 4
 
     @property
-    def agent_socket(self) -> str:
-        return agent_socket_path(self.agent_socket_dir, self.vm_id)
-
-    @property
     def q35(self) -> bool:
         return bool(self.machine) and "q35" in self.machine
 
@@ -536,13 +532,11 @@ def build_domain(spec, ctx: DomainContext) -> ET.Element:
     vm_id = validate_vm_id(ctx.vm_id)
     name = validate_name(ctx.name)
     labels = validate_labels(ctx.labels)
-    check_text("agent socket dir", ctx.agent_socket_dir)
     validate_path("agent socket dir", ctx.agent_socket_dir)
     check_text("console listen address", ctx.console_listen, max_len=255)
     sockets, cores, threads = vcpu_topology(spec)
     memory = validate_memory(spec)
-    profile = guest_profile(spec.guest_os)
-    check_text("guest_os", spec.guest_os)
+    profile = guest_profile(check_text("guest_os", spec.guest_os))
     tcg = ctx.domain_type == "qemu"
 
     disk_ids = [d.id or f"disk{i}" for i, d in enumerate(spec.disks)]
