@@ -516,6 +516,15 @@ class MetadataTests(unittest.TestCase):
         self.assertNotEqual(base, digest(spec(), labels={"k": "v"}))
         self.assertEqual(base, digest(spec(), console_listen="1.2.3.4"))  # host facts are not the request
 
+    def test_hotplug_bookkeeping(self) -> None:
+        meta = domainxml.VMMeta(devices=(domainxml.DeviceRef("nic", "a", mac="52:54:00:00:00:01"),))
+        b = domainxml.DeviceRef("nic", "b", mac="52:54:00:00:00:02")
+        meta2 = meta.with_device(b).with_device(b)
+        self.assertEqual([r.id for r in meta2.devices], ["a", "b"])
+        self.assertEqual(meta2.device("nic", "b"), b)
+        self.assertEqual(meta2.without_device("nic", "a").devices, (b,))
+        self.assertEqual(meta.devices[0].id, "a")  # frozen: the original is untouched
+
     def test_metadata_element_round_trip(self) -> None:
         meta = domainxml.VMMeta(
             labels={"k": "v\nw"},

@@ -345,6 +345,14 @@ class VMMeta:
                 return ref
         return None
 
+    def with_device(self, ref: DeviceRef) -> VMMeta:
+        """A copy recording a hot-plugged device (replacing one with the same kind and id)."""
+        return attrs.evolve(self, devices=(*self.without_device(ref.kind, ref.id).devices, ref))
+
+    def without_device(self, kind: str, dev_id: str) -> VMMeta:
+        devices = tuple(r for r in self.devices if not (r.kind == kind and r.id == dev_id))
+        return attrs.evolve(self, devices=devices)
+
 
 def metadata_element(meta: VMMeta, *, for_set_metadata: bool = False) -> ET.Element:
     """``<quantix:vm xmlns:quantix=…>`` with unqualified children.
