@@ -112,10 +112,10 @@ class FrameDecoder:
     def _skip(self, n: int) -> None:
         self.discarded += n
         self._run += n
-        if self._run > self.scan_limit:
+        while self._run > self.scan_limit:
             # Garbage is never kept, so this is a signal for the logs, not a memory guard.
             self.overruns += 1
-            self._run = 0
+            self._run -= self.scan_limit
 
     def _drain(self, out: list[agent_pb2.AgentMessage]) -> None:
         buf = self._buf
