@@ -13,20 +13,35 @@ from __future__ import annotations
 import argparse
 import os
 import posixpath
+import shutil
 import sys
+import tempfile
 import uuid
 from collections.abc import Callable
 
-from twisted.internet import defer, task
+from twisted.internet import defer, reactor, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
 
 from quantix.agent import codec
+from quantix.agent.guestinfo import AGENT_CONNECTED
+from quantix.agent.manager import AgentManager
 from quantix.agent.protocol import stamp
 from quantix.proto import agent_pb2
 
 VERSION = "0.1.27-peer"
-CAPABILITIES = ["telemetry", "execute", "file_read", "file_write", "shutdown", "reboot", "quiesce", "thaw", "sync_time"]
+CAPABILITIES = [
+    "telemetry",
+    "execute",
+    "file_read",
+    "file_write",
+    "shutdown",
+    "reboot",
+    "quiesce",
+    "thaw",
+    "sync_time",
+]
 
 
 def default_exec(req: agent_pb2.ExecuteRequest) -> agent_pb2.ExecuteResponse:
@@ -54,7 +69,10 @@ def default_telemetry(hostname: str = "peer-guest") -> agent_pb2.TelemetryReport
         hostname=hostname,
     )
     r.interfaces.add(
-        name="eth0", mac_address="52:54:00:12:34:56", ipv4_addresses=["10.0.0.5/24"], state=agent_pb2.INTERFACE_STATE_UP
+        name="eth0",
+        mac_address="52:54:00:12:34:56",
+        ipv4_addresses=["10.0.0.5/24"],
+        state=agent_pb2.INTERFACE_STATE_UP,
     )
     r.disks.add(mount_point="/", filesystem="ext4", device="/dev/vda1", total_bytes=1000, used_bytes=250)
     return r
@@ -172,7 +190,9 @@ class Guest:
 
     def on_quiesce(self, req: agent_pb2.QuiesceFilesystemsRequest) -> tuple[str, object]:
         if self.freeze is not None:
-            return "quiesce_response", agent_pb2.QuiesceFilesystemsResponse(error="filesystems already frozen")
+            return "quiesce_response", agent_pb2.QuiesceFilesystemsResponse(
+                error="filesystems already frozen"
+            )
         mounts = list(req.mount_points) or ["/"]
         token = str(uuid.uuid4())
         self.freeze = (token, self.clock.seconds(), mounts)
@@ -192,11 +212,15 @@ class Guest:
         self.freeze = None
         self.thaws += 1
         return "thaw_response", agent_pb2.ThawFilesystemsResponse(
-            success=True, thawed_mount_points=mounts, frozen_duration_ms=int((self.clock.seconds() - since) * 1000)
+            success=True,
+            thawed_mount_points=mounts,
+            frozen_duration_ms=int((self.clock.seconds() - since) * 1000),
         )
 
     def on_sync_time(self, req: agent_pb2.SyncTimeRequest) -> tuple[str, object]:
-        resp = agent_pb2.SyncTimeResponse(success=True, time_source="host" if req.HasField("set_time") else "ntp")
+        resp = agent_pb2.SyncTimeResponse(
+            success=True, time_source="host" if req.HasField("set_time") else "ntp"
+        )
         if req.HasField("set_time"):
             resp.offset_seconds = req.set_time.seconds + req.set_time.nanos / 1e9 - self.clock.seconds()
         resp.current_time.seconds = int(self.clock.seconds())
@@ -266,8 +290,81 @@ def default_ready() -> agent_pb2.AgentReadyEvent:
     )
 
 
+# -- test fixtures ----------------------------------------------------------------------------
+class Events:
+    """Records ``on_event`` calls; ``next(kind)`` fires on the next one of that kind."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, int, str]] = []
+        self._waiters: list[tuple[int, defer.Deferred]] = []
+
+    def __call__(self, vm_id: str, kind: int, message: str) -> None:
+        self.seen.append((vm_id, kind, message))
+        waiting, self._waiters = self._waiters, []
+        for k, d in waiting:
+            if k == kind:
+                d.callback(message)
+            else:
+                self._waiters.append((k, d))
+
+    def next(self, kind: int) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        self._waiters.append((kind, d))
+        return d
+
+    def kinds(self) -> list[int]:
+        return [k for _, k, _ in self.seen]
+
+
+class ChannelFixture:
+    """A VM id, a socket dir in /tmp (AF_UNIX paths are short), a peer listening, a manager."""
+
+    def setup(
+        self, test, clock: Clock | None = None, peer_clock=None, telemetry_interval: float = 5.0
+    ) -> None:
+        self.dir = tempfile.mkdtemp(prefix="qtx-agent-")
+        test.addCleanup(shutil.rmtree, self.dir, True)
+        self.vm = str(uuid.uuid4())
+        self.path = os.path.join(self.dir, f"{self.vm}.agent.sock")
+        self.clock = clock
+        self.events = Events()
+        self.peer = GuestPeer(peer_clock or reactor)
+        self.port = None
+        self.listen()
+        self.manager = AgentManager(
+            reactor,
+            socket_dir=self.dir,
+            channel_roots=(),
+            telemetry_interval=telemetry_interval,
+            on_event=self.events,
+            clock=clock,
+            initial_backoff=0.02,
+            max_backoff=0.1,
+        )
+        test.addCleanup(self.manager.stop_all)
+        test.addCleanup(self.stop_listening)
+
+    def listen(self) -> None:
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+        self.port = reactor.listenUNIX(self.path, self.peer)
+
+    @defer.inlineCallbacks
+    def stop_listening(self):
+        if self.port is not None:
+            port, self.port = self.port, None
+            yield port.stopListening()
+        self.peer.hang_up()
+
+    @defer.inlineCallbacks
+    def start(self):
+        """Start supervising the VM and wait for the agent's ready event."""
+        ready = self.events.next(AGENT_CONNECTED)
+        self.manager.vm_started(self.vm)
+        yield ready
+
+
 def main(argv: list[str] | None = None) -> None:
-    from twisted.internet import reactor
     from twisted.python import log
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -63,7 +63,9 @@ class EncodeTests(unittest.TestCase):
     def test_sixteen_mib_is_the_default_limit(self) -> None:
         self.assertEqual(codec.MAX_FRAME, 16 * 1024 * 1024)
         dec = FrameDecoder()
-        self.assertEqual(dec.feed(MAGIC + struct.pack(">I", 16 * 1024 * 1024 + 1) + codec.encode(ping(1))), [ping(1)])
+        self.assertEqual(
+            dec.feed(MAGIC + struct.pack(">I", 16 * 1024 * 1024 + 1) + codec.encode(ping(1))), [ping(1)]
+        )
 
     def test_one_byte_at_a_time(self) -> None:
         data = codec.encode(ping(1)) + b"noise" + codec.encode(ping(2))

@@ -141,7 +141,7 @@ class GuestInfoCache:
             return
         try:
             self.on_event(vm_id, kind, message)
-        except Exception:
+        except Exception:  # noqa: BLE001 (a subscriber must not break the channel)
             self.log.failure("agent event subscriber failed")
 
 

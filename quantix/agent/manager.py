@@ -122,11 +122,9 @@ class AgentManager:
         if vm_id in self._vms:
             return
         if socket_path:
-            candidates = lambda: [socket_path]  # noqa: E731
+            candidates = lambda: [socket_path]
         else:
-            candidates = lambda: socket_candidates(  # noqa: E731
-                vm_id, self.socket_dir, self.channel_roots, domain_name
-            )
+            candidates = lambda: socket_candidates(vm_id, self.socket_dir, self.channel_roots, domain_name)
         endpoint = _FirstSocketEndpoint(self.reactor, candidates, self._connect_timeout)
         factory = Factory.forProtocol(lambda: self._build(vm_id))
         service = ClientService(endpoint, factory, retryPolicy=self._retry, clock=self.reactor)
@@ -200,7 +198,8 @@ class AgentManager:
             self.guests.telemetry(vm_id, msg.telemetry)
         elif kind == "error":
             e = msg.error
-            self.log.warn("guest agent {vm} reports {code}: {msg}", vm=vm_id, code=e.code, msg=e.message)
+            fmt = "guest agent {vm} reports {code}: {msg}"
+            self.log.warn(fmt, vm=vm_id, code=e.code, msg=e.message)  # noqa: G010
 
 
 class _TrackedProtocol(AgentProtocol):
@@ -211,6 +210,6 @@ class _TrackedProtocol(AgentProtocol):
         super().connectionMade()
         self.manager._made(self.vm_id, self)
 
-    def connectionLost(self, reason=None) -> None:  # noqa: ANN001
+    def connectionLost(self, reason: object = None) -> None:
         super().connectionLost(reason)
         self.manager._lost(self.vm_id, self)

@@ -57,7 +57,7 @@ def stamp(msg: agent_pb2.AgentMessage, seconds: float) -> None:
 
 
 class _Pending:
-    __slots__ = ("deferred", "timer", "reply_field", "op")
+    __slots__ = ("deferred", "op", "reply_field", "timer")
 
     def __init__(self, deferred: defer.Deferred, timer: IDelayedCall, reply_field: str, op: str) -> None:
         self.deferred = deferred
@@ -143,7 +143,7 @@ class AgentProtocol(Protocol):
             self._dispatch(msg)
         if self.decoder.overruns != self._overruns:
             self._overruns = self.decoder.overruns
-            self.log.warn(
+            self.log.warn(  # noqa: G010 (twisted's Logger has no .warning)
                 "agent channel: {n} bytes of noise discarded so far", n=self.decoder.discarded
             )
 
@@ -159,7 +159,7 @@ class AgentProtocol(Protocol):
             elif self.on_unsolicited is not None:
                 try:
                     self.on_unsolicited(msg)
-                except Exception:
+                except Exception:  # noqa: BLE001 (a subscriber must not break the channel)
                     self.log.failure("agent unsolicited-message callback failed")
             return
         p = self._pending.pop(msg.message_id, None)

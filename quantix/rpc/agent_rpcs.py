@@ -33,7 +33,7 @@ MAX_READ = 32 * 1024 * 1024  # whole-file reads stop here (eof=false); the clien
 
 
 class _Freeze:
-    __slots__ = ("token", "agent_token", "mounts", "timer")
+    __slots__ = ("agent_token", "mounts", "timer", "token")
 
     def __init__(self, token: str, agent_token: str, mounts: list[str], timer: IDelayedCall) -> None:
         self.token = token
@@ -73,7 +73,9 @@ class AgentRpcs:
         # The response message has no round-trip field; report it as trailing metadata.
         if context is not None:
             context.set_trailing_metadata((("x-quantix-agent-rtt-ms", f"{rtt_ms:.3f}"),))
-        return node_pb2.AgentPingResponse(connected=True, version=pong.version, uptime_seconds=pong.uptime_seconds)
+        return node_pb2.AgentPingResponse(
+            connected=True, version=pong.version, uptime_seconds=pong.uptime_seconds
+        )
 
     @rpc("ExecuteInGuest")
     def execute_in_guest(
@@ -106,7 +108,9 @@ class AgentRpcs:
         )
 
     @rpc("ReadGuestFile")
-    def read_guest_file(self, request: node_pb2.ReadGuestFileRequest, context: Any) -> node_pb2.ReadGuestFileResponse:
+    def read_guest_file(
+        self, request: node_pb2.ReadGuestFileRequest, context: Any
+    ) -> node_pb2.ReadGuestFileResponse:
         """Read ``max_size`` bytes (0: to the end, up to ``MAX_READ``) from ``offset`` in chunks."""
         if not request.path:
             raise Invalid("path is required")
@@ -166,9 +170,13 @@ class AgentRpcs:
         return node_pb2.WriteGuestFileResponse(success=True, bytes_written=written)
 
     @rpc("GuestShutdown")
-    def guest_shutdown(self, request: node_pb2.GuestShutdownRequest, context: Any) -> node_pb2.GuestShutdownResponse:
+    def guest_shutdown(
+        self, request: node_pb2.GuestShutdownRequest, context: Any
+    ) -> node_pb2.GuestShutdownResponse:
         kind = agent_pb2.SHUTDOWN_TYPE_REBOOT if request.reboot else agent_pb2.SHUTDOWN_TYPE_POWEROFF
-        req = agent_pb2.ShutdownRequest(type=kind, delay_seconds=request.delay_seconds, message=request.message)
+        req = agent_pb2.ShutdownRequest(
+            type=kind, delay_seconds=request.delay_seconds, message=request.message
+        )
         try:
             r = self._call(request.vm_id, req, DEFAULT_TIMEOUT)
         except ConnectionLost:
@@ -187,7 +195,9 @@ class AgentRpcs:
         """Freeze through the agent; thaw automatically once ``timeout_seconds`` pass."""
         seconds = request.timeout_seconds or QUIESCE_DEFAULT_SECONDS
         req = agent_pb2.QuiesceFilesystemsRequest(
-            mount_points=request.mount_points, timeout_seconds=seconds, run_pre_freeze_scripts=request.run_pre_freeze_scripts
+            mount_points=request.mount_points,
+            timeout_seconds=seconds,
+            run_pre_freeze_scripts=request.run_pre_freeze_scripts,
         )
         if blockingCallFromThread(self.reactor, self._freezes.__contains__, request.vm_id):
             return node_pb2.QuiesceFilesystemsResponse(success=False, error="filesystems are already frozen")
@@ -198,12 +208,18 @@ class AgentRpcs:
         out = node_pb2.QuiesceFilesystemsResponse(success=r.success, error=r.error)
         for f in r.frozen:
             out.frozen.add(
-                mount_point=f.mount_point, device=f.device, filesystem=f.filesystem, frozen=f.frozen, error=f.error
+                mount_point=f.mount_point,
+                device=f.device,
+                filesystem=f.filesystem,
+                frozen=f.frozen,
+                error=f.error,
             )
         if r.success:
             token = r.quiesce_token or str(uuid.uuid4())
             mounts = [f.mount_point for f in r.frozen] or list(request.mount_points)
-            blockingCallFromThread(self.reactor, self._remember, request.vm_id, token, r.quiesce_token, mounts, seconds)
+            blockingCallFromThread(
+                self.reactor, self._remember, request.vm_id, token, r.quiesce_token, mounts, seconds
+            )
             out.quiesce_token = token
         return out
 
@@ -219,7 +235,8 @@ class AgentRpcs:
         if f is None or f.token != token:
             return None
         del self._freezes[vm_id]
-        self.log.warn("auto-thawing filesystems of {vm}: no ThawFilesystems within the quiesce timeout", vm=vm_id)
+        msg = "auto-thawing filesystems of {vm}: no ThawFilesystems within the quiesce timeout"
+        self.log.warn(msg, vm=vm_id)  # noqa: G010 (twisted's Logger has no .warning)
         req = agent_pb2.ThawFilesystemsRequest(quiesce_token=f.agent_token, mount_points=f.mounts)
         d = self.agents.request(vm_id, req, DEFAULT_TIMEOUT)
         d.addErrback(lambda fail: self.log.failure("automatic thaw of {vm} failed", fail, vm=vm_id))
