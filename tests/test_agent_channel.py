@@ -183,6 +183,15 @@ class ChannelTests(unittest.TestCase):
         yield ready
 
     @defer.inlineCallbacks
+    def test_explicit_socket_path_from_domain_xml(self):
+        self.f.manager.socket_dir = "/nonexistent"
+        ready = self.f.events.next(AGENT_CONNECTED)
+        self.f.manager.vm_started(self.f.vm, socket_path=self.f.path)
+        self.f.manager.vm_started(self.f.vm, socket_path="/ignored")  # idempotent
+        yield ready
+        self.assertEqual(self.f.manager.socket_path(self.f.vm), self.f.path)
+
+    @defer.inlineCallbacks
     def test_garbage_from_peer_then_good_frame_is_served(self):
         yield self.f.start()
         noise = (

@@ -213,3 +213,7 @@ class _TrackedProtocol(AgentProtocol):
     def connectionLost(self, reason: object = None) -> None:
         super().connectionLost(reason)
         self.manager._lost(self.vm_id, self)
+
+    def _dispatch(self, msg: agent_pb2.AgentMessage) -> None:
+        self.manager.guests.seen(self.vm_id)  # any frame proves the agent is alive
+        super()._dispatch(msg)

@@ -8,6 +8,7 @@ request field is passed on to the agent. No channel: ``Unavailable``; no answer 
 
 from __future__ import annotations
 
+import itertools
 import time
 import uuid
 from typing import Any
@@ -57,7 +58,7 @@ class AgentRpcs:
         self.clock = clock or node.reactor
         self.wallclock = wallclock
         self._freezes: dict[str, _Freeze] = {}  # vm_id -> active freeze (reactor thread only)
-        self._ping_seq = 0
+        self._ping_seq = itertools.count(1)  # next() is atomic under the GIL
 
     def _call(self, vm_id: str, payload: Message, timeout: float) -> Any:
         if not vm_id:
@@ -66,9 +67,9 @@ class AgentRpcs:
 
     @rpc("PingAgent")
     def ping_agent(self, request: node_pb2.VMIdRequest, context: Any) -> node_pb2.AgentPingResponse:
-        self._ping_seq += 1
+        seq = next(self._ping_seq)
         started = time.monotonic()
-        pong = self._call(request.vm_id, agent_pb2.PingRequest(sequence=self._ping_seq), DEFAULT_TIMEOUT)
+        pong = self._call(request.vm_id, agent_pb2.PingRequest(sequence=seq), DEFAULT_TIMEOUT)
         rtt_ms = (time.monotonic() - started) * 1000
         # The response message has no round-trip field; report it as trailing metadata.
         if context is not None:
