@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
@@ -75,7 +75,12 @@ class GuestInfoTests(unittest.TestCase):
         self.clock.advance(1700000000.25)
         self.cache.agent_ready("vm", default_ready())
         t = default_telemetry("renamed")
-        t.interfaces.add(name="eth1", ipv6_addresses=["fe80::1/64"], state=agent_pb2.INTERFACE_STATE_DOWN)
+        t.interfaces.add(
+            name="eth1",
+            ipv4_addresses=["127.0.0.1/8", "bogus"],
+            ipv6_addresses=["fe80::1/64", "2001:db8::5/64"],
+            state=agent_pb2.INTERFACE_STATE_DOWN,
+        )
         self.cache.telemetry("vm", t)
         p = to_proto(self.cache.get("vm"))
         self.assertTrue(p.connected)
@@ -84,7 +89,7 @@ class GuestInfoTests(unittest.TestCase):
             ("0.1.27-peer", "Ubuntu", "24.04", "6.8.0"),
         )
         self.assertEqual(p.hostname, "renamed")
-        self.assertEqual(list(p.ip_addresses), ["10.0.0.5", "fe80::1"])
+        self.assertEqual(list(p.ip_addresses), ["10.0.0.5", "2001:db8::5"])
         self.assertEqual(list(p.capabilities), list(default_ready().capabilities))
         self.assertEqual([(i.name, i.is_up) for i in p.interfaces], [("eth0", True), ("eth1", False)])
         self.assertEqual(p.resource_usage.memory_available_bytes, (1 << 30) - (1 << 28))
@@ -206,6 +211,32 @@ class ChannelTests(unittest.TestCase):
             self.assertEqual(pong.sequence, seq)
 
     @defer.inlineCallbacks
+    def test_replies_out_of_order(self):
+        yield self.f.start()
+        self.f.peer.silent = True
+        second = self.f.peer.wait_for("execute")
+        d1 = self.f.manager.request(self.f.vm, agent_pb2.PingRequest(sequence=1), 10)
+        d2 = self.f.manager.request(self.f.vm, agent_pb2.ExecuteRequest(command="x"), 10)
+        yield second
+        ping_req, exec_req = self.f.peer.requests
+        (conn,) = self.f.peer.connections
+        conn.send(exec_req.message_id, execute_response=agent_pb2.ExecuteResponse(stdout="second"))
+        conn.send(ping_req.message_id, pong=agent_pb2.PongResponse(sequence=1))
+        r2, r1 = yield defer.gatherResults([d2, d1])
+        self.assertEqual((r1.sequence, r2.stdout), (1, "second"))
+
+    @defer.inlineCallbacks
+    def test_mismatched_reply_kind_is_an_agent_error(self):
+        yield self.f.start()
+        self.f.peer.silent = True
+        arrived = self.f.peer.wait_for("ping")
+        d = self.f.manager.request(self.f.vm, agent_pb2.PingRequest(), 10)
+        msg = yield arrived
+        self.f.peer.connections[0].send(msg.message_id, thaw_response=agent_pb2.ThawFilesystemsResponse())
+        e = yield self.assertFailure(d, AgentError)
+        self.assertIn("thaw_response", str(e))
+
+    @defer.inlineCallbacks
     def test_error_event_reply_is_an_agent_error(self):
         yield self.f.start()
         d = self.f.manager.request(self.f.vm, agent_pb2.ResetPasswordRequest(username="root"), 10)
@@ -262,6 +293,23 @@ class ClockedChannelTests(unittest.TestCase):
         self.f.peer.silent = False
         pong = yield self.f.manager.request(self.f.vm, agent_pb2.PingRequest(sequence=9), 30)
         self.assertEqual(pong.sequence, 9)
+
+    @defer.inlineCallbacks
+    def test_false_header_swallowing_a_reply_is_dropped_after_a_timeout(self):
+        yield self.f.start()
+        proto = yield self.f.manager.when_connected(self.f.vm)
+        stale = codec.MAGIC + (5000).to_bytes(4, "big") + b"stale"
+        self.f.peer.inject(stale)
+        d = self.f.manager.request(self.f.vm, agent_pb2.PingRequest(sequence=1), 30)
+        yield self.f.peer.wait_for("ping")
+        # The pong went out but lands inside the false frame's claimed payload.
+        while proto.decoder.buffered <= len(stale):
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        self.clock.advance(30)
+        yield self.assertFailure(d, Timeout)
+        self.assertEqual(proto.decoder.buffered, 0)
+        pong = yield self.f.manager.request(self.f.vm, agent_pb2.PingRequest(sequence=3), 30)
+        self.assertEqual(pong.sequence, 3)
 
     @defer.inlineCallbacks
     def test_three_missed_telemetry_intervals_mark_disconnected(self):

@@ -165,6 +165,16 @@ class AgentRpcTests(unittest.TestCase):
         self.assertEqual((r.data, r.eof), (blob[-10:], True))
 
     @defer.inlineCallbacks
+    def test_read_stops_at_the_response_cap(self):
+        self.patch(agent_rpcs, "MAX_READ", 100_000)
+        self.guest.files["/var/log/big"] = b"z" * 150_000
+        r = yield self.call(
+            self.rpcs.read_guest_file,
+            node_pb2.ReadGuestFileRequest(vm_id=self.f.vm, path="/var/log/big", max_size=10**9),
+        )
+        self.assertEqual((len(r.data), r.total_size, r.eof), (100_000, 150_000, False))
+
+    @defer.inlineCallbacks
     def test_write_empty_and_without_parents(self):
         w = yield self.call(
             self.rpcs.write_guest_file, node_pb2.WriteGuestFileRequest(vm_id=self.f.vm, path="/tmp/empty")

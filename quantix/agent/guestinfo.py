@@ -7,7 +7,8 @@ false when the channel drops or after ``missed_intervals`` telemetry intervals o
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import ipaddress
+from collections.abc import Callable, Iterable
 
 import attrs
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -86,7 +87,7 @@ class GuestInfoCache:
         info.telemetry = report
         if report.hostname:
             info.hostname = report.hostname
-        ips = [a.split("/", 1)[0] for i in report.interfaces for a in (*i.ipv4_addresses, *i.ipv6_addresses)]
+        ips = reachable_ips(a for i in report.interfaces for a in (*i.ipv4_addresses, *i.ipv6_addresses))
         if ips:
             info.ip_addresses = ips
         self._alive(vm_id, info, "agent telemetry resumed")
@@ -143,6 +144,19 @@ class GuestInfoCache:
             self.on_event(vm_id, kind, message)
         except Exception:  # noqa: BLE001 (a subscriber must not break the channel)
             self.log.failure("agent event subscriber failed")
+
+
+def reachable_ips(addresses: Iterable[str]) -> list[str]:
+    """Addresses worth showing: no loopback or link-local, no CIDR suffix, no unparsable text."""
+    out = []
+    for text in addresses:
+        try:
+            ip = ipaddress.ip_interface(text.strip()).ip
+        except ValueError:
+            continue
+        if not (ip.is_loopback or ip.is_link_local or ip.is_unspecified):
+            out.append(str(ip))
+    return out
 
 
 def to_proto(info: GuestInfo) -> node_pb2.GuestAgentInfo:

@@ -70,6 +70,8 @@ class AgentProtocol(Protocol):
     """Host side of one channel connection."""
 
     log = Logger()
+    #: seconds without input after which a half-received frame is suspect (see _timed_out)
+    stall = 1.0
 
     def __init__(
         self,
@@ -83,6 +85,7 @@ class AgentProtocol(Protocol):
         self.connected = False
         self._pending: dict[str, _Pending] = {}
         self._overruns = 0
+        self._last_rx = clock.seconds()
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -122,10 +125,12 @@ class AgentProtocol(Protocol):
         p = self._pending.pop(mid, None)
         if p is None:
             return
-        # A silent guest may be because our framing is off (a false header swallowing bytes):
-        # hunt for the magic again, as qga clients re-sync after every timeout.
-        for msg in self.decoder.resync():
-            self._dispatch(msg)
+        if self.decoder.buffered and self.clock.seconds() - self._last_rx >= self.stall:
+            # The stream is idle with a frame half received: its header was probably false and
+            # swallowed the replies. Hunt for the magic again (qga clients re-sync after every
+            # timeout). A frame still streaming in is left alone.
+            for msg in self.decoder.resync():
+                self._dispatch(msg)
         p.deferred.errback(Timeout(f"guest agent did not answer {p.op} in time"))
 
     @property
@@ -139,6 +144,7 @@ class AgentProtocol(Protocol):
         self.connected = True
 
     def dataReceived(self, data: bytes) -> None:
+        self._last_rx = self.clock.seconds()
         for msg in self.decoder.feed(data):
             self._dispatch(msg)
         if self.decoder.overruns != self._overruns:

@@ -30,7 +30,9 @@ EXEC_GRACE = 5.0  # reply wait beyond the command's own timeout
 QUIESCE_DEFAULT_SECONDS = 60  # freeze lifetime when QuiesceFilesystems.timeout_seconds is 0
 QUIESCE_GRACE = 10.0
 CHUNK = 64 * 1024
-MAX_READ = 32 * 1024 * 1024  # whole-file reads stop here (eof=false); the client continues at offset
+# A read answer stops here (eof=false; the caller continues at offset): it must fit the 4 MiB a
+# default gRPC client accepts.
+MAX_READ = 4 * 1024 * 1024 - 64 * 1024
 
 
 class _Freeze:
@@ -112,7 +114,7 @@ class AgentRpcs:
     def read_guest_file(
         self, request: node_pb2.ReadGuestFileRequest, context: Any
     ) -> node_pb2.ReadGuestFileResponse:
-        """Read ``max_size`` bytes (0: to the end, up to ``MAX_READ``) from ``offset`` in chunks."""
+        """Read ``max_size`` bytes (0: to the end) from ``offset`` in chunks, at most ``MAX_READ``."""
         if not request.path:
             raise Invalid("path is required")
         limit = min(request.max_size or MAX_READ, MAX_READ)
