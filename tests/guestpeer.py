@@ -217,6 +217,11 @@ class Guest:
             frozen_duration_ms=int((self.clock.seconds() - since) * 1000),
         )
 
+    def on_get_capabilities(self, req: agent_pb2.GetCapabilitiesRequest) -> tuple[str, object]:
+        return "get_capabilities_response", agent_pb2.GetCapabilitiesResponse(
+            version=VERSION, os="linux", architecture="x86_64", capabilities=CAPABILITIES
+        )
+
     def on_sync_time(self, req: agent_pb2.SyncTimeRequest) -> tuple[str, object]:
         resp = agent_pb2.SyncTimeResponse(
             success=True, time_source="host" if req.HasField("set_time") else "ntp"
@@ -239,7 +244,7 @@ class GuestPeer(Factory):
         telemetry_interval: float | None = None,
     ) -> None:
         self.clock = clock
-        self.ready = ready if ready is not None else default_ready()
+        self.ready: agent_pb2.AgentReadyEvent | None = ready if ready is not None else default_ready()
         self.telemetry_interval = telemetry_interval
         self.telemetry: Callable[[], agent_pb2.TelemetryReport] = default_telemetry
         self.guest = Guest(clock)

@@ -197,6 +197,24 @@ class ChannelTests(unittest.TestCase):
         self.assertEqual(self.f.manager.socket_path(self.f.vm), self.f.path)
 
     @defer.inlineCallbacks
+    def test_agent_without_ready_is_asked_for_capabilities(self):
+        """After a daemon restart the agent's port stays open: no agent_ready, only telemetry."""
+        self.f.peer.ready = None
+        connected = self.f.events.next(AGENT_CONNECTED)
+        accepted = self.f.peer.wait_for("connected")
+        self.f.manager.vm_started(self.f.vm)
+        yield accepted
+        asked = self.f.peer.wait_for("get_capabilities")
+        self.f.peer.broadcast_telemetry()
+        yield connected
+        yield asked
+        yield self.f.manager.request(self.f.vm, agent_pb2.PingRequest(), 10)  # the answer is in
+        info = self.f.manager.info(self.f.vm)
+        self.assertEqual((info.version, info.architecture, info.os_name), ("0.1.27-peer", "x86_64", "linux"))
+        self.assertIn("quiesce", info.capabilities)
+        self.assertEqual(len(self.f.peer.requests_of("get_capabilities")), 1)
+
+    @defer.inlineCallbacks
     def test_garbage_from_peer_then_good_frame_is_served(self):
         yield self.f.start()
         noise = (

@@ -92,6 +92,16 @@ class GuestInfoCache:
             info.ip_addresses = ips
         self._alive(vm_id, info, "agent telemetry resumed")
 
+    def capabilities(self, vm_id: str, caps: agent_pb2.GetCapabilitiesResponse) -> None:
+        """What the agent says of itself when asked (it sent no ``agent_ready`` to us)."""
+        info = self._info.get(vm_id)
+        if info is None:
+            return
+        info.version = caps.version or info.version
+        info.architecture = caps.architecture or info.architecture
+        info.os_name = info.os_name or caps.os
+        info.capabilities = list(caps.capabilities)
+
     def seen(self, vm_id: str) -> None:
         """Any other frame from the agent (a reply) also proves it is alive."""
         info = self._info.get(vm_id)

@@ -30,6 +30,7 @@ CHANNEL_NAMES = ("org.quantix.agent.0", "org.limiquantix.agent.0")
 CHANNEL_ROOTS = ("/run/libvirt/qemu/channel", "/var/lib/libvirt/qemu/channel/target")
 DEFAULT_SOCKET_DIR = "/var/run/quantix-kvm/vms"
 _DOMAIN_DIR = re.compile(r"^domain-\d+-(?P<name>.+)$")
+IDENTIFY_TIMEOUT = 10.0
 _SHORT_NAME = 20  # libvirt truncates the domain name in per-domain directory names
 
 
@@ -174,8 +175,9 @@ class AgentManager:
     # -- per-connection callbacks -------------------------------------------------------------
 
     def _build(self, vm_id: str) -> AgentProtocol:
-        proto = _TrackedProtocol(self.clock, lambda msg: self._unsolicited(vm_id, msg))
+        proto = _TrackedProtocol(self.clock)
         proto.manager, proto.vm_id = self, vm_id
+        proto.on_unsolicited = lambda msg: self._unsolicited(vm_id, proto, msg)
         return proto
 
     def _made(self, vm_id: str, proto: AgentProtocol) -> None:
@@ -190,12 +192,22 @@ class AgentManager:
             vm.proto = None
             self.guests.channel_down(vm_id)
 
-    def _unsolicited(self, vm_id: str, msg: agent_pb2.AgentMessage) -> None:
+    def _unsolicited(self, vm_id: str, proto: _TrackedProtocol, msg: agent_pb2.AgentMessage) -> None:
         kind = msg.WhichOneof("payload")
         if kind == "agent_ready":
+            proto.identified = True
             self.guests.agent_ready(vm_id, msg.agent_ready)
         elif kind == "telemetry":
             self.guests.telemetry(vm_id, msg.telemetry)
+            if not proto.identified:
+                # The agent sends agent_ready once per open of its port, so after our own
+                # reconnect (daemon restart) only telemetry comes: ask who it is instead.
+                proto.identified = True
+                d = proto.request(agent_pb2.GetCapabilitiesRequest(), IDENTIFY_TIMEOUT)
+                d.addCallbacks(
+                    lambda caps: self.guests.capabilities(vm_id, caps),
+                    lambda f: self.log.info("agent {vm} did not describe itself: {e}", vm=vm_id, e=f.value),
+                )
         elif kind == "error":
             e = msg.error
             fmt = "guest agent {vm} reports {code}: {msg}"
@@ -205,6 +217,7 @@ class AgentManager:
 class _TrackedProtocol(AgentProtocol):
     manager: AgentManager
     vm_id: str
+    identified = False  # agent_ready seen, or capabilities asked for, on this connection
 
     def connectionMade(self) -> None:
         super().connectionMade()
