@@ -116,12 +116,12 @@ class AgentProtocol(Protocol):
                 p.timer.cancel()
 
         d: defer.Deferred = defer.Deferred(cancel)
-        timer = self.clock.callLater(timeout, self._timed_out, mid)
+        timer = self.clock.callLater(timeout, self._timed_out, mid, timeout)
         self._pending[mid] = _Pending(d, timer, _REPLY_FIELD.get(field, ""), field)
         self.transport.write(frame)  # buffered by the transport, never blocks
         return d
 
-    def _timed_out(self, mid: str) -> None:
+    def _timed_out(self, mid: str, timeout: float) -> None:
         p = self._pending.pop(mid, None)
         if p is None:
             return
@@ -131,7 +131,7 @@ class AgentProtocol(Protocol):
             # timeout). A frame still streaming in is left alone.
             for msg in self.decoder.resync():
                 self._dispatch(msg)
-        p.deferred.errback(Timeout(f"guest agent did not answer {p.op} in time"))
+        p.deferred.errback(Timeout(f"guest agent did not answer {p.op} within {timeout:g}s"))
 
     @property
     def pending(self) -> int:
