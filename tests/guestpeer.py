@@ -27,7 +27,7 @@ from twisted.internet.task import Clock
 from quantix.agent import codec
 from quantix.agent.guestinfo import AGENT_CONNECTED
 from quantix.agent.manager import AgentManager
-from quantix.agent.protocol import stamp
+from quantix.agent.protocol import set_timestamp
 from quantix.proto import agent_pb2
 
 VERSION = "0.1.27-peer"
@@ -102,7 +102,7 @@ class GuestPeerProtocol(Protocol):
 
     def send(self, message_id: str = "", **payload: object) -> None:
         msg = agent_pb2.AgentMessage(message_id=message_id or str(uuid.uuid4()))
-        stamp(msg, self.factory.clock.seconds())
+        set_timestamp(msg.timestamp, self.factory.clock.seconds())
         ((field, value),) = payload.items()
         getattr(msg, field).CopyFrom(value)
         self.transport.write(codec.encode(msg))

@@ -14,6 +14,7 @@ import attrs
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+from quantix.agent.protocol import set_timestamp
 from quantix.proto import agent_pb2, node_pb2
 
 AGENT_CONNECTED: int = node_pb2.EVENT_TYPE_AGENT_CONNECTED
@@ -182,8 +183,7 @@ def to_proto(info: GuestInfo) -> node_pb2.GuestAgentInfo:
         capabilities=info.capabilities,
     )
     if info.last_seen is not None:
-        out.last_seen.seconds = int(info.last_seen)
-        out.last_seen.nanos = int((info.last_seen - int(info.last_seen)) * 1e9)
+        set_timestamp(out.last_seen, info.last_seen)
     t = info.telemetry
     if t is None:
         return out

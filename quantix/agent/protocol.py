@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
@@ -50,10 +51,11 @@ def request_field(payload: Message) -> str:
         raise Invalid(f"{payload.DESCRIPTOR.full_name} is not an agent request") from None
 
 
-def stamp(msg: agent_pb2.AgentMessage, seconds: float) -> None:
-    """Set the envelope timestamp from a clock reading."""
-    msg.timestamp.seconds = int(seconds)
-    msg.timestamp.nanos = int((seconds - int(seconds)) * 1e9)
+def set_timestamp(ts: Timestamp, seconds: float) -> None:
+    """Set a protobuf Timestamp from a clock reading (float seconds)."""
+    whole = int(seconds)
+    ts.seconds = whole
+    ts.nanos = int((seconds - whole) * 1e9)
 
 
 class _Pending:
@@ -102,7 +104,7 @@ class AgentProtocol(Protocol):
         if not self.connected:
             return defer.fail(Unavailable("agent channel is not connected"))
         msg = agent_pb2.AgentMessage(message_id=str(uuid.uuid4()))
-        stamp(msg, self.clock.seconds())
+        set_timestamp(msg.timestamp, self.clock.seconds())
         getattr(msg, field).CopyFrom(payload)
         try:
             frame = codec.encode(msg, self.decoder.max_frame)

@@ -19,7 +19,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.threads import blockingCallFromThread
 from twisted.logger import Logger
 
-from quantix.agent.protocol import AgentError, ConnectionLost
+from quantix.agent.protocol import AgentError, ConnectionLost, set_timestamp
 from quantix.errors import Invalid
 from quantix.proto import agent_pb2, node_pb2
 from quantix.rpc.registry import rpc
@@ -286,9 +286,7 @@ class AgentRpcs:
     def sync_time(self, request: node_pb2.SyncTimeRequest, context: Any) -> node_pb2.SyncTimeResponse:
         """Ask the agent to set its clock to the host's (``force`` steps instead of slewing)."""
         req = agent_pb2.SyncTimeRequest(force=request.force)
-        now = self.wallclock()
-        req.set_time.seconds = int(now)
-        req.set_time.nanos = int((now - int(now)) * 1e9)
+        set_timestamp(req.set_time, self.wallclock())
         try:
             r = self._call(request.vm_id, req, DEFAULT_TIMEOUT)
         except AgentError as e:
