@@ -25,7 +25,7 @@ def feed_chunks(dec: FrameDecoder, data: bytes, cuts: list[int]) -> list[agent_p
     """Feed ``data`` split at ``cuts``, checking the memory bound after every call."""
     out = []
     last = 0
-    for cut in sorted({c % (len(data) + 1) for c in cuts}) + [len(data)]:
+    for cut in [*sorted({c % (len(data) + 1) for c in cuts}), len(data)]:
         out += dec.feed(data[last:cut])
         assert dec.buffered <= dec.max_frame + HEADER_SIZE, dec.buffered
         last = cut

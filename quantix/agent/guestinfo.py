@@ -153,7 +153,7 @@ class GuestInfoCache:
             return
         try:
             self.on_event(vm_id, kind, message)
-        except Exception:  # noqa: BLE001 (a subscriber must not break the channel)
+        except Exception:
             self.log.failure("agent event subscriber failed")
 
 

@@ -123,9 +123,14 @@ class AgentManager:
         if vm_id in self._vms:
             return
         if socket_path:
-            candidates = lambda: [socket_path]
+
+            def candidates():
+                return [socket_path]
         else:
-            candidates = lambda: socket_candidates(vm_id, self.socket_dir, self.channel_roots, domain_name)
+
+            def candidates():
+                return socket_candidates(vm_id, self.socket_dir, self.channel_roots, domain_name)
+
         endpoint = _FirstSocketEndpoint(self.reactor, candidates, self._connect_timeout)
         factory = Factory.forProtocol(lambda: self._build(vm_id))
         service = ClientService(endpoint, factory, retryPolicy=self._retry, clock=self.reactor)
@@ -211,7 +216,7 @@ class AgentManager:
         elif kind == "error":
             e = msg.error
             fmt = "guest agent {vm} reports {code}: {msg}"
-            self.log.warn(fmt, vm=vm_id, code=e.code, msg=e.message)  # noqa: G010
+            self.log.warn(fmt, vm=vm_id, code=e.code, msg=e.message)
 
 
 class _TrackedProtocol(AgentProtocol):

@@ -151,9 +151,7 @@ class AgentProtocol(Protocol):
             self._dispatch(msg)
         if self.decoder.overruns != self._overruns:
             self._overruns = self.decoder.overruns
-            self.log.warn(  # noqa: G010 (twisted's Logger has no .warning)
-                "agent channel: {n} bytes of noise discarded so far", n=self.decoder.discarded
-            )
+            self.log.warn("agent channel: {n} bytes of noise discarded so far", n=self.decoder.discarded)
 
     def _dispatch(self, msg: agent_pb2.AgentMessage) -> None:
         kind = msg.WhichOneof("payload")
@@ -167,7 +165,7 @@ class AgentProtocol(Protocol):
             elif self.on_unsolicited is not None:
                 try:
                     self.on_unsolicited(msg)
-                except Exception:  # noqa: BLE001 (a subscriber must not break the channel)
+                except Exception:
                     self.log.failure("agent unsolicited-message callback failed")
             return
         p = self._pending.pop(msg.message_id, None)

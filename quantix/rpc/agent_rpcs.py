@@ -239,7 +239,7 @@ class AgentRpcs:
             return None
         del self._freezes[vm_id]
         msg = "auto-thawing filesystems of {vm}: no ThawFilesystems within the quiesce timeout"
-        self.log.warn(msg, vm=vm_id)  # noqa: G010 (twisted's Logger has no .warning)
+        self.log.warn(msg, vm=vm_id)
         req = agent_pb2.ThawFilesystemsRequest(quiesce_token=f.agent_token, mount_points=f.mounts)
         d = self.agents.request(vm_id, req, DEFAULT_TIMEOUT)
         d.addErrback(lambda fail: self.log.failure("automatic thaw of {vm} failed", fail, vm=vm_id))
