@@ -64,8 +64,12 @@ def make_service(options: Options):
         log.warn("{warning}", warning=warning)
     try:
         from quantix.node import NodeService
+        from quantix.rpc.tls import TLSConfigError
     except Exception as exc:  # a stale or missing generated module, most likely
         raise SystemExit(f"quantix-node: {exc}") from None
-    node = NodeService(config)
+    try:
+        node = NodeService(config)
+    except TLSConfigError as exc:
+        raise SystemExit(f"quantix-node: {exc}") from None
     node.ops.configure_twistd(getattr(options, "parent", None))
     return node

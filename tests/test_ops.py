@@ -329,6 +329,8 @@ class _Bus:
     """Stand-ins with the attribute names the collector reads, for boxes not wired in yet."""
 
     last_id = 41
+    published = 12
+    dropped_subscribers = 1
 
     def subscriber_count(self):
         return 2
@@ -395,6 +397,8 @@ class MetricsTests(unittest.TestCase):
             self.assertEqual(samples[("quantix_events_queue_depth_max", ())], 7)
             self.assertEqual(samples[("quantix_events_lag_seconds", ())], 0.25)
             self.assertEqual(samples[("quantix_events_last_id", ())], 41)
+            self.assertEqual(samples[("quantix_events_published_total", ())], 12)
+            self.assertEqual(samples[("quantix_events_dropped_subscribers_total", ())], 1)
         if isinstance(node.agents, _Agents):
             self.assertEqual(samples[("quantix_agent_connections", ())], 5)
         if isinstance(node.cplink, _ControlPlane):

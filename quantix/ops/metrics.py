@@ -4,16 +4,14 @@ RPC counts and latency come from the RPC observer hook. Everything else is read 
 node at scrape time by :class:`NodeCollector`, through ``getattr``, so the endpoint works
 whichever boxes a build has; a box that is absent simply has no series. The attributes read:
 
-==========================================  ================================================
-``node.hypervisor.connected`` / ``.reconnects``  libvirt connection state, reconnect count
-``node.bus.subscriber_count()``                  StreamEvents subscribers
-``node.bus.queue_depths()``                      events queued per subscriber (ints, or a
-                                                  mapping of subscriber → int)
-``node.bus.lag_seconds()``                       age of the oldest event not yet delivered
-``node.bus.last_id``                             id of the last published event (numeric)
-``node.agents.connected_count()``                guest agents connected
-``node.cplink.registered``                       registered with the control plane
-==========================================  ================================================
+- ``node.hypervisor.connected``, ``.reconnects``: libvirt connection state and reconnect count
+- ``node.bus.subscriber_count``: StreamEvents subscribers
+- ``node.bus.queue_depths``: events queued per subscriber (ints, or a mapping subscriber → int)
+- ``node.bus.lag_seconds``: age of the oldest event not yet delivered
+- ``node.bus.last_id``, ``.published``, ``.dropped_subscribers``: last event id, events
+  published, subscribers cut off as too slow
+- ``node.agents.connected_count``: open guest-agent channels
+- ``node.cplink.registered``: registered with the control plane
 
 Each may be a plain attribute or a no-argument method. The page is rendered on the reactor
 thread (not in a WSGI thread pool) because the boxes' state belongs to the reactor.
@@ -162,6 +160,13 @@ class NodeCollector:
             yield GaugeMetricFamily(
                 "quantix_events_lag_seconds", "Age of the oldest event not yet delivered", value=lag
             )
+        for attr, name, doc in (
+            ("published", "quantix_events_published", "Events published on the bus"),
+            ("dropped_subscribers", "quantix_events_dropped_subscribers", "Subscribers cut off as too slow"),
+        ):
+            value = _number(read(bus, attr))
+            if value is not None:
+                yield CounterMetricFamily(name, doc, value=value)
         last_id = _number(read(bus, "last_id"))
         if last_id is not None:
             yield GaugeMetricFamily("quantix_events_last_id", "Id of the last published event", value=last_id)

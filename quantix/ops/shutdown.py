@@ -10,6 +10,7 @@ stay up until the last in-flight call has finished.
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.application.service import MultiService, Service
@@ -21,15 +22,19 @@ log = Logger(namespace="quantix.ops.shutdown")
 
 
 @defer.inlineCallbacks
-def stop_in_order(parent: MultiService):
-    """Stop ``parent``'s children sequentially, last added first; a failing child is logged and
-    the rest still stop."""
+def stop_in_order(parent: MultiService, then: Mapping[Any, Callable[[], Any]] | None = None):
+    """Stop ``parent``'s children sequentially, last added first; ``then[child]`` runs right
+    after ``child`` has stopped (for parts that are not services). A failing step is logged
+    and the rest still stop."""
     Service.stopService(parent)
+    then = then or {}
     for child in reversed(list(parent)):
-        try:
-            yield defer.maybeDeferred(child.stopService)
-        except Exception:
-            log.failure("stopping {service} failed", service=type(child).__name__)
+        steps = [child.stopService] + ([then[child]] if child in then else [])
+        for step in steps:
+            try:
+                yield defer.maybeDeferred(step)
+            except Exception:
+                log.failure("stopping {service} failed", service=type(child).__name__)
 
 
 def exit_zero_on_sigterm(reactor: Any) -> None:

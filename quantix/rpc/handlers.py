@@ -9,9 +9,11 @@ from quantix.rpc.registry import collect
 
 
 def handler_classes() -> list[type]:
+    from quantix.rpc.agent_rpcs import AgentRpcs
     from quantix.rpc.node_rpcs import NodeRpcs
+    from quantix.rpc.storage_rpcs import StorageRpcs
 
-    return [NodeRpcs]
+    return [NodeRpcs, AgentRpcs, StorageRpcs]
 
 
 def build(node: Any) -> dict[str, Callable[..., Any]]:
