@@ -67,7 +67,7 @@ def in_foreign_thread(func: Callable[[], Any]) -> Any:
     def run() -> None:
         try:
             box["result"] = func()
-        except BaseException as e:  # re-raised on the reactor thread
+        except BaseException as e:  # noqa: BLE001 - re-raised on the reactor thread
             box["error"] = e
 
     t = threading.Thread(target=run)
@@ -463,7 +463,7 @@ class ReactorEventLoopTests(unittest.TestCase):
     def test_reused_fd_number_within_libvirt_gets_a_fresh_descriptor(self) -> None:
         """Remove, close, reopen under the same number and watch again, all from one thread
         before the reactor runs: only the new watch hears the new file."""
-        r1, w1 = self.pipe()
+        r1, _w1 = self.pipe()
         old = self.loop._add_handle(r1, READABLE, self.rec.cb, None)
         yield turns(1)
         r2, w2 = self.pipe()

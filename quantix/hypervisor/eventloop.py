@@ -88,7 +88,7 @@ class EventLoop:
             if threadable.isInIOThread():
                 try:
                     func(*args, **kwargs)
-                except Exception:
+                except Exception:  # noqa: BLE001 - libvirt/reactor callers must never see it
                     log.failure("libvirt callback {func!r} failed", func=func)
             else:
                 self.reactor.callFromThread(func, *args, **kwargs)
@@ -145,7 +145,7 @@ class ThreadEventLoop(EventLoop):
         libvirt.virEventAddTimeout(0, _remove_own_timeout, None)  # wakes the poll
         thread.join(timeout)
         if thread.is_alive():
-            log.warn("libvirt event thread did not stop within {timeout}s", timeout=timeout)
+            log.warning("libvirt event thread did not stop within {timeout}s", timeout=timeout)
 
 
 def _remove_own_timeout(timer: int, opaque: object) -> None:
@@ -155,7 +155,7 @@ def _remove_own_timeout(timer: int, opaque: object) -> None:
 class _Watch:
     """One libvirt handle watch; ``desc`` is the descriptor generation it belongs to."""
 
-    __slots__ = ("watch", "fd", "events", "cb", "opaque", "desc")
+    __slots__ = ("cb", "desc", "events", "fd", "opaque", "watch")
 
     def __init__(self, watch: int, fd: int, events: int, cb: Callable, opaque: object, desc: _Descriptor):
         self.watch, self.fd, self.events = watch, fd, events
@@ -214,7 +214,7 @@ class _Descriptor:
 class _Timer:
     """One libvirt timeout. ``interval``/``removed``/``dirty`` are guarded by the loop lock."""
 
-    __slots__ = ("timer", "interval", "cb", "opaque", "removed", "dirty", "sync_pending", "call", "spin")
+    __slots__ = ("call", "cb", "dirty", "interval", "opaque", "removed", "spin", "sync_pending", "timer")
 
     def __init__(self, timer: int, interval: int, cb: Callable, opaque: object) -> None:
         self.timer, self.interval, self.cb, self.opaque = timer, interval, cb, opaque
@@ -313,7 +313,7 @@ class ReactorEventLoop(EventLoop):
     def _run_free(self, opaque: object) -> None:
         try:
             self._free(opaque)
-        except Exception:
+        except Exception:  # noqa: BLE001 - libvirt/reactor callers must never see it
             log.failure("libvirt free callback failed")
         with self._lock:
             self._pending_frees -= 1
@@ -406,7 +406,7 @@ class ReactorEventLoop(EventLoop):
             if bool(wanted & WRITABLE) != desc.writing:
                 desc.writing = not desc.writing
                 (reactor.addWriter if desc.writing else reactor.removeWriter)(desc)
-        except Exception:
+        except Exception:  # noqa: BLE001 - libvirt/reactor callers must never see it
             log.failure("cannot update reactor registration of {desc!r}", desc=desc)
         if retired and not desc.reading and not desc.writing:
             desc.close()
@@ -432,7 +432,7 @@ class ReactorEventLoop(EventLoop):
                 continue
             try:
                 w.cb(w.watch, w.fd, mask, w.opaque)
-            except Exception:
+            except Exception:  # noqa: BLE001 - libvirt/reactor callers must never see it
                 log.failure("libvirt handle callback failed (fd {fd})", fd=w.fd)
 
     # -- timers ---------------------------------------------------------------------------------
@@ -498,7 +498,7 @@ class ReactorEventLoop(EventLoop):
             self._note_spin(t)
         try:
             t.cb(t.timer, t.opaque)
-        except Exception:
+        except Exception:  # noqa: BLE001 - libvirt/reactor callers must never see it
             log.failure("libvirt timer callback failed")
         # Periodic: re-arm unless the callback (or a sync) already changed or removed it.
         if t.call is None and not t.removed and t.interval >= 0:
@@ -510,7 +510,9 @@ class ReactorEventLoop(EventLoop):
             t.spin[0], t.spin[1] = now, 0
         t.spin[1] += 1
         if t.spin[1] == _SPIN_WARN_PER_SECOND:
-            log.warn("libvirt 0 ms timer {timer} fired {n} times within a second", timer=t.timer, n=t.spin[1])
+            log.warning(
+                "libvirt 0 ms timer {timer} fired {n} times within a second", timer=t.timer, n=t.spin[1]
+            )
 
 
 def _file_ident(fd: int) -> tuple[int, int]:
