@@ -44,7 +44,7 @@ def child(kind: str, name: str, pairs: int, nthreads: int) -> None:
             events["off_reactor"] += 1
         if event in (libvirt.VIR_DOMAIN_EVENT_SUSPENDED, libvirt.VIR_DOMAIN_EVENT_RESUMED):
             events["n"] += 1
-            if events["n"] == 2 * TOGGLES and not done_events.called:
+            if events["n"] >= 2 * TOGGLES and not done_events.called:
                 done_events.callback(None)
 
     state: dict[str, Any] = {}
@@ -112,7 +112,7 @@ def parent(pairs: int, thread_counts: list[int], runs: int) -> None:
                         check=True,
                     ).stdout
                     line = json.loads(out.strip().splitlines()[-1])
-                    if line["events"] != 2 * TOGGLES or line["off_reactor"]:
+                    if line["events"] < 2 * TOGGLES or line["off_reactor"]:
                         raise SystemExit(f"{kind}: events wrong: {line}")
                     results.setdefault((kind, nthreads), []).append(line)
     finally:

@@ -39,12 +39,15 @@ from typing import Any
 
 import libvirt
 from twisted.internet import defer
-from twisted.internet.interfaces import IReactorCore, IReadDescriptor, IWriteDescriptor
+from twisted.internet.interfaces import IReadDescriptor, IWriteDescriptor
 from twisted.logger import Logger
 from twisted.python import threadable
 from zope.interface import implementer
 
 log = Logger()
+
+# The reactor as used here: IReactorCore + IReactorTime + IReactorThreads + IReactorFDSet.
+Reactor = Any
 
 READABLE = libvirt.VIR_EVENT_HANDLE_READABLE
 WRITABLE = libvirt.VIR_EVENT_HANDLE_WRITABLE
@@ -67,7 +70,7 @@ class EventLoop:
 
     kind = ""
 
-    def __init__(self, reactor: IReactorCore) -> None:
+    def __init__(self, reactor: Reactor) -> None:
         self.reactor = reactor
 
     def register(self) -> None:
@@ -106,7 +109,7 @@ class ThreadEventLoop(EventLoop):
 
     kind = "thread"
 
-    def __init__(self, reactor: IReactorCore) -> None:
+    def __init__(self, reactor: Reactor) -> None:
         super().__init__(reactor)
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -133,8 +136,10 @@ class ThreadEventLoop(EventLoop):
 
     def _run(self) -> None:
         while not self._stopping.is_set():
-            if libvirt.virEventRunDefaultImpl() < 0:
-                log.error("virEventRunDefaultImpl failed")
+            try:
+                libvirt.virEventRunDefaultImpl()
+            except libvirt.libvirtError as e:
+                log.error("libvirt event loop iteration failed: {e}", e=e)
                 self._stopping.wait(0.1)  # never spin on a persistent error
 
     def stop(self, timeout: float = 2.0) -> None:
@@ -203,7 +208,8 @@ class _Descriptor:
 
     def connectionLost(self, reason: object) -> None:
         # The reactor has already dropped us (hang-up or error without pending input). Tell
-        # libvirt; it re-arms the watch or removes it, either way through update/remove.
+        # libvirt, which normally removes the watch; the dead fd stays out of the reactor until
+        # libvirt changes the watch's events, so it cannot spin.
         self.reading = self.writing = False
         self._loop._dispatch_fd(self, HANGUP | ERROR)
 
@@ -235,7 +241,7 @@ class ReactorEventLoop(EventLoop):
     kind = "reactor"
 
     def __init__(
-        self, reactor: IReactorCore, free: Callable[[object], None] = libvirt.virEventInvokeFreeCallback
+        self, reactor: Reactor, free: Callable[[object], None] = libvirt.virEventInvokeFreeCallback
     ) -> None:
         super().__init__(reactor)
         self._free = free
@@ -293,13 +299,6 @@ class ReactorEventLoop(EventLoop):
         ident = self._next_id
         self._next_id += 1
         return ident
-
-    def _on_reactor(self, func: Callable[..., None], *args: Any) -> None:
-        """Run now when already on the reactor thread, else post it (FIFO keeps the order)."""
-        if threadable.isInIOThread():
-            func(*args)
-        else:
-            self.reactor.callFromThread(func, *args)
 
     def _free_later(self, opaque: object) -> None:
         """Run the free callback on a later turn: libvirt may hold the lock it needs right now."""
@@ -524,7 +523,7 @@ _install_lock = threading.Lock()
 _installed: EventLoop | None = None
 
 
-def install(kind: str, reactor: IReactorCore) -> EventLoop:
+def install(kind: str, reactor: Reactor) -> EventLoop:
     """Create and register the process's libvirt event loop of *kind* (``thread`` | ``reactor``).
 
     Must run before the first ``libvirt.open``. libvirt takes one implementation per process:
