@@ -80,7 +80,9 @@ def _our_delayed_calls(reactor: Any, loop: EventLoop) -> list[Any]:
 
 
 @defer.inlineCallbacks
-def _settle(reactor: Any, loop: EventLoop, cond: Callable[[], bool]) -> Any:
+def _settle(
+    reactor: Any, loop: EventLoop, cond: Callable[[], bool], why: Callable[[], str] = lambda: "did not settle"
+) -> Any:
     """Let the loop finish late removals and frees, then wait (bounded) for *cond*."""
     if isinstance(loop, ReactorEventLoop):
         yield loop.drain().addTimeout(TIMEOUT, reactor)
@@ -88,7 +90,7 @@ def _settle(reactor: Any, loop: EventLoop, cond: Callable[[], bool]) -> Any:
         if cond():
             return
         yield task.deferLater(reactor, 0.01, lambda: None)
-    check(cond(), "did not settle")
+    check(cond(), why())
 
 
 @defer.inlineCallbacks
@@ -154,15 +156,17 @@ def remote_cycles(reactor: Any, loop: EventLoop, uri: str | None, cycles: int = 
         [sem.run(threads.deferToThread, cycle) for _ in range(cycles)], consumeErrors=True
     )
 
-    def clean() -> bool:
-        return (
-            _fd_count() == fds
-            and set(reactor.getReaders()) == readers
-            and set(reactor.getWriters()) == writers
-            and not _our_delayed_calls(reactor, loop)
-        )
+    def leftovers() -> dict[str, Any]:
+        # "<=": something opened before the baseline may still be closing, never more.
+        left = {
+            "fds": _fd_count() - fds,
+            "readers": [repr(r) for r in set(reactor.getReaders()) - readers],
+            "writers": [repr(w) for w in set(reactor.getWriters()) - writers],
+            "timers": [repr(c) for c in _our_delayed_calls(reactor, loop)],
+        }
+        return {k: v for k, v in left.items() if v and not (k == "fds" and v <= 0)}
 
-    yield _settle(reactor, loop, clean)
+    yield _settle(reactor, loop, lambda: not leftovers(), lambda: f"leftovers after cycles: {leftovers()}")
     check(calls["n"] == cycles + 1, f"only {calls['n']} cycles ran")
     result = {"cycles": cycles, "fds": _fd_count()}
     if isinstance(loop, ReactorEventLoop):
