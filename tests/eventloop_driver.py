@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 import threading
 import traceback
@@ -207,6 +208,59 @@ def qemu_lifecycle(reactor: Any, loop: EventLoop, uri: str | None) -> Any:
     return {"events": events.seen}
 
 
+def _socket_fds() -> set[int]:
+    found = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                found.add(int(name))
+        except OSError:
+            pass
+    return found
+
+
+@defer.inlineCallbacks
+def remote_hangup(reactor: Any, loop: EventLoop, uri: str | None) -> Any:
+    """The daemon's socket is shut down under an open connection: the event loop notices and
+    libvirt's close callback runs on the reactor thread; nothing is left behind."""
+    assert uri
+
+    def open_conn() -> tuple[Any, set[int]]:
+        before = _socket_fds()
+        conn = libvirt.open(uri)
+        return conn, _socket_fds() - before
+
+    conn, sockets = yield threads.deferToThread(open_conn)
+    check(sockets, "no new socket for the connection")
+    closed: defer.Deferred[tuple[int, bool]] = defer.Deferred()
+    yield threads.deferToThread(
+        conn.registerCloseCallback,
+        loop.dispatch(
+            lambda c, reason, o: closed.called or closed.callback((reason, threadable.isInIOThread()))
+        ),
+        None,
+    )
+    for fd in sockets:
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+    reason, on_reactor = yield closed.addTimeout(TIMEOUT, reactor)
+    check(on_reactor, "close callback ran off the reactor thread")
+    check(
+        reason in (libvirt.VIR_CONNECT_CLOSE_REASON_EOF, libvirt.VIR_CONNECT_CLOSE_REASON_ERROR),
+        f"close reason {reason}",
+    )
+    try:
+        yield threads.deferToThread(conn.unregisterCloseCallback)
+    except libvirt.libvirtError:
+        pass
+    yield threads.deferToThread(conn.close)
+    del conn
+    yield _settle(reactor, loop, lambda: not _our_delayed_calls(reactor, loop))
+    if isinstance(loop, ReactorEventLoop):
+        check(loop.is_idle(), f"leftovers: {loop.counts()}")
+    return {"reason": reason}
+
+
 def _destroy_and_undefine(dom: Any) -> None:
     try:
         if dom.isActive():
@@ -283,6 +337,7 @@ SCENARIOS: dict[str, Callable[..., defer.Deferred[Any]]] = {
     "remote_cycles": remote_cycles,
     "qemu_lifecycle": qemu_lifecycle,
     "public_api": public_api,
+    "remote_hangup": remote_hangup,
 }
 
 

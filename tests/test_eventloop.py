@@ -130,6 +130,10 @@ class _Scenarios:
         self.assertEqual(result["cycles"], 30)
 
     @defer.inlineCallbacks
+    def test_daemon_hangup_reaches_close_callback_real_libvirtd(self) -> None:
+        yield self.run_scenario("remote_hangup", real_libvirt_uri())
+
+    @defer.inlineCallbacks
     def test_qemu_domain_lifecycle_real_libvirtd(self) -> None:
         result = yield self.run_scenario("qemu_lifecycle", real_libvirt_uri())
         kinds = [e for e, _ in result["events"]]
