@@ -123,7 +123,8 @@ def parent(pairs: int, thread_counts: list[int], runs: int) -> None:
 
     print(f"{pairs} lookupByName+info pairs, {2 * TOGGLES} lifecycle events, median of {runs} runs\n")
     print(
-        f"{'threads':>7} | {'kind':>7} | {'pairs/s':>8} | {'CPU s':>6} | {'ratio pairs/s':>13} | {'ratio CPU':>9}"
+        f"{'threads':>7} | {'kind':>7} | {'pairs/s':>8} | {'CPU s':>6} | "
+        f"{'ratio pairs/s':>13} | {'ratio CPU':>9}"
     )
     print("-" * 66)
     for nthreads in thread_counts:
@@ -139,7 +140,8 @@ def parent(pairs: int, thread_counts: list[int], runs: int) -> None:
             rp = m["pairs_per_s"] / med["thread"]["pairs_per_s"]
             rc = m["cpu_s"] / med["thread"]["cpu_s"]
             print(
-                f"{nthreads:>7} | {kind:>7} | {m['pairs_per_s']:>8.0f} | {m['cpu_s']:>6.2f} | {rp:>13.2f} | {rc:>9.2f}"
+                f"{nthreads:>7} | {kind:>7} | {m['pairs_per_s']:>8.0f} | {m['cpu_s']:>6.2f} | "
+                f"{rp:>13.2f} | {rc:>9.2f}"
             )
 
 

@@ -353,7 +353,7 @@ def main(argv: list[str]) -> None:
         try:
             result = yield SCENARIOS[name](reactor, loop, uri)
             line = {"ok": True, "kind": loop.kind, "result": result}
-        except Exception:  # noqa: BLE001 - reported to the parent test
+        except Exception:
             line = {"ok": False, "kind": loop.kind, "error": traceback.format_exc()}
         print(json.dumps(line), flush=True)
 

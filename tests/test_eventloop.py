@@ -67,7 +67,7 @@ def in_foreign_thread(func: Callable[[], Any]) -> Any:
     def run() -> None:
         try:
             box["result"] = func()
-        except BaseException as e:  # noqa: BLE001 - re-raised on the reactor thread
+        except BaseException as e:
             box["error"] = e
 
     t = threading.Thread(target=run)

@@ -91,7 +91,7 @@ class EventLoop:
             if threadable.isInIOThread():
                 try:
                     func(*args, **kwargs)
-                except Exception:  # noqa: BLE001 - libvirt/reactor callers must never see it
+                except Exception:
                     log.failure("libvirt callback {func!r} failed", func=func)
             else:
                 self.reactor.callFromThread(func, *args, **kwargs)
@@ -312,7 +312,7 @@ class ReactorEventLoop(EventLoop):
     def _run_free(self, opaque: object) -> None:
         try:
             self._free(opaque)
-        except Exception:  # noqa: BLE001 - libvirt/reactor callers must never see it
+        except Exception:
             log.failure("libvirt free callback failed")
         with self._lock:
             self._pending_frees -= 1
@@ -405,7 +405,7 @@ class ReactorEventLoop(EventLoop):
             if bool(wanted & WRITABLE) != desc.writing:
                 desc.writing = not desc.writing
                 (reactor.addWriter if desc.writing else reactor.removeWriter)(desc)
-        except Exception:  # noqa: BLE001 - libvirt/reactor callers must never see it
+        except Exception:
             log.failure("cannot update reactor registration of {desc!r}", desc=desc)
         if retired and not desc.reading and not desc.writing:
             desc.close()
@@ -431,7 +431,7 @@ class ReactorEventLoop(EventLoop):
                 continue
             try:
                 w.cb(w.watch, w.fd, mask, w.opaque)
-            except Exception:  # noqa: BLE001 - libvirt/reactor callers must never see it
+            except Exception:
                 log.failure("libvirt handle callback failed (fd {fd})", fd=w.fd)
 
     # -- timers ---------------------------------------------------------------------------------
@@ -497,7 +497,7 @@ class ReactorEventLoop(EventLoop):
             self._note_spin(t)
         try:
             t.cb(t.timer, t.opaque)
-        except Exception:  # noqa: BLE001 - libvirt/reactor callers must never see it
+        except Exception:
             log.failure("libvirt timer callback failed")
         # Periodic: re-arm unless the callback (or a sync) already changed or removed it.
         if t.call is None and not t.removed and t.interval >= 0:
