@@ -61,11 +61,15 @@ class FakeControlPlane(resource.Resource):
         super().__init__()
         self.now = now
         self.requests: list[Recorded] = []
+        self.count = 0  # requests served, recorded or not
+        self.record = True  # off for long runs, so the fake's own memory stays flat
         self.nodes: dict[str, str] = {}  # hostname -> node id
         self.assigned_pool_ids: list[str] = []
         self.pools: dict[str, storage_pb2.StoragePool] = {}
         # Seconds for Retry-After while in maintenance; None when serving normally.
         self.maintenance: int | None = None
+        # A proxy in front of a dead control plane: 503, no Connect body, no Retry-After.
+        self.down = False
         # Status for `unimplemented`: connect-go answers 501 today, older releases 404.
         self.unimplemented_status = 501
         self.required_token: str | None = None
@@ -114,7 +118,9 @@ class FakeControlPlane(resource.Resource):
         except ValueError:
             body = {"_unparsed": raw.decode("utf-8", "replace")}
         headers = {k.decode().lower(): v[0].decode() for k, v in request.requestHeaders.getAllRawHeaders()}
-        self.requests.append(Recorded(path.lstrip("/"), headers, body, self.now()))
+        self.count += 1
+        if self.record:
+            self.requests.append(Recorded(path.lstrip("/"), headers, body, self.now()))
         try:
             answer = self._serve(path, headers, raw)
             status, out, extra = 200, json_format.MessageToDict(answer), {}
@@ -133,6 +139,8 @@ class FakeControlPlane(resource.Resource):
         return payload
 
     def _serve(self, path: str, headers: dict[str, str], raw: bytes) -> Any:
+        if self.down:
+            raise _Reply(503, {"error": "no healthy upstream"})
         if self.maintenance is not None:
             # The control plane's update gate: not a Connect error body.
             raise _Reply(

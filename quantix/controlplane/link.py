@@ -223,6 +223,7 @@ class ControlPlaneLink(service.Service):
         self._adopt(node.id)
         self.registered = True
         self.consecutive_failures = 0
+        self.last_error = None
         self._last_failure_text = None
         self._unimplemented.clear()
         log.info(
