@@ -16,6 +16,7 @@ from typing import Any
 from twisted.internet import defer, reactor, task
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
+from twisted.web import resource, server
 
 from quantix.controlplane import state
 from quantix.controlplane.connect import ConnectClient
@@ -481,3 +482,67 @@ class LinkTests(unittest.TestCase):
         yield self.run_until(link, lambda: link.registered)
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
         self.assertEqual(calls[0], 2)
+
+    @defer.inlineCallbacks
+    def test_stop_cancels_the_call_in_flight(self) -> Any:
+        gone: list[defer.Deferred] = []
+
+        class Silent(resource.Resource):
+            isLeaf = True
+
+            def render_POST(self, request: server.Request) -> object:
+                gone.append(request.notifyFinish())
+                return server.NOT_DONE_YET
+
+        site = server.Site(Silent())
+        site.noisy = False
+        port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        client = ConnectClient(reactor, f"http://127.0.0.1:{port.getHost().port}")
+        link = self.make_link(client=client)
+        self.clock.advance(10)
+        yield _until(lambda: gone)
+        waiting = link.idle()
+        self.assertFalse(waiting.called)
+        yield link.stopService()
+        self.assertTrue(waiting.called)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertFalse(link.registered)
+        yield gone[0].addErrback(lambda _: None)
+
+
+def _until(predicate: Any) -> defer.Deferred:
+    """Poll the real reactor briefly until ``predicate()`` holds."""
+
+    @defer.inlineCallbacks
+    def poll() -> Any:
+        while not predicate():
+            yield task.deferLater(reactor, 0.01, lambda: None)
+
+    return poll()
+
+
+class Messages(unittest.TestCase):
+    def test_pool_health_names(self) -> None:
+        from quantix.controlplane.messages import pool_status
+
+        self.assertEqual(pool_status(PoolReport("p", health="healthy")).health, 1)
+        self.assertEqual(pool_status(PoolReport("p", health="HEALTH_UNMOUNTED")).health, 4)
+        self.assertEqual(pool_status(PoolReport("p", health="weird")).health, 0)
+
+    def test_power_states(self) -> None:
+        from quantix.controlplane.messages import power_state
+
+        self.assertEqual(power_state("Running"), 1)
+        self.assertEqual(power_state("shutoff"), 2)
+        self.assertEqual(power_state("blocked"), 0)
+
+    def test_unknown_device_type_is_hdd(self) -> None:
+        from quantix.controlplane.messages import register_request
+
+        facts = HostFacts(
+            hostname="h",
+            management_ip="1.2.3.4",
+            storage_devices=(StorageDeviceFacts("/dev/x", kind="tape"),),
+        )
+        self.assertEqual(register_request(facts).storage_devices[0].type, 0)

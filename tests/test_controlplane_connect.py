@@ -142,6 +142,7 @@ class Transport(unittest.TestCase):
         self.assertEqual(rec.method, f"{NODE}/RegisterNode")
         self.assertEqual(rec.headers["content-type"], "application/json")
         self.assertEqual(rec.headers["authorization"], "Bearer s3cret")
+        self.assertEqual(rec.headers["connect-protocol-version"], "1")
 
     @defer.inlineCallbacks
     def test_no_token_no_header(self) -> None:

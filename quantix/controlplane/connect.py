@@ -193,7 +193,11 @@ class ConnectClient:
         self.base_url = base
         self._reactor = reactor
         self._timeout = timeout
-        self._headers = {b"Content-Type": [b"application/json"], b"Accept": [b"application/json"]}
+        self._headers = {
+            b"Content-Type": [b"application/json"],
+            # Optional for connect-go unless it is told to require it; correct either way.
+            b"Connect-Protocol-Version": [b"1"],
+        }
         if token:
             self._headers[b"Authorization"] = [b"Bearer " + token.encode()]
         policy = tls_policy(ca_file) if base.startswith("https://") else BrowserLikePolicyForHTTPS()
