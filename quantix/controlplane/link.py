@@ -214,7 +214,7 @@ class ControlPlaneLink(service.Service):
             )
             if not node.id:
                 raise ConnectError("internal", "RegisterNode answered without an id", 200)
-        except Exception as exc:  # noqa: BLE001 - any failure means retry later
+        except Exception as exc:
             if not self.running:
                 return None
             self._failed("registration", exc)
@@ -251,7 +251,7 @@ class ControlPlaneLink(service.Service):
             answer = yield self._client.call(
                 NODE_SERVICE, "UpdateHeartbeat", request, compute_pb2.UpdateHeartbeatResponse
             )
-        except Exception as exc:  # noqa: BLE001 - any failure means retry later
+        except Exception as exc:
             if not self.running:
                 return None
             self._failed("heartbeat", exc)
@@ -330,7 +330,7 @@ class ControlPlaneLink(service.Service):
     def _read_vms(self) -> Any:
         try:
             return list((yield defer.maybeDeferred(self._vms)))
-        except Exception:  # noqa: BLE001 - logged with its traceback
+        except Exception:
             log.failure("listing VMs for the control plane failed")
             return None
 
@@ -339,7 +339,7 @@ class ControlPlaneLink(service.Service):
         """The control plane asked for our full state (a newer one than today's may)."""
         try:
             facts = yield defer.maybeDeferred(self._facts)
-        except Exception:  # noqa: BLE001 - logged with its traceback
+        except Exception:
             log.failure("gathering host facts failed")
             return None
         return (yield self._full_sync(facts, (yield self._read_vms())))
@@ -350,7 +350,7 @@ class ControlPlaneLink(service.Service):
             return None
         try:
             pools = yield defer.maybeDeferred(self._pool_reports)
-        except Exception:  # noqa: BLE001 - logged with its traceback
+        except Exception:
             log.failure("collecting pool reports failed")
             return None
         request = messages.full_state_request(self.node_id or "", facts, vms, pools)
@@ -435,7 +435,7 @@ class ControlPlaneLink(service.Service):
         except ConnectError as exc:
             _warning("fetching assigned pool {pool_id} failed: {error}", pool_id=pool_id, error=exc)
             return
-        except Exception:  # noqa: BLE001 - logged with its traceback
+        except Exception:
             log.failure("setting up assigned pool {pool_id} failed", pool_id=pool_id)
             return
         log.info("assigned pool {pool_id} ({name}) is set up", pool_id=pool_id, name=pool.name)
@@ -449,7 +449,7 @@ class ControlPlaneLink(service.Service):
             yield defer.maybeDeferred(self._release_pool, pool_id)
         except defer.CancelledError:
             return
-        except Exception:  # noqa: BLE001 - logged with its traceback
+        except Exception:
             log.failure("releasing pool {pool_id} failed", pool_id=pool_id)
             return
         log.info("pool {pool_id} is no longer assigned: released", pool_id=pool_id)
