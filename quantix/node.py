@@ -53,7 +53,7 @@ class NodeService(MultiService):
         self.storage = StorageManager(self.hypervisor.conn, config.storage)
         self.grpc = GrpcServer(
             config.listen_address,
-            lambda: handlers.build(self),
+            lambda: self.ops.gate(handlers.build(self)),
             max_workers=config.server.max_workers,
             grace=config.server.grace_seconds,
             max_message_bytes=config.server.max_message_bytes,
@@ -81,10 +81,13 @@ class NodeService(MultiService):
         self.ops.ready()
 
     def stopService(self):
-        """Drain, then close: children stop one at a time, last added first, so gRPC drains its
-        in-flight calls while libvirt is still up; agent channels close once it has."""
+        """Drain, then close (:mod:`quantix.ops.shutdown`): new calls get UNAVAILABLE; children
+        stop one at a time, last added first; gRPC stops once the calls in flight are done (at
+        most ``server.grace_seconds``), while libvirt is still up; agent channels close after it."""
         self.ops.stopping()
-        return stop_in_order(self, then={self.grpc: self.agents.stop_all})
+        return stop_in_order(
+            self, before={self.grpc: self.ops.drain_calls}, after={self.grpc: self.agents.stop_all}
+        )
 
     def setServiceParent(self, parent) -> None:
         super().setServiceParent(parent)

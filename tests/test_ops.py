@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
 import time
 import urllib.request
 
@@ -552,3 +553,76 @@ class NodectlFormatTests(unittest.TestCase):
         self.assertEqual(nodectl.human_bytes(3 * 1024**3), "3.0 GiB")
         self.assertEqual(nodectl.human_duration(0), "0s")
         self.assertEqual(nodectl.human_duration(90061), "1d 1h")
+
+
+# -- drain ------------------------------------------------------------------------------------
+
+
+class DrainTests(unittest.TestCase):
+    timeout = 60
+
+    def test_refuses_new_calls_and_waits_for_the_one_in_flight(self):
+        from quantix import errors
+        from quantix.ops.drain import Drain
+
+        drain = Drain()
+        release = threading.Event()
+        entered = threading.Event()
+
+        def slow(request, context):
+            entered.set()
+            release.wait(10)
+            return "done"
+
+        table = drain.wrap({"Slow": slow}, streaming=set())
+        results = []
+        caller = threading.Thread(target=lambda: results.append(table["Slow"](None, None)))
+        caller.start()
+        self.assertTrue(entered.wait(10))
+        drain.start()
+        with self.assertRaises(errors.Unavailable):
+            table["Slow"](None, None)
+        self.assertEqual(drain.active, 1)
+        release.set()
+        remaining = drain.wait_idle(grace=30)
+        caller.join(10)
+        self.assertEqual(results, ["done"])
+        self.assertEqual(drain.active, 0)
+        self.assertGreater(remaining, 0)
+
+    def test_stream_ends_unavailable_at_its_next_message(self):
+        from quantix import errors
+        from quantix.ops.drain import Drain
+
+        drain = Drain()
+        table = drain.wrap({"Stream": lambda request, context: iter(range(10))}, streaming={"Stream"})
+        stream = table["Stream"](None, None)
+        self.assertEqual(next(stream), 0)
+        self.assertEqual(drain.active, 1)
+        drain.start()
+        with self.assertRaises(errors.Unavailable):
+            next(stream)
+        self.assertEqual(drain.active, 0)
+
+    def test_grace_bounds_the_wait(self):
+        from quantix.ops.drain import Drain
+
+        drain = Drain()
+        table = drain.wrap({"Stream": lambda request, context: iter(range(10))}, streaming={"Stream"})
+        stream = table["Stream"](None, None)
+        next(stream)  # a call that never finishes
+        drain.start()
+        self.assertEqual(drain.wait_idle(grace=0.2), 0.0)
+        stream.close()
+
+    @defer.inlineCallbacks
+    def test_real_rpc_during_drain_is_unavailable(self):
+        daemon = yield Daemon(self).start()
+        daemon.node.ops.drain.start()
+        try:
+            yield daemon.call("HealthCheck", node_pb2.HealthCheckRequest())
+        except grpc.RpcError as exc:
+            self.assertEqual(exc.code(), grpc.StatusCode.UNAVAILABLE)
+            self.assertEqual(exc.details(), "node daemon is shutting down")
+        else:
+            self.fail("a call during the drain must be refused")

@@ -1,8 +1,9 @@
-"""The operations box of a node: metrics endpoint, access log, systemd notifications.
+"""The operations box of a node: metrics endpoint, access log, systemd notifications, drain.
 
 Add it as the node's *first* child so it starts before gRPC and stops last (metrics and the
-access log see the whole drain); the node calls :meth:`Operations.ready` once every child has
-started and :meth:`Operations.stopping` before it stops them.
+access log see the whole drain). The node passes its handler table through :meth:`gate`, calls
+:meth:`ready` once every child has started, :meth:`stopping` before it stops them, and
+:meth:`drain_calls` just before the gRPC server stops.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from twisted.application.service import MultiService
 from twisted.logger import ILogObserver
 
 from quantix.ops import access, logs, shutdown
+from quantix.ops.drain import Drain
 from quantix.ops.metrics import MetricsService
 from quantix.ops.notify import Notifier
 from quantix.rpc import status
@@ -27,6 +29,27 @@ class Operations(MultiService):
         self.metrics.setServiceParent(self)
         #: Set by :meth:`configure_twistd`; handed to twistd when the node joins its application.
         self.log_observer: ILogObserver | None = None
+        #: In front of every RPC handler (see :meth:`gate`); refuses new calls once stopping.
+        self.drain = Drain()
+
+    def gate(self, table: dict[str, Any]) -> dict[str, Any]:
+        """Put the drain gate in front of the handler table the gRPC server is built from."""
+        from quantix.rpc.server import SERVICE
+
+        streaming = {m.name for m in SERVICE.methods if m.server_streaming}
+        return self.drain.wrap(table, streaming)
+
+    def drain_calls(self) -> Any:
+        """Just before gRPC stops: wait for the calls in flight (until ``grace_seconds`` after
+        the stop began) and leave the server what remains of the grace period."""
+        grace = self.node.config.server.grace_seconds
+        grpc = getattr(self.node, "grpc", None)
+
+        def left(remaining: float) -> None:
+            if grpc is not None:
+                grpc.grace = remaining
+
+        return self.drain.wait_idle_in_thread(grace).addCallback(left)
 
     def configure_twistd(self, twistd_options: Any) -> None:
         """Running under twistd: log in ``logging.format`` and exit 0 on SIGTERM."""
@@ -38,6 +61,7 @@ class Operations(MultiService):
         logs.attach(parent, self.log_observer)
 
     def startService(self) -> None:
+        self.drain.reset()
         status.request_observers.append(self._access)
         super().startService()
 
@@ -46,7 +70,12 @@ class Operations(MultiService):
         self.notifier.ready(f"serving gRPC on port {getattr(grpc, 'port', '?')}")
 
     def stopping(self) -> None:
+        """First step of a stop: STOPPING=1, health NOT_SERVING, new calls refused."""
         self.notifier.stopping("draining")
+        health = getattr(getattr(self.node, "grpc", None), "health", None)
+        if health is not None:
+            health.enter_graceful_shutdown()
+        self.drain.start()
 
     def stopService(self) -> Any:
         if self._access in status.request_observers:

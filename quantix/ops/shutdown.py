@@ -3,8 +3,9 @@
 ``MultiService.stopService`` calls every child's ``stopService`` at once, so libvirt would close
 while gRPC is still draining in-flight calls. :func:`stop_in_order` waits for each child before
 stopping the next, in reverse order of addition: boxes added after the gRPC server (the event
-bus ending its streams with UNAVAILABLE) stop before it drains, boxes added before it (libvirt)
-stay up until the last in-flight call has finished.
+bus ending its streams with UNAVAILABLE) stop before it, boxes added before it (libvirt) stay up
+until the last in-flight call has finished. See :mod:`quantix.ops.drain` for why new calls are
+refused before the server stops.
 """
 
 from __future__ import annotations
@@ -22,15 +23,21 @@ log = Logger(namespace="quantix.ops.shutdown")
 
 
 @defer.inlineCallbacks
-def stop_in_order(parent: MultiService, then: Mapping[Any, Callable[[], Any]] | None = None):
-    """Stop ``parent``'s children sequentially, last added first; ``then[child]`` runs right
-    after ``child`` has stopped (for parts that are not services). A failing step is logged
-    and the rest still stop."""
+def stop_in_order(
+    parent: MultiService,
+    before: Mapping[Any, Callable[[], Any]] | None = None,
+    after: Mapping[Any, Callable[[], Any]] | None = None,
+):
+    """Stop ``parent``'s children sequentially, last added first. ``before[child]`` and
+    ``after[child]`` run just before and after ``child`` stops (for steps that are not
+    services). A failing step is logged and the rest still run."""
     Service.stopService(parent)
-    then = then or {}
+    before, after = before or {}, after or {}
     for child in reversed(list(parent)):
-        steps = [child.stopService] + ([then[child]] if child in then else [])
+        steps = [before.get(child), child.stopService, after.get(child)]
         for step in steps:
+            if step is None:
+                continue
             try:
                 yield defer.maybeDeferred(step)
             except Exception:

@@ -91,7 +91,8 @@ class GrpcServer(Service):
         self.listen = listen
         self._handlers = handlers
         self._max_workers = max_workers
-        self._grace = grace
+        #: Seconds in-flight calls get at stop; the node lowers it by the time its drain took.
+        self.grace = grace
         self._max_message = max_message_bytes
         self._credentials = credentials
         self._extra_options = extra_options
@@ -151,4 +152,4 @@ class GrpcServer(Service):
         if server is None:
             return None
         self.health.enter_graceful_shutdown()
-        return threads.deferToThread(lambda: server.stop(self._grace).wait())
+        return threads.deferToThread(lambda: server.stop(self.grace).wait())
