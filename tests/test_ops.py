@@ -626,3 +626,83 @@ class DrainTests(unittest.TestCase):
             self.assertEqual(exc.details(), "node daemon is shutting down")
         else:
             self.fail("a call during the drain must be refused")
+
+
+class NodectlStreamTests(unittest.TestCase):
+    """``events`` and ``metrics`` against a real grpc server whose stream handlers record what
+    they were sent (the event and metrics boxes may not be on this branch)."""
+
+    timeout = 60
+
+    def setUp(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        from google.protobuf.timestamp_pb2 import Timestamp
+
+        from quantix.rpc.server import build_generic_handler
+
+        self.metadata = []
+        stamp = Timestamp(seconds=1_700_000_000)
+
+        def stream_events(request, context):
+            self.metadata.append(dict(context.invocation_metadata()))
+            for n in (42, 43, 44):
+                yield node_pb2.NodeEvent(
+                    id=str(n),
+                    timestamp=stamp,
+                    type=node_pb2.EventType.Value("EVENT_TYPE_VM_STARTED"),
+                    vm_id=RUNNING_VM,
+                    message=f"started {n}",
+                )
+
+        def stream_metrics(request, context):
+            self.metadata.append({"interval": request.interval_seconds})
+            while True:
+                yield node_pb2.NodeMetrics(
+                    timestamp=stamp,
+                    cpu_usage_percent=12.5,
+                    memory_used_bytes=2 * 1024**3,
+                    memory_total_bytes=8 * 1024**3,
+                    vms=[node_pb2.VMMetrics(vm_id=RUNNING_VM, name="vm-running", cpu_usage_percent=3.0)],
+                )
+
+        server = grpc.server(ThreadPoolExecutor(4))
+        server.add_generic_rpc_handlers(
+            [build_generic_handler({"StreamEvents": stream_events, "StreamMetrics": stream_metrics})]
+        )
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        self.addCleanup(lambda: server.stop(0).wait())
+        self.address = f"127.0.0.1:{port}"
+
+    @defer.inlineCallbacks
+    def test_events_follow_with_resume(self):
+        code, out, err = yield nodectl_run(
+            "--address", self.address, "events", "--resume-after", "41", "--count", "2"
+        )
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(self.metadata[0]["x-quantix-resume-after"], "41")
+        lines = out.splitlines()
+        self.assertRegex(lines[0], r"^TIME\s+ID\s+TYPE\s+VM ID\s+MESSAGE$")
+        self.assertEqual(len(lines), 3)
+        self.assertRegex(lines[1], rf"^2023-11-14 22:13:20\s+42\s+vm_started\s+{RUNNING_VM}\s+started 42$")
+
+    @defer.inlineCallbacks
+    def test_events_json(self):
+        code, out, _ = yield nodectl_run("--address", self.address, "--json", "events", "--count", "3")
+        self.assertEqual(code, 0)
+        self.assertEqual([json.loads(line)["id"] for line in out.splitlines()], ["42", "43", "44"])
+        self.assertNotIn("x-quantix-resume-after", self.metadata[0])
+
+    @defer.inlineCallbacks
+    def test_metrics_one_sample_and_follow(self):
+        code, out, err = yield nodectl_run("--address", self.address, "metrics", "--interval", "3")
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(self.metadata[0], {"interval": 3})
+        self.assertRegex(out, r"(?m)^cpu:\s+12\.5%$")
+        self.assertRegex(out, r"(?m)^memory:\s+2\.0 GiB used of 8\.0 GiB$")
+        self.assertRegex(out, rf"(?m)^{RUNNING_VM}\s+vm-running\s+3\.0\b")
+        code, out, _ = yield nodectl_run("--address", self.address, "metrics", "--follow", "--count", "2")
+        self.assertEqual(code, 0)
+        self.assertEqual(len(out.splitlines()), 2)
+        self.assertIn("cpu  12.5%", out)
