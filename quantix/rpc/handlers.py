@@ -9,9 +9,10 @@ from quantix.rpc.registry import collect
 
 
 def handler_classes() -> list[type]:
+    from quantix.rpc.event_rpcs import EventRpcs
     from quantix.rpc.node_rpcs import NodeRpcs
 
-    return [NodeRpcs]
+    return [NodeRpcs, EventRpcs]
 
 
 def build(node: Any) -> dict[str, Callable[..., Any]]:
