@@ -60,7 +60,9 @@ class NodeService(MultiService):
         ev = config.events
         self.bus = EventBus(reactor, buffer_size=ev.buffer_size, subscriber_queue=ev.subscriber_queue)
         self.bus.setServiceParent(self)
-        self.watcher = DomainWatcher(reactor, self.hypervisor, self.bus, reconcile_interval=ev.reconcile_interval)
+        self.watcher = DomainWatcher(
+            reactor, self.hypervisor, self.bus, reconcile_interval=ev.reconcile_interval
+        )
         self.watcher.setServiceParent(self)
 
     def startService(self) -> None:

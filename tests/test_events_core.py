@@ -30,7 +30,7 @@ class MappingTests(unittest.TestCase):
             self.assertEqual(m.lifecycle("vm", event, detail)[0], expected, (event, detail))
 
     def test_lifecycle_reason_in_metadata(self):
-        etype, message, meta = m.lifecycle(
+        _, message, meta = m.lifecycle(
             "web", libvirt.VIR_DOMAIN_EVENT_STOPPED, libvirt.VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN
         )
         self.assertEqual(meta, {"libvirt_event": "stopped", "libvirt_detail": "shutdown"})
@@ -47,7 +47,9 @@ class MappingTests(unittest.TestCase):
         disconnected = libvirt.VIR_CONNECT_DOMAIN_EVENT_AGENT_LIFECYCLE_STATE_DISCONNECTED
         self.assertEqual(m.agent_lifecycle("vm", connected, 1)[0], 18)
         self.assertEqual(m.agent_lifecycle("vm", disconnected, 2)[2]["reason"], "channel")
-        _, _, meta = m.io_error("vm", "/img", "virtio-disk0", libvirt.VIR_DOMAIN_EVENT_IO_ERROR_PAUSE, "enospc")
+        _, _, meta = m.io_error(
+            "vm", "/img", "virtio-disk0", libvirt.VIR_DOMAIN_EVENT_IO_ERROR_PAUSE, "enospc"
+        )
         self.assertEqual((meta["action"], meta["reason"]), ("pause", "enospc"))
         self.assertEqual(m.watchdog("vm", libvirt.VIR_DOMAIN_EVENT_WATCHDOG_RESET)[2]["action"], "reset")
 
@@ -55,7 +57,9 @@ class MappingTests(unittest.TestCase):
         self.assertEqual(m.state_after(libvirt.VIR_DOMAIN_EVENT_SUSPENDED, 0, m.RUNNING), m.PAUSED)
         self.assertIsNone(m.state_after(libvirt.VIR_DOMAIN_EVENT_UNDEFINED, 0, m.STOPPED))
         self.assertEqual(m.state_after(libvirt.VIR_DOMAIN_EVENT_DEFINED, 1, m.RUNNING), m.RUNNING)
-        self.assertEqual(m.coarse_state(libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_SHUTOFF_CRASHED), m.CRASHED)
+        self.assertEqual(
+            m.coarse_state(libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_SHUTOFF_CRASHED), m.CRASHED
+        )
 
 
 class ReconcileDiffTests(unittest.TestCase):

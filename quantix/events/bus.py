@@ -101,7 +101,11 @@ class EventBus(Service):
     """Numbers, buffers and fans out :class:`NodeEvent` messages."""
 
     def __init__(
-        self, reactor: Any, buffer_size: int = 10_000, subscriber_queue: int = 1_000, first_id: int | None = None
+        self,
+        reactor: Any,
+        buffer_size: int = 10_000,
+        subscriber_queue: int = 1_000,
+        first_id: int | None = None,
     ) -> None:
         self.reactor = reactor
         self.subscriber_queue = subscriber_queue

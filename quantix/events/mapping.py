@@ -23,10 +23,15 @@ VM_CRASHED = ET.Value("EVENT_TYPE_VM_CRASHED")
 VM_REBOOTED = ET.Value("EVENT_TYPE_VM_REBOOTED")
 VM_MIGRATED_OUT = ET.Value("EVENT_TYPE_VM_MIGRATED_OUT")
 VM_MIGRATED_IN = ET.Value("EVENT_TYPE_VM_MIGRATED_IN")
+SNAPSHOT_CREATED = ET.Value("EVENT_TYPE_SNAPSHOT_CREATED")
+SNAPSHOT_REVERTED = ET.Value("EVENT_TYPE_SNAPSHOT_REVERTED")
+SNAPSHOT_DELETED = ET.Value("EVENT_TYPE_SNAPSHOT_DELETED")
 DISK_ATTACHED = ET.Value("EVENT_TYPE_DISK_ATTACHED")
 DISK_DETACHED = ET.Value("EVENT_TYPE_DISK_DETACHED")
 NIC_ATTACHED = ET.Value("EVENT_TYPE_NIC_ATTACHED")
 NIC_DETACHED = ET.Value("EVENT_TYPE_NIC_DETACHED")
+NODE_OVERLOADED = ET.Value("EVENT_TYPE_NODE_OVERLOADED")
+NODE_RECOVERED = ET.Value("EVENT_TYPE_NODE_RECOVERED")
 AGENT_CONNECTED = ET.Value("EVENT_TYPE_AGENT_CONNECTED")
 AGENT_DISCONNECTED = ET.Value("EVENT_TYPE_AGENT_DISCONNECTED")
 
@@ -133,7 +138,11 @@ def io_error(name: str, src_path: str, alias: str, action: int, reason: str) -> 
 
 def watchdog(name: str, action: int) -> Mapped:
     act = WATCHDOG_ACTIONS.get(action, str(action))
-    return UNKNOWN, f"watchdog fired in VM {name} (action {act})", {"libvirt_event": "watchdog", "action": act}
+    return (
+        UNKNOWN,
+        f"watchdog fired in VM {name} (action {act})",
+        {"libvirt_event": "watchdog", "action": act},
+    )
 
 
 def agent_lifecycle(name: str, state: int, reason: int) -> Mapped:
@@ -190,4 +199,3 @@ def state_after(event: int, detail: int, before: str | None) -> str | None:
     if ev == "defined":
         return before or STOPPED
     return before
-

@@ -61,7 +61,9 @@ def diff(known: Inventory, current: Inventory) -> list[Change]:
             name, state = before
             if state in _ACTIVE:
                 out.append((m.VM_STOPPED, uuid, f"VM {name} stopped", _meta(state, None)))
-            out.append((m.UNKNOWN, uuid, f"VM {name} undefined", _meta(state, None, libvirt_event="undefined")))
+            out.append(
+                (m.UNKNOWN, uuid, f"VM {name} undefined", _meta(state, None, libvirt_event="undefined"))
+            )
             continue
         if before[1] != after[1]:
             change = _into(after[0], before[1], after[1])
@@ -81,7 +83,10 @@ def inventory(conn: libvirt.virConnect) -> dict[str, tuple[str, str]]:
     except libvirt.libvirtError as exc:
         if exc.get_error_code() != libvirt.VIR_ERR_NO_SUPPORT:
             raise
-        records = [(d, dict(zip(("state.state", "state.reason"), d.state()))) for d in conn.listAllDomains(0)]
+        records = []
+        for dom in conn.listAllDomains(0):
+            state, reason = dom.state()
+            records.append((dom, {"state.state": state, "state.reason": reason}))
     for dom, stats in records:
         state = m.coarse_state(stats.get("state.state", -1), stats.get("state.reason", 0))
         out[dom.UUIDString()] = (dom.name(), state)

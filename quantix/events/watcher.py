@@ -24,7 +24,9 @@ log = Logger(namespace="quantix.events")
 class DomainWatcher(Service):
     """Turns libvirt domain events into bus events and keeps a known state per domain."""
 
-    def __init__(self, reactor: Any, hypervisor: Any, bus: EventBus, reconcile_interval: float = 300.0) -> None:
+    def __init__(
+        self, reactor: Any, hypervisor: Any, bus: EventBus, reconcile_interval: float = 300.0
+    ) -> None:
         self.reactor = reactor
         self.hypervisor = hypervisor
         self.bus = bus
