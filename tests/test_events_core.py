@@ -53,6 +53,13 @@ class MappingTests(unittest.TestCase):
         self.assertEqual((meta["action"], meta["reason"]), ("pause", "enospc"))
         self.assertEqual(m.watchdog("vm", libvirt.VIR_DOMAIN_EVENT_WATCHDOG_RESET)[2]["action"], "reset")
 
+    def test_resumed_while_starting_is_redundant(self):
+        resumed = libvirt.VIR_DOMAIN_EVENT_RESUMED
+        self.assertTrue(m.redundant(resumed, None))
+        self.assertTrue(m.redundant(resumed, m.STOPPED))
+        self.assertFalse(m.redundant(resumed, m.PAUSED))
+        self.assertFalse(m.redundant(libvirt.VIR_DOMAIN_EVENT_STARTED, None))
+
     def test_state_after(self):
         self.assertEqual(m.state_after(libvirt.VIR_DOMAIN_EVENT_SUSPENDED, 0, m.RUNNING), m.PAUSED)
         self.assertIsNone(m.state_after(libvirt.VIR_DOMAIN_EVENT_UNDEFINED, 0, m.STOPPED))

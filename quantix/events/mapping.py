@@ -180,6 +180,12 @@ def coarse_state(state: int, reason: int = 0) -> str:
     return _STATES.get(state, OTHER)
 
 
+def redundant(event: int, before: str | None) -> bool:
+    """True for the RESUMED that QEMU domains emit while starting (they boot paused, then run):
+    only a domain we know to be paused can be resumed."""
+    return event == libvirt.VIR_DOMAIN_EVENT_RESUMED and before not in (PAUSED, SUSPENDED)
+
+
 def state_after(event: int, detail: int, before: str | None) -> str | None:
     """Known state after a lifecycle event (``None``: the domain is gone)."""
     ev = LIFECYCLE_EVENTS.get(event)

@@ -106,9 +106,12 @@ class DomainWatcher(Service):
     def _on_lifecycle(self, conn: Any, dom: Any, event: int, detail: int, opaque: Any = None) -> None:
         if conn is not self._conn:
             return
-        uuid, name = self._emit(conn, dom, mapping.lifecycle(dom.name(), event, detail))
+        uuid, name = dom.UUIDString(), dom.name()
         before = self.known.get(uuid)
-        after = mapping.state_after(event, detail, before[1] if before else None)
+        before_state = before[1] if before else None
+        if not mapping.redundant(event, before_state):
+            self._emit(conn, dom, mapping.lifecycle(name, event, detail))
+        after = mapping.state_after(event, detail, before_state)
         if after is None:
             self.known.pop(uuid, None)
         else:
