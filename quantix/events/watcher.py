@@ -65,6 +65,12 @@ class DomainWatcher(Service):
 
         def registered(ids: list[int]) -> defer.Deferred:
             if self._conn is not conn:
+                # Stopped or reconnected meanwhile: undo, in case the connection still lives.
+                for cid in ids:
+                    try:
+                        conn.domainEventDeregisterAny(cid)
+                    except libvirt.libvirtError:
+                        pass
                 return defer.succeed(None)
             self._callback_ids = ids
             return self.reconcile()
