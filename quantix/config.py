@@ -101,6 +101,8 @@ class StorageConfig:
 class AgentConfig:
     socket_dir: str = "/var/run/quantix-kvm/vms"
     timeout: float = attrs.field(default=30.0, validator=_positive)
+    #: How often guests send telemetry; three missed intervals mark the agent disconnected.
+    telemetry_interval: float = attrs.field(default=5.0, validator=_positive)
 
 
 @attrs.frozen

@@ -8,14 +8,17 @@ from typing import Any, NoReturn
 
 import libvirt
 from twisted.application.service import MultiService
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from quantix import state
+from quantix.agent.manager import AgentManager
 from quantix.config import Config
 from quantix.events.bus import EventBus
 from quantix.events.watcher import DomainWatcher
 from quantix.hypervisor import hostinfo
 from quantix.hypervisor.connection import Hypervisor
+from quantix.hypervisor.storage import StorageManager
 from quantix.rpc import handlers, tls
 from quantix.rpc.server import SERVICE, GrpcServer, ListenError
 
@@ -45,6 +48,7 @@ class NodeService(MultiService):
             reactor, hv.uri, event_loop=hv.event_loop, keepalive=(hv.keepalive_interval, hv.keepalive_count)
         )
         self.hypervisor.setServiceParent(self)
+        self.storage = StorageManager(self.hypervisor.conn, config.storage)
         self.grpc = GrpcServer(
             config.listen_address,
             lambda: handlers.build(self),
@@ -64,6 +68,12 @@ class NodeService(MultiService):
             reactor, self.hypervisor, self.bus, reconcile_interval=ev.reconcile_interval
         )
         self.watcher.setServiceParent(self)
+        self.agents = AgentManager(
+            reactor,
+            socket_dir=config.agent.socket_dir,
+            telemetry_interval=config.agent.telemetry_interval,
+            on_event=self._agent_event,
+        )
 
     def startService(self) -> None:
         self.started_at = time.monotonic()
@@ -74,6 +84,15 @@ class NodeService(MultiService):
             _fatal(
                 f"state dir {self.config.state_dir}: {exc.strerror}" if isinstance(exc, OSError) else str(exc)
             )
+
+    def stopService(self):
+        # Children stop in reverse order (gRPC first, then libvirt); agent channels close too.
+        return defer.gatherResults([super().stopService(), self.agents.stop_all()], consumeErrors=True)
+
+    def _agent_event(self, vm_id: str, kind: int, message: str) -> None:
+        bus = getattr(self, "bus", None)
+        if bus is not None:
+            bus.publish(kind, vm_id, message)
 
     def host_facts(self, conn: libvirt.virConnect) -> hostinfo.HostFacts:
         """Blocking (worker thread): current host facts with configured overrides applied."""
