@@ -2,8 +2,9 @@
 
 The daemon (NodeService) runs in this process on the test driver; a driver thread suspends and
 resumes a domain through the daemon's own libvirt connection, as any libvirt client would, and
-client threads read StreamEvents over real gRPC. The baseline is a raw libvirt callback in the
-same process (no reactor hop, no bus, no gRPC), measured in the same run; read the ratios.
+subscribers in a separate process read StreamEvents over real gRPC. The baseline is a raw libvirt
+callback in the same process (no reactor hop, no bus, no gRPC), measured in the same run; read
+the ratios.
 
 usage: python bench/bench_events.py [--toggles 300] [--burst 5000] [--pace 0.02]
 """

@@ -61,7 +61,14 @@ class DomainWatcher(Service):
         loop = self.hypervisor.loop
 
         def register() -> list[int]:
-            return [conn.domainEventRegisterAny(None, ev, loop.dispatch(cb), None) for ev, cb in callbacks]
+            ids = []
+            for ev, cb in callbacks:
+                try:
+                    ids.append(conn.domainEventRegisterAny(None, ev, loop.dispatch(cb), None))
+                except libvirt.libvirtError as exc:
+                    # One unsupported event id (an old libvirtd) must not cost us the others.
+                    log.warn("cannot watch libvirt event {ev}: {err}", ev=ev, err=exc)
+            return ids
 
         def registered(ids: list[int]) -> defer.Deferred:
             if self._conn is not conn:
