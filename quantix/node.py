@@ -14,6 +14,8 @@ from twisted.logger import Logger
 from quantix import state
 from quantix.agent.manager import AgentManager
 from quantix.config import Config
+from quantix.events.bus import EventBus
+from quantix.events.watcher import DomainWatcher
 from quantix.hypervisor import hostinfo
 from quantix.hypervisor.connection import Hypervisor
 from quantix.hypervisor.storage import StorageManager
@@ -58,6 +60,14 @@ class NodeService(MultiService):
         )
         self.grpc.setServiceParent(self)
         self.hypervisor.listen(self._hypervisor_up, self._hypervisor_down)
+        # Stopped before the gRPC server (reverse order), so streams end with UNAVAILABLE.
+        ev = config.events
+        self.bus = EventBus(reactor, buffer_size=ev.buffer_size, subscriber_queue=ev.subscriber_queue)
+        self.bus.setServiceParent(self)
+        self.watcher = DomainWatcher(
+            reactor, self.hypervisor, self.bus, reconcile_interval=ev.reconcile_interval
+        )
+        self.watcher.setServiceParent(self)
         self.agents = AgentManager(
             reactor,
             socket_dir=config.agent.socket_dir,
