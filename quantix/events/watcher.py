@@ -40,6 +40,10 @@ class DomainWatcher(Service):
         self._reconciling: defer.Deferred | None = None
         self._loop: task.LoopingCall | None = None
         self.reconciliations = 0
+        #: Called on the reactor as ``listener(uuid, name, state)`` whenever a domain's known
+        #: state changes (``state`` None: gone); the baseline counts as a change, so a listener
+        #: also learns what was already running when the daemon started.
+        self.state_listeners: list[Callable[[str, str, str | None], None]] = []
         hypervisor.listen(self._connected, self._disconnected)
 
     # -- connection lifecycle -----------------------------------------------------------------
@@ -130,6 +134,15 @@ class DomainWatcher(Service):
         else:
             self.known[uuid] = (name, after)
         self._generation[uuid] = self._generation.get(uuid, 0) + 1
+        if after != before_state:
+            self._notify(uuid, name, after)
+
+    def _notify(self, uuid: str, name: str, state: str | None) -> None:
+        for listener in list(self.state_listeners):
+            try:
+                listener(uuid, name, state)
+            except Exception:
+                log.failure("domain state listener failed")
 
     def _on_reboot(self, conn: Any, dom: Any, opaque: Any = None) -> None:
         self._emit(conn, dom, mapping.reboot(dom.name()))
@@ -181,7 +194,12 @@ class DomainWatcher(Service):
             for event_type, uuid, message, meta in changes:
                 name = (now.get(uuid) or known.get(uuid) or ("", ""))[0]
                 self.bus.publish(event_type, uuid, message, {**meta, "vm_name": name})
+            previous = self.known
             self.known = {**now, **{u: v for u, v in self.known.items() if u in moved}}
+            for uuid in previous.keys() | self.known.keys():
+                old, new = previous.get(uuid), self.known.get(uuid)
+                if old != new:
+                    self._notify(uuid, (new or old)[0], new[1] if new else None)
             self._synced = True
             self.reconciliations += 1
             if changes:
