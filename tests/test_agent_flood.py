@@ -31,7 +31,9 @@ def flood(rng: random.Random, count: int) -> bytes:
         if kind == 0:
             parts.append(rng.randbytes(rng.randrange(1, 64)))  # noise
         elif kind == 1:
-            parts.append(codec.MAGIC + header.pack(rng.randrange(1, 512)) + rng.randbytes(rng.randrange(0, 16)))
+            parts.append(
+                codec.MAGIC + header.pack(rng.randrange(1, 512)) + rng.randbytes(rng.randrange(0, 16))
+            )
         elif kind == 2:
             parts.append(codec.MAGIC + header.pack(codec.MAX_FRAME + rng.randrange(1, 1 << 30)))  # oversize
         elif kind == 3:
