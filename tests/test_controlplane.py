@@ -242,7 +242,7 @@ class LinkTests(unittest.TestCase):
     def test_heartbeats(self) -> Any:
         link = self.make_link(heartbeat_interval=30)
         yield self.run_until(link, lambda: self.heartbeats() >= 4)
-        gaps = {b - a for a, b in zip(self.sample_times, self.sample_times[1:])}
+        gaps = {b - a for a, b in itertools.pairwise(self.sample_times)}
         self.assertEqual(gaps, {30})
         self.assertEqual(len(self.cp.calls("RegisterNode")), 1)
         body = self.cp.calls("UpdateHeartbeat")[-1].body
