@@ -87,6 +87,37 @@ class Load:
             channel.close()
 
 
+class Stream:
+    """One server stream read to its end in a thread; ``code`` is how it ended."""
+
+    def __init__(self, address: str, method: str, request, metadata=None) -> None:
+        self.code: grpc.StatusCode | None = None
+        self.details = ""
+        self.received = 0
+        self.opened = threading.Event()
+        self._channel = grpc.insecure_channel(address)
+        self._call = getattr(node_grpc.NodeDaemonServiceStub(self._channel), method)(
+            request, metadata=metadata
+        )
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for _ in self._call:
+                self.received += 1
+                self.opened.set()
+            self.code = grpc.StatusCode.OK
+        except grpc.RpcError as exc:
+            self.code, self.details = exc.code(), exc.details()
+        finally:
+            self.opened.set()
+            self._channel.close()
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+
 class DaemonShutdownTests(unittest.TestCase):
     timeout = 120
 
@@ -137,12 +168,18 @@ class DaemonShutdownTests(unittest.TestCase):
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
         self.assertTrue(wait_message(sink, "WATCHDOG=1", 10))
 
-        load = Load(f"127.0.0.1:{port}")
+        address = f"127.0.0.1:{port}"
+        # Open streams: events resumed from an old id (a gap event arrives at once), metrics every second.
+        events = Stream(address, "StreamEvents", empty_pb2.Empty(), [("x-quantix-resume-after", "1")])
+        metrics = Stream(address, "StreamMetrics", node_pb2.StreamMetricsRequest(interval_seconds=1))
+        load = Load(address)
         load.start()
         deadline = time.monotonic() + 30
         while load.ok() < 40 and time.monotonic() < deadline:
             time.sleep(0.02)
         self.assertGreaterEqual(load.ok(), 40, _tail(tmp))
+        self.assertTrue(events.opened.wait(10))
+        self.assertTrue(metrics.opened.wait(10))
 
         proc.send_signal(signal.SIGTERM)
         try:
@@ -150,7 +187,16 @@ class DaemonShutdownTests(unittest.TestCase):
         except subprocess.TimeoutExpired:
             self.fail(f"daemon still running {GRACE + MARGIN}s after SIGTERM\n{_tail(tmp)}")
         load.join(15)
+        events.join(15)
+        metrics.join(15)
         self.assertEqual(code, 0, _tail(tmp))
+        # Streams never end OK; at shutdown they end UNAVAILABLE.
+        self.assertEqual(
+            (events.code, events.details), (grpc.StatusCode.UNAVAILABLE, "node daemon is shutting down")
+        )
+        self.assertEqual(metrics.code, grpc.StatusCode.UNAVAILABLE)
+        self.assertGreaterEqual(events.received, 1)
+        self.assertGreaterEqual(metrics.received, 1)
         self.assertEqual(sink.count("STOPPING=1"), 1)
         bad = {c for c in load.codes if c not in (grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE)}
         self.assertEqual(bad, set(), "in-flight calls must finish OK or get UNAVAILABLE")
@@ -161,7 +207,9 @@ class DaemonShutdownTests(unittest.TestCase):
         self.assertIn("SIGTERM received: draining and shutting down", messages)
         access = [r for r in records if r["namespace"] == "quantix.access"]
         self.assertGreaterEqual(len(access), 40)
-        self.assertEqual({r["method"] for r in access}, {"HealthCheck", "GetNodeInfo"})
+        self.assertEqual(
+            {r["method"] for r in access}, {"HealthCheck", "GetNodeInfo", "StreamEvents", "StreamMetrics"}
+        )
         self.assertFalse([r for r in records if r["level"] in ("error", "critical")], _tail(tmp))
 
 
