@@ -395,6 +395,18 @@ class MetricsTests(unittest.TestCase):
         yield wait_for(lambda: daemon.node.bus.subscriber_count == 1)
         samples = yield threads.deferToThread(scrape, port)
         self.assertEqual(samples[("quantix_events_subscribers", ())], 1)
+        # A stream the client cancels is counted CANCELLED (streams never end OK).
+        log = capture_json(self)
+        call.cancel()
+        yield wait_for(lambda: json_lines(log, "quantix.access"))
+        samples = yield threads.deferToThread(scrape, port)
+        self.assertEqual(samples[("quantix_events_subscribers", ())], 0)
+        self.assertEqual(
+            samples[("quantix_rpc_requests_total", (("code", "CANCELLED"), ("method", "StreamEvents")))], 1
+        )
+        self.assertNotIn(
+            ("quantix_rpc_requests_created", (("code", "CANCELLED"), ("method", "StreamEvents"))), samples
+        )
         # So does libvirt going away.
         yield daemon.node.hypervisor.stopService()
         samples = yield threads.deferToThread(scrape, port)

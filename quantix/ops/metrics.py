@@ -24,7 +24,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Histogram, PlatformCollector, ProcessCollector
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from twisted.application.service import Service
@@ -190,6 +197,7 @@ class MetricsPage(Resource):
 
 def build_registry(node: Any) -> tuple[CollectorRegistry, RpcMetrics]:
     """A private registry (not the global one), so several nodes in one process never clash."""
+    disable_created_metrics()  # process-wide: no ``*_created`` series beside every counter
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)

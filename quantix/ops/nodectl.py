@@ -229,7 +229,7 @@ EVENT_COLUMNS = ("TIME", "ID", "TYPE", "VM ID", "MESSAGE")
 
 def format_event_header() -> str:
     time_, id_, kind, vm, message = EVENT_COLUMNS
-    return f"{time_:19}  {id_:>8}  {kind:18}  {vm:36}  {message}"
+    return f"{time_:19}  {id_:>16}  {kind:18}  {vm:36}  {message}"
 
 
 def format_event(e: Any, pb: Any) -> str:
@@ -238,7 +238,7 @@ def format_event(e: Any, pb: Any) -> str:
         if e.type in pb.EventType.values()
         else str(e.type)
     )
-    return f"{timestamp(e.timestamp):19}  {e.id:>8}  {kind:18}  {e.vm_id or '-':36}  {e.message}".rstrip()
+    return f"{timestamp(e.timestamp):19}  {e.id:>16}  {kind:18}  {e.vm_id or '-':36}  {e.message}".rstrip()
 
 
 def format_metrics(m: Any) -> str:

@@ -113,6 +113,8 @@ def stream(method: str, handler: Callable[[Any, grpc.ServicerContext], Iterator[
             code = classify(exc)[0]
             _abort(method, exc, context)
         finally:
+            if code is grpc.StatusCode.OK and context is not None and not context.is_active():
+                code = grpc.StatusCode.CANCELLED  # the client went away; streams never end OK
             _finish(method, code, started, context, request)
 
     return call
