@@ -760,3 +760,26 @@ class NodectlStreamTests(unittest.TestCase):
         self.assertEqual(code, 0)
         self.assertEqual(len(out.splitlines()), 2)
         self.assertIn("cpu  12.5%", out)
+
+
+class UnitFileTests(unittest.TestCase):
+    def test_systemd_unit(self):
+        import configparser
+
+        from quantix.config import ServerConfig
+
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        unit = configparser.ConfigParser(strict=False, interpolation=None)
+        unit.optionxform = str
+        unit.read(os.path.join(root, "etc", "systemd", "quantix-node.service"))
+        service = unit["Service"]
+        self.assertEqual(service["Type"], "notify")
+        self.assertEqual(service["NotifyAccess"], "main")
+        self.assertEqual(service["Restart"], "always")
+        self.assertIn("twistd -n --pidfile= quantix-node", service["ExecStart"])
+        self.assertGreater(int(service["WatchdogSec"]), 0)
+        # Stopping takes at most the grace period plus closing agents and libvirt.
+        self.assertGreaterEqual(int(service["TimeoutStopSec"]), 2 * ServerConfig().grace_seconds + 10)
+        for key in ("After", "Wants"):
+            self.assertIn("libvirtd.service", unit["Unit"][key].split())
+            self.assertIn("virtqemud.socket", unit["Unit"][key].split())
