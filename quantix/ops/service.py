@@ -52,7 +52,10 @@ class Operations(MultiService):
         return self.drain.wait_idle_in_thread(grace).addCallback(left)
 
     def configure_twistd(self, twistd_options: Any) -> None:
-        """Running under twistd: log in ``logging.format`` and exit 0 on SIGTERM."""
+        """Running under twistd (its options, the parent of ours): log in ``logging.format``
+        and exit 0 on SIGTERM. Without twistd's options (a caller of its own) nothing changes."""
+        if twistd_options is None:
+            return
         self.log_observer = logs.twistd_observer(self.node.config.logging, twistd_options)
         self.node.reactor.callWhenRunning(shutdown.exit_zero_on_sigterm, self.node.reactor)
 
