@@ -113,7 +113,7 @@ class ServerConfig:
     metrics_listen: str | None = "0.0.0.0:9091"
     max_message_bytes: int = attrs.field(default=64 * 1024 * 1024, validator=_positive)
     #: Concurrent streams one client connection may open (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS).
-    max_streams_per_connection: int = attrs.field(default=200, validator=_positive)
+    max_streams_per_connection: int = attrs.field(default=1000, validator=_positive)
     #: PEM server certificate and key: set both to serve TLS instead of plaintext.
     tls_cert: str | None = None
     tls_key: str | None = None
