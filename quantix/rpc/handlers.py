@@ -10,8 +10,9 @@ from quantix.rpc.registry import collect
 
 def handler_classes() -> list[type]:
     from quantix.rpc.node_rpcs import NodeRpcs
+    from quantix.rpc.vm_rpcs import VmRpcs
 
-    return [NodeRpcs]
+    return [NodeRpcs, VmRpcs]
 
 
 def build(node: Any) -> dict[str, Callable[..., Any]]:
