@@ -11,6 +11,7 @@ import os
 from typing import Any
 
 from google.protobuf import empty_pb2
+from twisted.internet.threads import blockingCallFromThread
 from twisted.logger import Logger
 
 from quantix.errors import Invalid
@@ -117,13 +118,19 @@ class VmRpcs:
     def get_vm_status(self, request: Any, context: Any) -> Any:
         conn = self._conn()
         msg = vms.vm_status(conn, vms.lookup(conn, request.vm_id), self.sampler, self._pid_dir())
-        agents = getattr(self.node, "agents", None)
-        info = getattr(agents, "guest_agent_info", None)
-        if info is not None:
-            agent = info(msg.vm_id)
-            if agent is not None:
-                msg.guest_agent.CopyFrom(agent)
+        agent = self._guest_agent(msg.vm_id)
+        if agent is not None:
+            msg.guest_agent.CopyFrom(agent)
         return msg
+
+    def _guest_agent(self, vm_id: str) -> Any:
+        """What the guest agent box knows (its cache lives on the reactor thread)."""
+        agents = getattr(self.node, "agents", None)
+        if agents is None:
+            return None
+        from quantix.agent.guestinfo import to_proto
+
+        return to_proto(blockingCallFromThread(self.node.reactor, agents.info, vm_id))
 
     @rpc("ListVMs")
     def list_vms(self, request: Any, context: Any) -> Any:
