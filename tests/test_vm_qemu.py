@@ -210,6 +210,42 @@ class QemuVmTests(unittest.TestCase):
         self.assertTrue(os.path.exists(root))  # given by path, not created: kept
 
     @defer.inlineCallbacks
+    def test_disk_only_snapshot_and_delete_removes_created_files(self):
+        """A live disk-only snapshot stacks an overlay on the disk the daemon created; DeleteVM
+        removes both, and never the backing image under the created disk."""
+        vm_id = str(uuid.uuid4())
+        name = f"qtx-test-{self.tag}"
+        self.addCleanup(virsh, "undefine", name, "--snapshots-metadata", "--nvram")
+        self.addCleanup(virsh, "destroy", name)
+        base = os.path.join(self.daemon.tmp, "base.qcow2")
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", base, "16M"], check=True)
+        req = node_pb2.CreateVMOnNodeRequest(
+            vm_id=vm_id,
+            name=name,
+            spec=node_pb2.VMSpec(
+                cpu_cores=1, memory_mib=64, disks=[node_pb2.DiskSpec(id="root", backing_file=base)]
+            ),
+        )
+        yield self.call("CreateVM", req)
+        yield self.call("StartVM", node_pb2.VMIdRequest(vm_id=vm_id))
+        status = yield self.call("GetVMStatus", node_pb2.VMIdRequest(vm_id=vm_id))
+        created = status.disks[0].path
+        self.assertTrue(created.startswith(self.daemon.config.storage.vm_images))
+        snap = yield self.call(
+            "CreateSnapshot", node_pb2.CreateSnapshotRequest(vm_id=vm_id, name="d1", disk_only=True)
+        )
+        self.assertEqual(snap.vm_state, node_pb2.POWER_STATE_RUNNING)
+        status = yield self.call("GetVMStatus", node_pb2.VMIdRequest(vm_id=vm_id))
+        overlay = status.disks[0].path
+        self.assertNotEqual(overlay, created)
+        self.assertTrue(os.path.exists(overlay))
+        yield self.call("ForceStopVM", node_pb2.VMIdRequest(vm_id=vm_id))
+        yield self.call("DeleteVM", node_pb2.VMIdRequest(vm_id=vm_id))
+        self.assertFalse(os.path.exists(overlay))
+        self.assertFalse(os.path.exists(created))
+        self.assertTrue(os.path.exists(base))
+
+    @defer.inlineCallbacks
     def test_reconnects_after_the_connection_is_dropped(self):
         """libvirtd drops our client (virt-admin client-disconnect): the close callback fires,
         the supervisor reconnects and listeners run again."""

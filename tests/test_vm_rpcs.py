@@ -114,6 +114,17 @@ class VmRpcTests(unittest.TestCase):
         self.assertEqual((code, details), (grpc.StatusCode.NOT_FOUND, f"VM not found: {vm_id}"))
 
     @defer.inlineCallbacks
+    def test_concurrent_identical_creates_define_one_vm(self):
+        vm_id = str(uuid.uuid4())
+        req = node_pb2.CreateVMOnNodeRequest(
+            vm_id=vm_id, name="qtx-race", spec=spec(disks=[node_pb2.DiskSpec(id="root", size_gib=1)])
+        )
+        replies = yield defer.gatherResults([self.call("CreateVM", req) for _ in range(4)])
+        self.assertEqual({r.vm_id for r in replies}, {vm_id})
+        self.assertEqual(sorted(r.message for r in replies).count("VM created successfully"), 1)
+        self.assertEqual(len(os.listdir(self.daemon.config.storage.vm_images)), 1)
+
+    @defer.inlineCallbacks
     def test_create_vm_rejects_bad_input(self):
         code, details = yield rpc_error(
             self.call("CreateVM", node_pb2.CreateVMOnNodeRequest(vm_id="not-a-uuid", name="x", spec=spec()))

@@ -49,6 +49,9 @@ _POWER = {
 }
 
 STOP_POLL_INTERVAL = 0.25
+#: A VM busy in a long job (snapshot, migration) must not stall everyone's ListVMs: skip the
+#: stats that need its monitor instead of waiting for it.
+NOWAIT = libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT
 
 
 def power_state(state: int) -> int:
@@ -305,7 +308,7 @@ def _vm_status(
 
 def list_vms(conn: libvirt.virConnect, sampler: CpuSampler, pid_dir: str | None = None) -> list[Any]:
     """Every defined VM in one bulk libvirt query (no per-domain round trips)."""
-    out = [_vm_status(dom, stats, sampler, pid_dir) for dom, stats in conn.getAllDomainStats(STATS, 0)]
+    out = [_vm_status(dom, stats, sampler, pid_dir) for dom, stats in conn.getAllDomainStats(STATS, NOWAIT)]
     sampler.forget(m.vm_id for m in out)
     return out
 
@@ -314,7 +317,7 @@ def vm_status(
     conn: libvirt.virConnect, dom: libvirt.virDomain, sampler: CpuSampler, pid_dir: str | None = None
 ) -> Any:
     """One VM: bulk stats for that domain plus the disks from its live XML."""
-    [(_, stats)] = conn.domainListGetStats([dom], STATS, 0)
+    [(_, stats)] = conn.domainListGetStats([dom], STATS, NOWAIT)
     msg = _vm_status(dom, stats, sampler, pid_dir)
     if not msg.resource_usage.memory_total_bytes:
         # Drivers without balloon stats (the test driver) still know the configured memory.

@@ -7,7 +7,9 @@ exceptions or ``libvirtError``; :mod:`quantix.rpc.status` maps both.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from typing import Any
 
 from google.protobuf import empty_pb2
@@ -26,6 +28,28 @@ _EMPTY = empty_pb2.Empty()
 SYSTEM_PID_DIR = "/run/libvirt/qemu"
 
 
+class _KeyedLocks:
+    """One lock per VM id, so concurrent CreateVM/DeleteVM of one VM run one after the other."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[str, list] = {}  # id -> [lock, users]
+
+    @contextlib.contextmanager
+    def hold(self, key: str):
+        with self._guard:
+            entry = self._locks.setdefault(key, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            with entry[0]:
+                yield
+        finally:
+            with self._guard:
+                entry[1] -= 1
+                if not entry[1]:
+                    del self._locks[key]
+
+
 class VmRpcs:
     """Handlers; the node supplies ``config``, ``hypervisor`` and, once wired, ``storage``,
     ``bus`` (events) and ``agents``."""
@@ -34,6 +58,7 @@ class VmRpcs:
         self.node = node
         self.config = node.config
         self.sampler = vms.CpuSampler()
+        self._vm_locks = _KeyedLocks()
         self._local_disks = provision.LocalDisks(self.config.storage.vm_images)
 
     # -- plumbing -----------------------------------------------------------------------------
@@ -68,7 +93,8 @@ class VmRpcs:
 
     @rpc("CreateVM")
     def create_vm(self, request: Any, context: Any) -> Any:
-        vm_id, created = provision.create_vm(self._conn(), request, self._settings(), self._store)
+        with self._vm_locks.hold(request.vm_id.lower()):
+            vm_id, created = provision.create_vm(self._conn(), request, self._settings(), self._store)
         message = "VM created successfully" if created else "VM already exists with this spec"
         return node_pb2.CreateVMOnNodeResponse(vm_id=vm_id, created=True, message=message)
 
@@ -107,9 +133,9 @@ class VmRpcs:
 
     @rpc("DeleteVM")
     def delete_vm(self, request: Any, context: Any) -> Any:
-        dom = self._dom(request.vm_id)
-        vm_id = dom.UUIDString()
-        vms.delete(dom, self._store.delete_path, self._settings().vm_dir(vm_id))
+        with self._vm_locks.hold(request.vm_id.lower()):
+            dom = self._dom(request.vm_id)
+            vms.delete(dom, self._store.delete_path, self._settings().vm_dir(dom.UUIDString()))
         return _EMPTY
 
     # -- status -------------------------------------------------------------------------------
