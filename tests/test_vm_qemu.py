@@ -6,7 +6,9 @@ Skipped when ``qemu:///system`` does not answer, except under ``CI`` where that 
 
 from __future__ import annotations
 
+import fcntl
 import os
+import socket
 import subprocess
 import uuid
 import xml.etree.ElementTree as ET
@@ -85,9 +87,8 @@ class QemuVmTests(unittest.TestCase):
                 return "default", False
             except libvirt.libvirtError:
                 pass
-            subprocess.run(["ip", "link", "add", bridge, "type", "bridge"], check=True, capture_output=True)
-            self.addCleanup(subprocess.run, ["ip", "link", "del", bridge], capture_output=True)
-            subprocess.run(["ip", "link", "set", bridge, "up"], check=True, capture_output=True)
+            _bridge(SIOCBRADDBR, bridge)
+            self.addCleanup(_bridge, SIOCBRDELBR, bridge)
             name = f"qtx-test-{self.tag}"
             net = ET.Element("network")
             ET.SubElement(net, "name").text = name
@@ -261,6 +262,15 @@ class QemuVmTests(unittest.TestCase):
         self.assertEqual(hv.reconnects, 1)
         listed = yield self.call("ListVMs", empty_pb2.Empty())
         self.assertIsNotNone(listed)
+
+
+SIOCBRADDBR, SIOCBRDELBR = 0x89A0, 0x89A1
+
+
+def _bridge(request: int, name: str) -> None:
+    """Add or delete a Linux bridge with the kernel's bridge ioctls (no iproute2 needed)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        fcntl.ioctl(sock, request, name.encode() + b"\0")
 
 
 def _disconnect_clients_of(pid: int) -> int:
