@@ -103,6 +103,8 @@ class StorageConfig:
 class AgentConfig:
     socket_dir: str = "/var/run/quantix-kvm/vms"
     timeout: float = attrs.field(default=30.0, validator=_positive)
+    #: How often guests send telemetry; three missed intervals mark the agent disconnected.
+    telemetry_interval: float = attrs.field(default=5.0, validator=_positive)
 
 
 @attrs.frozen
@@ -112,6 +114,19 @@ class ServerConfig:
     grace_seconds: float = attrs.field(default=5.0, validator=_positive)
     metrics_listen: str | None = "0.0.0.0:9091"
     max_message_bytes: int = attrs.field(default=64 * 1024 * 1024, validator=_positive)
+    #: Concurrent streams one client connection may open (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS).
+    max_streams_per_connection: int = attrs.field(default=200, validator=_positive)
+    #: PEM server certificate and key: set both to serve TLS instead of plaintext.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    #: PEM CA bundle: when set, clients must present a certificate signed by it (mTLS).
+    tls_client_ca: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("server.tls_cert and server.tls_key must be set together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("server.tls_client_ca needs server.tls_cert and server.tls_key")
 
 
 @attrs.frozen

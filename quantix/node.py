@@ -8,13 +8,16 @@ from typing import Any, NoReturn
 
 import libvirt
 from twisted.application.service import MultiService
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from quantix import state
+from quantix.agent.manager import AgentManager
 from quantix.config import Config
 from quantix.hypervisor import hostinfo
 from quantix.hypervisor.connection import Hypervisor
-from quantix.rpc import handlers
+from quantix.hypervisor.storage import StorageManager
+from quantix.rpc import handlers, tls
 from quantix.rpc.server import SERVICE, GrpcServer, ListenError
 
 log = Logger(namespace="quantix.node")
@@ -43,15 +46,24 @@ class NodeService(MultiService):
             reactor, hv.uri, event_loop=hv.event_loop, keepalive=(hv.keepalive_interval, hv.keepalive_count)
         )
         self.hypervisor.setServiceParent(self)
+        self.storage = StorageManager(self.hypervisor.conn, config.storage)
         self.grpc = GrpcServer(
             config.listen_address,
             lambda: handlers.build(self),
             max_workers=config.server.max_workers,
             grace=config.server.grace_seconds,
             max_message_bytes=config.server.max_message_bytes,
+            credentials=tls.server_credentials(config.server),
+            extra_options=(("grpc.max_concurrent_streams", config.server.max_streams_per_connection),),
         )
         self.grpc.setServiceParent(self)
         self.hypervisor.listen(self._hypervisor_up, self._hypervisor_down)
+        self.agents = AgentManager(
+            reactor,
+            socket_dir=config.agent.socket_dir,
+            telemetry_interval=config.agent.telemetry_interval,
+            on_event=self._agent_event,
+        )
 
     def startService(self) -> None:
         self.started_at = time.monotonic()
@@ -62,6 +74,15 @@ class NodeService(MultiService):
             _fatal(
                 f"state dir {self.config.state_dir}: {exc.strerror}" if isinstance(exc, OSError) else str(exc)
             )
+
+    def stopService(self):
+        # Children stop in reverse order (gRPC first, then libvirt); agent channels close too.
+        return defer.gatherResults([super().stopService(), self.agents.stop_all()], consumeErrors=True)
+
+    def _agent_event(self, vm_id: str, kind: int, message: str) -> None:
+        bus = getattr(self, "bus", None)
+        if bus is not None:
+            bus.publish(kind, vm_id, message)
 
     def host_facts(self, conn: libvirt.virConnect) -> hostinfo.HostFacts:
         """Blocking (worker thread): current host facts with configured overrides applied."""

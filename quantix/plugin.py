@@ -64,6 +64,10 @@ def make_service(options: Options):
         log.warn("{warning}", warning=warning)
     try:
         from quantix.node import NodeService
+        from quantix.rpc.tls import TLSConfigError
     except Exception as exc:  # a stale or missing generated module, most likely
         raise SystemExit(f"quantix-node: {exc}") from None
-    return NodeService(config)
+    try:
+        return NodeService(config)
+    except TLSConfigError as exc:
+        raise SystemExit(f"quantix-node: {exc}") from None

@@ -61,7 +61,7 @@ class PluginTests(unittest.TestCase):
         busy.listen(1)
         self.addCleanup(busy.close)
         port = busy.getsockname()[1]
-        state = self.mktemp()
+        state = os.path.abspath(self.mktemp())
         result = twistd(
             "-n",
             "--pidfile=",

@@ -38,16 +38,14 @@ class LeftoverTests(unittest.TestCase):
         xml = domain_with_disk(
             ["/v/root.s2", "/v/root.s1", "/v/root.qcow2", "/images/ubuntu.qcow2"], "/v/root.qcow2"
         )
-        rest = vms.leftovers(xml, "/v/vm")
-        self.assertEqual(rest.files, ("/v/root.s2", "/v/root.s1", "/v/root.qcow2"))
-        self.assertEqual(rest.dirs, ("/v/vm",))
+        self.assertEqual(vms.leftovers(xml), ["/v/root.s2", "/v/root.s1", "/v/root.qcow2"])
 
     def test_disks_given_by_path_are_kept(self):
-        self.assertEqual(vms.leftovers(domain_with_disk(["/data/given.qcow2"], None)).files, ())
+        self.assertEqual(vms.leftovers(domain_with_disk(["/data/given.qcow2"], None)), [])
 
     def test_cloud_init_seed_goes(self):
-        xml = domain_with_disk(["/v/root.qcow2"], "/v/root.qcow2", iso="/v/vm/cloud-init.iso")
-        self.assertEqual(vms.leftovers(xml).files, ("/v/root.qcow2", "/v/vm/cloud-init.iso"))
+        xml = domain_with_disk(["/v/root.qcow2"], "/v/root.qcow2", iso="/v/vm-cloud-init.iso")
+        self.assertEqual(vms.leftovers(xml), ["/v/root.qcow2", "/v/vm-cloud-init.iso"])
 
 
 class StatsTests(unittest.TestCase):

@@ -66,6 +66,10 @@ class QemuVmTests(unittest.TestCase):
             },
         )
         yield self.daemon.start()
+        # The storage box defines a persistent pool over this daemon's VM-disk directory.
+        pool = self.daemon.node.storage.vm_pool_name
+        self.addCleanup(virsh, "pool-undefine", pool)
+        self.addCleanup(virsh, "pool-destroy", pool)
         self.call = self.daemon.call
         self.tag = uuid.uuid4().hex[:10]
 

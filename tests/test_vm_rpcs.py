@@ -7,6 +7,7 @@ import uuid
 import xml.etree.ElementTree as ET
 
 import grpc
+import libvirt
 from google.protobuf import empty_pb2
 from twisted.internet import defer, threads
 from twisted.trial import unittest
@@ -58,6 +59,18 @@ class VmRpcTests(unittest.TestCase):
     def define(self, xml: str):
         return self.in_thread(lambda conn: conn.defineXML(xml).UUIDString())
 
+    def volume_exists(self, path: str):
+        """Test-driver volumes have no files behind them: ask libvirt."""
+
+        def lookup(conn):
+            try:
+                conn.storageVolLookupByPath(path)
+                return True
+            except libvirt.libvirtError:
+                return False
+
+        return self.in_thread(lookup)
+
     def xml_of(self, vm_id: str, flags: int = 0):
         return self.in_thread(lambda conn: conn.lookupByUUIDString(vm_id).XMLDesc(flags))
 
@@ -88,7 +101,8 @@ class VmRpcTests(unittest.TestCase):
         self.assertEqual(status.name, "qtx-create")
         [disk] = status.disks
         self.assertEqual(disk.id, "root")
-        self.assertTrue(os.path.exists(disk.path), disk.path)
+        self.assertEqual(disk.path, os.path.join(self.daemon.config.storage.vm_images, f"{vm_id}-root.qcow2"))
+        self.assertTrue((yield self.volume_exists(disk.path)))
         self.assertTrue(disk.path.startswith(self.daemon.config.storage.vm_images))
         xml = yield self.xml_of(vm_id)
         root = ET.fromstring(xml)
@@ -108,7 +122,7 @@ class VmRpcTests(unittest.TestCase):
 
         # DeleteVM removes the disk and the seed it created.
         yield self.call("DeleteVM", node_pb2.VMIdRequest(vm_id=vm_id))
-        self.assertFalse(os.path.exists(disk.path))
+        self.assertFalse((yield self.volume_exists(disk.path)))
         self.assertFalse(os.path.exists(isos[0]))
         code, details = yield rpc_error(self.call("GetVMStatus", node_pb2.VMIdRequest(vm_id=vm_id)))
         self.assertEqual((code, details), (grpc.StatusCode.NOT_FOUND, f"VM not found: {vm_id}"))
@@ -122,7 +136,8 @@ class VmRpcTests(unittest.TestCase):
         replies = yield defer.gatherResults([self.call("CreateVM", req) for _ in range(4)])
         self.assertEqual({r.vm_id for r in replies}, {vm_id})
         self.assertEqual(sorted(r.message for r in replies).count("VM created successfully"), 1)
-        self.assertEqual(len(os.listdir(self.daemon.config.storage.vm_images)), 1)
+        root = os.path.join(self.daemon.config.storage.vm_images, f"{vm_id}-root.qcow2")
+        self.assertTrue((yield self.volume_exists(root)))
 
     @defer.inlineCallbacks
     def test_create_vm_rejects_bad_input(self):
@@ -156,8 +171,8 @@ class VmRpcTests(unittest.TestCase):
         )
         code, _ = yield rpc_error(self.call("CreateVM", req))
         self.assertEqual(code, grpc.StatusCode.INVALID_ARGUMENT)
-        images = self.daemon.config.storage.vm_images
-        self.assertEqual(os.listdir(images) if os.path.isdir(images) else [], [])
+        root = os.path.join(self.daemon.config.storage.vm_images, f"{vm_id}-root.qcow2")
+        self.assertFalse((yield self.volume_exists(root)))
 
     # -- power --------------------------------------------------------------------------------
 

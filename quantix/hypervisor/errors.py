@@ -6,11 +6,11 @@ import libvirt
 
 from quantix import errors
 
-_UNAVAILABLE = {
-    libvirt.VIR_ERR_NO_CONNECT,
-    libvirt.VIR_ERR_RPC,
-    libvirt.VIR_ERR_SYSTEM_ERROR,
-}
+_UNAVAILABLE = {libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_RPC}
+#: Socket-level failures count as "libvirt is down" only when they come from the RPC layer;
+#: the same codes from storage or file code are ordinary failures.
+_TRANSPORT_CODES = {libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_ERR_INTERNAL_ERROR}
+_TRANSPORT_DOMAINS = {libvirt.VIR_FROM_RPC, libvirt.VIR_FROM_REMOTE}
 _NOT_FOUND = {
     libvirt.VIR_ERR_NO_DOMAIN,
     libvirt.VIR_ERR_NO_STORAGE_POOL,
@@ -35,7 +35,7 @@ def translate(exc: BaseException) -> errors.QuantixError | None:
         return errors.WrongState(message)
     if code in _INVALID:
         return errors.Invalid(message)
-    if code in _UNAVAILABLE:
+    if code in _UNAVAILABLE or (code in _TRANSPORT_CODES and exc.get_error_domain() in _TRANSPORT_DOMAINS):
         return errors.HypervisorDown(message)
     if code == libvirt.VIR_ERR_OPERATION_TIMEOUT:
         return errors.Timeout(message)

@@ -7,10 +7,9 @@ the definition fails, so a failed CreateVM leaves no stray files.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-import subprocess
-from collections.abc import Callable
 from typing import Any, Protocol
 
 import attrs
@@ -27,57 +26,22 @@ _VOLUME_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
 
 class DiskStore(Protocol):
-    """What VM provisioning needs from the storage box."""
+    """What VM provisioning needs from the storage box (``quantix.hypervisor.storage``)."""
 
     def create_disk(
         self, pool_id: str, name: str, size_bytes: int, fmt: str = "qcow2", backing_file: str | None = None
     ) -> str: ...
 
-    def delete_path(self, path: str) -> None: ...
+    def delete_path(self, path: str) -> bool: ...
+
+    def attach_info(self, pool_id: str, volume_id: str) -> Any: ...
 
 
-class LocalDisks:
-    """Disk images as files under one directory, made with ``qemu-img``.
-
-    Stands in for the storage box's ``create_disk``/``delete_path`` where none is wired: only
-    the default location (empty ``pool_id``) exists here.
-    """
-
-    def __init__(self, directory: str, run: Callable[..., Any] = subprocess.run) -> None:
-        self.directory = directory
-        self._run = run
-
-    def create_disk(
-        self, pool_id: str, name: str, size_bytes: int, fmt: str = "qcow2", backing_file: str | None = None
-    ) -> str:
-        if pool_id:
-            raise errors.NotFound(f"storage pool not found: {pool_id}")
-        os.makedirs(self.directory, exist_ok=True)
-        path = os.path.join(self.directory, f"{name}.{fmt}")
-        if os.path.exists(path):
-            raise errors.AlreadyExists(f"disk image already exists: {path}")
-        cmd = ["qemu-img", "create", "-q", "-f", fmt]
-        if backing_file:
-            cmd += ["-b", backing_file, "-F", _image_format(backing_file)]
-        cmd.append(path)
-        if size_bytes:
-            cmd.append(str(size_bytes))
-        proc = self._run(cmd, capture_output=True, text=True, timeout=120, check=False)
-        if proc.returncode != 0:
-            raise errors.QuantixError(f"qemu-img create failed: {proc.stderr.strip()}")
-        return path
-
-    def delete_path(self, path: str) -> None:
-        os.unlink(path)
-
-
-def _image_format(path: str) -> str:
-    """qcow2 unless the file says otherwise (qemu-img refuses an overlay without -F)."""
-    try:
-        with open(path, "rb") as fh:
-            return "qcow2" if fh.read(4) == b"QFI\xfb" else "raw"
-    except OSError:
-        return "qcow2"
+def remove_file(store: DiskStore, path: str) -> None:
+    """Delete a file this node created: as a pool volume when a pool holds it, else directly."""
+    if not store.delete_path(path):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 @attrs.frozen
@@ -104,9 +68,9 @@ class HostSettings:
             cloud_images=config.storage.cloud_images,
         )
 
-    def vm_dir(self, vm_id: str) -> str:
-        """Per-VM directory for files that belong to no pool (the cloud-init seed)."""
-        return os.path.join(self.vm_images, vm_id)
+    def seed_path(self, vm_id: str) -> str:
+        """The cloud-init seed sits beside the VM's disks in the VM-disk pool."""
+        return os.path.join(self.vm_images, f"{vm_id}-cloud-init.iso")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,21 +119,28 @@ def _backing(settings: HostSettings, backing_file: str) -> str:
 def make_disk(
     disk: Any, disk_id: str, vm_id: str, settings: HostSettings, store: DiskStore
 ) -> domainxml.DiskSource:
-    """The image behind one DiskSpec: an absolute path is used as it is; an empty path (or the
-    control plane's volume id) is created in the disk's pool, as an overlay when it has a backing
-    file."""
+    """The image behind one DiskSpec: an absolute path is used as it is, so is an existing volume
+    the control plane names by id; otherwise a volume is created in the disk's pool
+    (``<vm_id>-<disk_id>.qcow2``), as an overlay when the disk has a backing file."""
     fmt = "raw" if disk.format == 1 else "qcow2"
     if disk.path and os.path.isabs(disk.path):
         return domainxml.DiskSource(domainxml.validate_path("disk path", disk.path), fmt)
-    name = disk.path or f"{vm_id}-{disk_id}"
-    if not _VOLUME_NAME.match(name):
-        raise errors.Invalid(f"disk {disk_id}: not a usable volume name: {name!r}")
+    if disk.path:
+        if not _VOLUME_NAME.match(disk.path):
+            raise errors.Invalid(f"disk {disk_id}: not a usable volume id: {disk.path!r}")
+        try:
+            return domainxml.DiskSource(store.attach_info(disk.pool_id, disk.path).path, fmt)
+        except errors.NotFound:
+            pass  # a volume the control plane named but nobody made yet: create it below
     backing = _backing(settings, disk.backing_file) if disk.backing_file else None
     if backing:
         fmt = "qcow2"  # only qcow2 can carry a backing file
     elif not disk.size_gib:
         raise errors.Invalid(f"disk {disk_id}: size_gib is required to create it")
-    path = store.create_disk(disk.pool_id, name, disk.size_gib * GIB, fmt, backing)
+    stem = disk.path or f"{vm_id}-{disk_id}"
+    if not _VOLUME_NAME.match(stem):
+        raise errors.Invalid(f"disk {disk_id}: not a usable volume name: {stem!r}")
+    path = store.create_disk(disk.pool_id, f"{stem}.{fmt}", disk.size_gib * GIB, fmt, backing)
     return domainxml.DiskSource(path, fmt, created=True)
 
 
@@ -226,7 +197,7 @@ def create_vm(
                 made.append(source.path)
             disks.append(source)
         if spec.HasField("cloud_init") and cloudinit.wants_cloud_init(spec.cloud_init):
-            iso = os.path.join(settings.vm_dir(vm_id), "cloud-init.iso")
+            iso = settings.seed_path(vm_id)
             cloudinit.write_nocloud_iso(iso, vm_id, name, spec.cloud_init)
             made.append(iso)
         nics = [resolve_nic_source(conn, nic) for nic in spec.nics]
@@ -245,16 +216,8 @@ def create_vm(
     except BaseException:
         for path in reversed(made):
             try:
-                os.unlink(path) if path == iso else store.delete_path(path)
+                remove_file(store, path)
             except Exception as exc:
                 log.warn("could not roll back {path}: {err}", path=path, err=exc)
-        _rmdir(settings.vm_dir(vm_id))
         raise
     return vm_id, True
-
-
-def _rmdir(path: str) -> None:
-    try:
-        os.rmdir(path)
-    except OSError:
-        pass

@@ -16,7 +16,6 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-import attrs
 import libvirt
 from twisted.logger import Logger
 
@@ -334,14 +333,6 @@ def vm_status(
 # Deletion
 
 
-@attrs.frozen
-class Leftovers:
-    """Files this node created for a VM, to remove once the domain is undefined."""
-
-    files: tuple[str, ...]
-    dirs: tuple[str, ...]
-
-
 def _chain(disk_el: ET.Element) -> list[str]:
     """The file chain of one ``<disk>``: active image first, then its backing files."""
     out: list[str] = []
@@ -356,7 +347,7 @@ def _chain(disk_el: ET.Element) -> list[str]:
     return out
 
 
-def leftovers(xml: str, vm_dir: str | None = None) -> Leftovers:
+def leftovers(xml: str) -> list[str]:
     """What DeleteVM removes (pure): disks and the cloud-init ISO our metadata marks as created,
     plus overlays external snapshots stacked on a created disk (never the backing image under it,
     which may be a shared cloud image)."""
@@ -377,7 +368,7 @@ def leftovers(xml: str, vm_dir: str | None = None) -> Leftovers:
             files.append(ref.path)
     if info.meta.cloud_init_iso and info.meta.cloud_init_iso not in files:
         files.append(info.meta.cloud_init_iso)
-    return Leftovers(tuple(files), (vm_dir,) if vm_dir else ())
+    return files
 
 
 _UNDEFINE_FLAGS = (
@@ -410,28 +401,19 @@ def undefine(dom: libvirt.virDomain) -> None:
             log.debug("undefine flags {flags:#x} rejected: {err}", flags=flags, err=exc)
 
 
-def delete(
-    dom: libvirt.virDomain, delete_path: Callable[[str], None], vm_dir: str | None = None
-) -> Leftovers:
-    """Undefine a stopped VM, then remove the files this node created for it.
+def delete(dom: libvirt.virDomain, remove: Callable[[str], None]) -> list[str]:
+    """Undefine a stopped VM, then remove the files this node created for it (``remove``).
 
     The domain goes first: a failed undefine must not leave a defined VM without its disks.
     A file that cannot be removed afterwards is logged, not raised (the VM is already gone).
     """
     if dom.isActive():
         raise errors.WrongState(f"VM {dom.UUIDString()} must be stopped before deletion")
-    rest = leftovers(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE), vm_dir)
+    files = leftovers(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
     undefine(dom)
-    for path in rest.files:
+    for path in files:
         try:
-            delete_path(path)
-        except FileNotFoundError:
-            pass
+            remove(path)
         except Exception as exc:
             log.warn("could not remove {path}: {err}", path=path, err=exc)
-    for path in rest.dirs:
-        try:
-            os.rmdir(path)
-        except OSError:
-            pass  # not ours to empty, or already gone
-    return rest
+    return files

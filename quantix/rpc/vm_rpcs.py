@@ -51,15 +51,14 @@ class _KeyedLocks:
 
 
 class VmRpcs:
-    """Handlers; the node supplies ``config``, ``hypervisor`` and, once wired, ``storage``,
-    ``bus`` (events) and ``agents``."""
+    """Handlers; the node supplies ``config``, ``hypervisor``, ``storage``, ``agents`` and, once
+    wired, ``bus`` (events)."""
 
     def __init__(self, node: Any) -> None:
         self.node = node
         self.config = node.config
         self.sampler = vms.CpuSampler()
         self._vm_locks = _KeyedLocks()
-        self._local_disks = provision.LocalDisks(self.config.storage.vm_images)
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -71,7 +70,7 @@ class VmRpcs:
 
     @property
     def _store(self) -> provision.DiskStore:
-        return getattr(self.node, "storage", None) or self._local_disks
+        return self.node.storage
 
     def _settings(self) -> provision.HostSettings:
         ident = self.node.hypervisor.identity
@@ -135,7 +134,7 @@ class VmRpcs:
     def delete_vm(self, request: Any, context: Any) -> Any:
         with self._vm_locks.hold(request.vm_id.lower()):
             dom = self._dom(request.vm_id)
-            vms.delete(dom, self._store.delete_path, self._settings().vm_dir(dom.UUIDString()))
+            vms.delete(dom, lambda path: provision.remove_file(self._store, path))
         return _EMPTY
 
     # -- status -------------------------------------------------------------------------------

@@ -1,0 +1,100 @@
+"""Shared benchmark plumbing: start the real daemon (or a baseline) as a process, time calls."""
+
+from __future__ import annotations
+
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+
+import grpc
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from quantix.proto import node_grpc, node_pb2  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_serving(address: str, timeout: float = 30.0) -> float:
+    """Seconds until HealthCheck answers healthy on ``address``."""
+    start = time.monotonic()
+    channel = grpc.insecure_channel(address)
+    stub = node_grpc.NodeDaemonServiceStub(channel)
+    try:
+        while time.monotonic() - start < timeout:
+            try:
+                if stub.HealthCheck(node_pb2.HealthCheckRequest(), timeout=1).healthy:
+                    return time.monotonic() - start
+            except grpc.RpcError:
+                pass
+            time.sleep(0.01)
+    finally:
+        channel.close()
+    raise RuntimeError(f"{address} did not become healthy within {timeout}s")
+
+
+def start_daemon(*flags: str, uri: str = "test:///default") -> tuple[subprocess.Popen, str, float]:
+    """Run ``twistd -n quantix-node`` on a free port; returns (process, address, seconds to SERVING)."""
+    port = free_port()
+    state = tempfile.mkdtemp(prefix="qtx-bench-")
+    address = f"127.0.0.1:{port}"
+    cmd = [
+        sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+        "-n", "--pidfile=", "--logfile", os.path.join(state, "twistd.log"), "quantix-node",
+        "--listen", address, "--libvirt-uri", uri, "--state-dir", state,
+        "--agent-socket-dir", os.path.join(state, "agents"), "--config", os.devnull, *flags,
+    ]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=ROOT, QUANTIX_SERVER_METRICS_LISTEN="")
+    started = time.monotonic()
+    proc = subprocess.Popen(cmd, env=env, cwd=state)
+    wait_serving(address)
+    return proc, address, time.monotonic() - started
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def pct(samples: Sequence[float], q: float) -> float:
+    if not samples:
+        return float("nan")
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def median(samples: Sequence[float]) -> float:
+    return statistics.median(samples) if samples else float("nan")
+
+
+def table(title: str, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    """Print an aligned plain-text table."""
+    cells = [list(map(str, header))] + [
+        [f"{c:.3g}" if isinstance(c, float) else str(c) for c in r] for r in rows
+    ]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    print(f"\n{title}")
+    for i, row in enumerate(cells):
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t

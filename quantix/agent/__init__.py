@@ -1,0 +1,1 @@
+"""The guest agent channel: frame codec, per-connection protocol, per-VM connections, guest info."""

@@ -1,0 +1,237 @@
+"""One supervised channel connection per running VM.
+
+The event bus calls :meth:`AgentManager.vm_started`/:meth:`vm_stopped`; there is no periodic
+scan. Each VM gets a ``ClientService`` that reconnects with backoff (QEMU creates the socket at
+start, the guest may reboot, and only one client may hold the socket at a time). The socket path
+is resolved afresh on every attempt, so a VM whose socket appears late is still found.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterable, Sequence
+
+from google.protobuf.message import Message
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.internet import defer
+from twisted.internet.endpoints import UNIXClientEndpoint
+from twisted.internet.error import ConnectError
+from twisted.internet.interfaces import IReactorTime, IReactorUNIX
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+
+from quantix.agent.guestinfo import EventSink, GuestInfo, GuestInfoCache
+from quantix.agent.protocol import AgentProtocol
+from quantix.errors import Unavailable
+from quantix.proto import agent_pb2
+
+CHANNEL_NAMES = ("org.quantix.agent.0", "org.limiquantix.agent.0")
+CHANNEL_ROOTS = ("/run/libvirt/qemu/channel", "/var/lib/libvirt/qemu/channel/target")
+DEFAULT_SOCKET_DIR = "/var/run/quantix-kvm/vms"
+_DOMAIN_DIR = re.compile(r"^domain-\d+-(?P<name>.+)$")
+IDENTIFY_TIMEOUT = 10.0
+_SHORT_NAME = 20  # libvirt truncates the domain name in per-domain directory names
+
+
+def socket_candidates(
+    vm_id: str,
+    socket_dir: str,
+    channel_roots: Sequence[str] = CHANNEL_ROOTS,
+    domain_name: str | None = None,
+    listdir: Callable[[str], Iterable[str]] = os.listdir,
+) -> list[str]:
+    """Every path where the VM's agent socket may live, best first.
+
+    Our own ``<socket_dir>/<vm_id>.agent.sock`` (what our domain XML asks QEMU to bind), then
+    libvirt-chosen paths for channels defined without a source path:
+    ``<root>/domain-<id>-<name>/<channel>``. A directory matches only when its name part equals
+    the VM's id or name (as libvirt shortens it), never by substring, so another VM's socket is
+    never picked.
+    """
+    out = [os.path.join(socket_dir, f"{vm_id}.agent.sock")]
+    wanted = {n[:_SHORT_NAME] for n in (vm_id, domain_name) if n}
+    for root in channel_roots:
+        try:
+            entries = sorted(listdir(root))
+        except OSError:
+            continue
+        for entry in entries:
+            m = _DOMAIN_DIR.match(entry)
+            if m and m.group("name") in wanted:
+                out.extend(os.path.join(root, entry, ch) for ch in CHANNEL_NAMES)
+    return out
+
+
+class _FirstSocketEndpoint:
+    """A UNIX client endpoint whose path is the first existing candidate at connect time."""
+
+    def __init__(self, reactor: IReactorUNIX, candidates: Callable[[], list[str]], timeout: float) -> None:
+        self._reactor = reactor
+        self._candidates = candidates
+        self._timeout = timeout
+        self.last_path: str | None = None
+
+    def connect(self, factory: Factory) -> defer.Deferred:
+        for path in self._candidates():
+            if os.path.exists(path):
+                self.last_path = path
+                return UNIXClientEndpoint(self._reactor, path, timeout=self._timeout).connect(factory)
+        return defer.fail(ConnectError(string="no agent socket yet"))
+
+
+class _VM:
+    def __init__(self, service: ClientService, endpoint: _FirstSocketEndpoint) -> None:
+        self.service = service
+        self.endpoint = endpoint
+        self.proto: AgentProtocol | None = None
+
+
+class AgentManager:
+    """Channel connections for all running VMs, plus their guest info. Reactor thread only."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        socket_dir: str = DEFAULT_SOCKET_DIR,
+        channel_roots: Sequence[str] = CHANNEL_ROOTS,
+        telemetry_interval: float = 5.0,
+        on_event: EventSink | None = None,
+        clock: IReactorTime | None = None,
+        initial_backoff: float = 0.5,
+        max_backoff: float = 30.0,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        """``clock`` (default: the reactor) drives request timeouts and the telemetry watchdog."""
+        self.reactor = reactor
+        self.clock = clock or reactor
+        self.socket_dir = socket_dir
+        self.channel_roots = tuple(channel_roots)
+        self.guests = GuestInfoCache(self.clock, telemetry_interval, on_event=on_event)
+        self._retry = backoffPolicy(initialDelay=initial_backoff, maxDelay=max_backoff)
+        self._connect_timeout = connect_timeout
+        self._vms: dict[str, _VM] = {}
+
+    def vm_started(self, vm_id: str, domain_name: str | None = None, socket_path: str | None = None) -> None:
+        """Start (idempotently) supervising the VM's channel.
+
+        ``socket_path`` is the ``<channel>`` source path from the domain XML when the caller
+        knows it; it is then the only candidate.
+        """
+        if vm_id in self._vms:
+            return
+        if socket_path:
+
+            def candidates():
+                return [socket_path]
+        else:
+
+            def candidates():
+                return socket_candidates(vm_id, self.socket_dir, self.channel_roots, domain_name)
+
+        endpoint = _FirstSocketEndpoint(self.reactor, candidates, self._connect_timeout)
+        factory = Factory.forProtocol(lambda: self._build(vm_id))
+        service = ClientService(endpoint, factory, retryPolicy=self._retry, clock=self.reactor)
+        self._vms[vm_id] = _VM(service, endpoint)
+        service.startService()
+
+    def vm_stopped(self, vm_id: str) -> defer.Deferred:
+        """Stop supervising; pending requests fail with ``Unavailable``. Fires when closed."""
+        vm = self._vms.pop(vm_id, None)
+        self.guests.forget(vm_id)
+        if vm is None:
+            return defer.succeed(None)
+        return vm.service.stopService()
+
+    def stop_all(self) -> defer.Deferred:
+        """Close every channel (daemon shutdown)."""
+        return defer.DeferredList([self.vm_stopped(v) for v in list(self._vms)], consumeErrors=True)
+
+    def request(self, vm_id: str, payload: Message, timeout: float) -> defer.Deferred:
+        """Send one request to the VM's agent; fires with the reply payload message."""
+        vm = self._vms.get(vm_id)
+        if vm is None or vm.proto is None or not vm.proto.connected:
+            return defer.fail(Unavailable(f"no guest agent connection for VM {vm_id}"))
+        return vm.proto.request(payload, timeout)
+
+    def info(self, vm_id: str) -> GuestInfo:
+        """The VM's guest info snapshot."""
+        return self.guests.get(vm_id)
+
+    def is_channel_open(self, vm_id: str) -> bool:
+        """The socket is connected (the agent itself may still be silent)."""
+        vm = self._vms.get(vm_id)
+        return vm is not None and vm.proto is not None and vm.proto.connected
+
+    def socket_path(self, vm_id: str) -> str | None:
+        """The path of the last connection attempt, for logs and tests."""
+        vm = self._vms.get(vm_id)
+        return vm.endpoint.last_path if vm else None
+
+    def when_connected(self, vm_id: str) -> defer.Deferred:
+        """Fires with the protocol once the VM's channel is open."""
+        vm = self._vms.get(vm_id)
+        if vm is None:
+            return defer.fail(Unavailable(f"VM {vm_id} is not supervised"))
+        return vm.service.whenConnected()
+
+    # -- per-connection callbacks -------------------------------------------------------------
+
+    def _build(self, vm_id: str) -> AgentProtocol:
+        proto = _TrackedProtocol(self.clock)
+        proto.manager, proto.vm_id = self, vm_id
+        proto.on_unsolicited = lambda msg: self._unsolicited(vm_id, proto, msg)
+        return proto
+
+    def _made(self, vm_id: str, proto: AgentProtocol) -> None:
+        vm = self._vms.get(vm_id)
+        if vm is not None:
+            vm.proto = proto
+            self.log.info("agent channel for {vm} open at {path}", vm=vm_id, path=vm.endpoint.last_path)
+
+    def _lost(self, vm_id: str, proto: AgentProtocol) -> None:
+        vm = self._vms.get(vm_id)
+        if vm is not None and vm.proto is proto:
+            vm.proto = None
+            self.guests.channel_down(vm_id)
+
+    def _unsolicited(self, vm_id: str, proto: _TrackedProtocol, msg: agent_pb2.AgentMessage) -> None:
+        kind = msg.WhichOneof("payload")
+        if kind == "agent_ready":
+            proto.identified = True
+            self.guests.agent_ready(vm_id, msg.agent_ready)
+        elif kind == "telemetry":
+            self.guests.telemetry(vm_id, msg.telemetry)
+            if not proto.identified:
+                # The agent sends agent_ready once per open of its port, so after our own
+                # reconnect (daemon restart) only telemetry comes: ask who it is instead.
+                proto.identified = True
+                d = proto.request(agent_pb2.GetCapabilitiesRequest(), IDENTIFY_TIMEOUT)
+                d.addCallbacks(
+                    lambda caps: self.guests.capabilities(vm_id, caps),
+                    lambda f: self.log.info("agent {vm} did not describe itself: {e}", vm=vm_id, e=f.value),
+                )
+        elif kind == "error":
+            e = msg.error
+            fmt = "guest agent {vm} reports {code}: {msg}"
+            self.log.warn(fmt, vm=vm_id, code=e.code, msg=e.message)
+
+
+class _TrackedProtocol(AgentProtocol):
+    manager: AgentManager
+    vm_id: str
+    identified = False  # agent_ready seen, or capabilities asked for, on this connection
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.manager._made(self.vm_id, self)
+
+    def connectionLost(self, reason: object = None) -> None:
+        super().connectionLost(reason)
+        self.manager._lost(self.vm_id, self)
+
+    def _dispatch(self, msg: agent_pb2.AgentMessage) -> None:
+        self.manager.guests.seen(self.vm_id)  # any frame proves the agent is alive
+        super()._dispatch(msg)

@@ -1,0 +1,458 @@
+"""Registration, heartbeat and pool assignment: the node's side of the control-plane protocol.
+
+One small state machine on the reactor. At any moment there is at most one timer and one call
+in flight for the main loop: ``register → (SyncNodeVMs, SyncFullState) → heartbeat → heartbeat
+…``. Failures go back through a jittered backoff, so a control plane that is down for hours
+costs one request a minute and nothing accumulates. Pool assignment runs beside the loop, one
+operation per pool at a time, and never holds up a heartbeat.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.logger import Logger, LogLevel
+
+from quantix.controlplane import messages, state
+from quantix.controlplane.backoff import Backoff
+from quantix.controlplane.connect import ConnectError
+from quantix.controlplane.facts import HeartbeatSample, HostFacts, PoolReport, VMFacts
+from quantix.proto import compute_pb2, storage_pb2
+
+NODE_SERVICE = "limiquantix.compute.v1.NodeService"
+POOL_SERVICE = "limiquantix.storage.v1.StoragePoolService"
+
+# Heartbeat failures in a row after which the node registers again (the control plane may have
+# restarted with an in-memory store, or marked us disconnected).
+FAILURES_BEFORE_REREGISTER = 3
+# Notifications in flight at once; beyond that they are dropped (the next full sync repairs).
+MAX_NOTIFICATIONS_IN_FLIGHT = 16
+# While a failure repeats unchanged, only every Nth occurrence is logged.
+_LOG_EVERY = 60
+
+_VM_CHANGE_EVENTS = {
+    "created": compute_pb2.VM_CHANGE_CREATED,
+    "updated": compute_pb2.VM_CHANGE_UPDATED,
+    "deleted": compute_pb2.VM_CHANGE_DELETED,
+}
+
+log = Logger(namespace="quantix.controlplane")
+
+
+def _warning(fmt: str, **kwargs: Any) -> None:
+    log.emit(LogLevel.warn, fmt, **kwargs)
+
+
+Step = Callable[[], "defer.Deferred[tuple[float, Any] | None]"]
+
+
+def _empty() -> tuple[()]:
+    return ()
+
+
+class ControlPlaneLink(service.Service):
+    """Keep this node registered and heartbeating with the control plane.
+
+    ``reactor`` only needs ``callLater``/``seconds`` (a ``task.Clock`` in tests); ``client`` is a
+    :class:`~quantix.controlplane.connect.ConnectClient`. The data sources are callables that
+    return a value or a Deferred, so the caller decides what runs in a thread:
+
+    * ``facts() -> HostFacts``, gathered again for every registration;
+    * ``vms() -> Iterable[VMFacts]`` for SyncNodeVMs/SyncFullState;
+    * ``heartbeat_sample() -> HeartbeatSample`` and ``pool_reports() -> Iterable[PoolReport]``;
+    * ``ensure_pool(StoragePool) -> Deferred`` and ``release_pool(pool_id) -> Deferred`` for the
+      pools the control plane assigns to this node and takes back.
+
+    Nothing is sent before :meth:`start_registration`: the control plane dials our gRPC port as
+    soon as it creates the node record, so the server has to be listening first.
+    """
+
+    name = "control-plane-link"
+
+    def __init__(
+        self,
+        reactor: Any,
+        client: Any,
+        facts: Callable[[], HostFacts | defer.Deferred],
+        state_dir: str,
+        *,
+        vms: Callable[[], Iterable[VMFacts] | defer.Deferred] = _empty,
+        heartbeat_sample: Callable[[], HeartbeatSample | defer.Deferred] = HeartbeatSample,
+        pool_reports: Callable[[], Iterable[PoolReport] | defer.Deferred] = _empty,
+        ensure_pool: Callable[[storage_pb2.StoragePool], defer.Deferred] | None = None,
+        release_pool: Callable[[str], defer.Deferred] | None = None,
+        heartbeat_interval: float = 30.0,
+        startup_jitter: float = 5.0,
+        backoff: Backoff | None = None,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self._clock = reactor
+        self._client = client
+        self._facts = facts
+        self._vms = vms
+        self._sample = heartbeat_sample
+        self._pool_reports = pool_reports
+        self._ensure_pool = ensure_pool
+        self._release_pool = release_pool
+        self._state_dir = state_dir
+        self._interval = heartbeat_interval
+        self._startup_jitter = startup_jitter
+        self._rand = rand
+        self._backoff = backoff or Backoff(rand=rand)
+
+        stored = state.load(state_dir, client.base_url)
+        self._stored = stored
+
+        # Public state, for health checks and metrics.
+        self.registered = False
+        self.node_id: str | None = stored.node_id or None
+        self.last_heartbeat_ok: float | None = None
+        self.consecutive_failures = 0
+        self.last_error: str | None = None
+
+        self._may_register = False
+        self._timer: Any = None
+        self._current: defer.Deferred | None = None
+        self._idle_waiters: list[defer.Deferred] = []
+
+        # Pools: ensured by this process, and assigned in an earlier run (only to release them).
+        self._pools: set[str] = set()
+        self._pools_before: set[str] = set(stored.pools)
+        self._pool_ops: dict[str, defer.Deferred] = {}
+        self._no_pool_handler_logged = False
+
+        self._unimplemented: set[str] = set()
+        self._unimplemented_logged: set[str] = set()
+        self._notifications: set[defer.Deferred] = set()
+        self._last_failure_text: str | None = None
+        self._repeats = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        if self._may_register:
+            self._schedule(self._rand() * self._startup_jitter, self._register)
+
+    def start_registration(self) -> None:
+        """The gRPC server is listening: registering may begin (idempotent)."""
+        if self._may_register:
+            return
+        self._may_register = True
+        if self.running and self._timer is None and self._current is None:
+            self._schedule(self._rand() * self._startup_jitter, self._register)
+
+    def stopService(self) -> defer.Deferred:
+        super().stopService()
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        for d in [self._current, *self._notifications, *self._pool_ops.values()]:
+            if d is not None:
+                d.cancel()
+        self._check_idle()
+        return defer.succeed(None)
+
+    @property
+    def assigned_pools(self) -> frozenset[str]:
+        """Pools the control plane assigned that this process has set up."""
+        return frozenset(self._pools)
+
+    def idle(self) -> defer.Deferred:
+        """Fires when no call is in flight (only a timer pending); lets tests step a fake clock."""
+        d: defer.Deferred = defer.Deferred()
+        self._idle_waiters.append(d)
+        self._check_idle()
+        return d
+
+    # -- the main loop -----------------------------------------------------------------------
+
+    def _schedule(self, delay: float, step: Step) -> None:
+        self._timer = self._clock.callLater(max(delay, 0.0), self._run, step)
+        self._check_idle()
+
+    def _run(self, step: Step) -> None:
+        self._timer = None
+        d = defer.maybeDeferred(step)
+        self._current = d
+        d.addCallbacks(self._stepped, self._crashed)
+
+    def _stepped(self, nxt: tuple[float, Step] | None) -> None:
+        self._current = None
+        if self.running and nxt is not None:
+            self._schedule(*nxt)
+        self._check_idle()
+
+    def _crashed(self, failure: Any) -> None:
+        """A bug in a step: log it and start over rather than stop talking to the control plane."""
+        self._current = None
+        if failure.check(defer.CancelledError) or not self.running:
+            self._check_idle()
+            return
+        log.failure("control-plane link step failed", failure)
+        self.registered = False
+        self._schedule(self._backoff.next(), self._register)
+
+    def _check_idle(self) -> None:
+        if self._current is None and not self._pool_ops and not self._notifications:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for d in waiters:
+                d.callback(None)
+
+    # -- steps -------------------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def _register(self) -> Any:
+        try:
+            facts = yield defer.maybeDeferred(self._facts)
+            node = yield self._client.call(
+                NODE_SERVICE, "RegisterNode", messages.register_request(facts), compute_pb2.Node
+            )
+            if not node.id:
+                raise ConnectError("internal", "RegisterNode answered without an id", 200)
+        except Exception as exc:
+            if not self.running:
+                return None
+            self._failed("registration", exc)
+            return (self._retry_delay(exc), self._register)
+
+        self._adopt(node.id)
+        self.registered = True
+        self.consecutive_failures = 0
+        self.last_error = None
+        self._last_failure_text = None
+        self._unimplemented.clear()
+        log.info(
+            "registered with {url} as node {node_id} ({hostname})",
+            url=self._client.base_url,
+            node_id=node.id,
+            hostname=facts.hostname,
+        )
+        vms = yield self._read_vms()
+        if vms is not None:
+            yield self._optional(
+                "SyncNodeVMs", messages.sync_vms_request(node.id, vms), compute_pb2.SyncNodeVMsResponse
+            )
+        yield self._full_sync(facts, vms)
+        # The backoff is reset by a heartbeat, not by registering: a control plane that accepts
+        # registrations but forgets us at once must not be hammered.
+        return (0.0, self._heartbeat)
+
+    @defer.inlineCallbacks
+    def _heartbeat(self) -> Any:
+        try:
+            sample = yield defer.maybeDeferred(self._sample)
+            pools = yield defer.maybeDeferred(self._pool_reports)
+            request = messages.heartbeat_request(self.node_id or "", sample, pools)
+            answer = yield self._client.call(
+                NODE_SERVICE, "UpdateHeartbeat", request, compute_pb2.UpdateHeartbeatResponse
+            )
+        except Exception as exc:
+            if not self.running:
+                return None
+            self._failed("heartbeat", exc)
+            if isinstance(exc, ConnectError) and exc.code == "not_found":
+                _warning(
+                    "control plane does not know node {node_id}: registering again", node_id=self.node_id
+                )
+                self.registered = False
+                return (self._retry_delay(exc), self._register)
+            if self.consecutive_failures >= FAILURES_BEFORE_REREGISTER:
+                self.registered = False
+                return (self._retry_delay(exc), self._register)
+            return (self._retry_delay(exc, cap=self._interval), self._heartbeat)
+
+        if self._last_failure_text is not None:
+            log.info("control plane reachable again after {n} failures", n=self.consecutive_failures)
+        self.consecutive_failures = 0
+        self.last_error = None
+        self._last_failure_text = None
+        self.last_heartbeat_ok = self._clock.seconds()
+        self._backoff.reset()
+        self._reconcile_pools(list(answer.assigned_pool_ids))
+        if answer.request_full_sync:
+            yield self._resync()
+        return (self._interval, self._heartbeat)
+
+    def _retry_delay(self, exc: BaseException, cap: float | None = None) -> float:
+        delay = self._backoff.next()
+        if cap is not None:
+            delay = min(delay, cap)
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after is not None:
+            delay = max(delay, retry_after)
+        return delay
+
+    def _failed(self, what: str, exc: BaseException) -> None:
+        """Count a failure; log it when it is new, and only now and then while it repeats."""
+        self.consecutive_failures += 1
+        text = str(exc)
+        self.last_error = f"{what}: {text}"
+        if not isinstance(exc, ConnectError):
+            log.failure("{what} failed", what=what)
+        elif text != self._last_failure_text or self._repeats >= _LOG_EVERY:
+            _warning(
+                "{what} with {url} failed ({n} in a row): {error}",
+                what=what,
+                url=self._client.base_url,
+                n=self.consecutive_failures,
+                error=text,
+            )
+            self._repeats = 0
+        else:
+            self._repeats += 1
+        self._last_failure_text = text
+
+    def _adopt(self, node_id: str) -> None:
+        if self.node_id and node_id != self.node_id:
+            _warning("control plane gave a new node id {new} (was {old})", new=node_id, old=self.node_id)
+        self.node_id = node_id
+        self._persist()
+
+    def _persist(self) -> None:
+        # A few hundred bytes, written only when something changed: cheap enough for the reactor.
+        wanted = state.LinkState(
+            control_plane=self._client.base_url,
+            node_id=self.node_id or "",
+            pools=tuple(sorted(self._pools | self._pools_before)),
+        )
+        if wanted != self._stored:
+            state.save(self._state_dir, wanted)
+            self._stored = wanted
+
+    # -- optional calls ----------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def _read_vms(self) -> Any:
+        try:
+            return list((yield defer.maybeDeferred(self._vms)))
+        except Exception:
+            log.failure("listing VMs for the control plane failed")
+            return None
+
+    @defer.inlineCallbacks
+    def _resync(self) -> Any:
+        """The control plane asked for our full state (a newer one than today's may)."""
+        try:
+            facts = yield defer.maybeDeferred(self._facts)
+        except Exception:
+            log.failure("gathering host facts failed")
+            return None
+        return (yield self._full_sync(facts, (yield self._read_vms())))
+
+    @defer.inlineCallbacks
+    def _full_sync(self, facts: HostFacts, vms: list[VMFacts] | None) -> Any:
+        if "SyncFullState" in self._unimplemented or vms is None:
+            return None
+        try:
+            pools = yield defer.maybeDeferred(self._pool_reports)
+        except Exception:
+            log.failure("collecting pool reports failed")
+            return None
+        request = messages.full_state_request(self.node_id or "", facts, vms, pools)
+        return (yield self._optional("SyncFullState", request, compute_pb2.SyncFullStateResponse))
+
+    @defer.inlineCallbacks
+    def _optional(self, method: str, request: Any, response_cls: Any) -> Any:
+        """A call whose failure must not stop the link; ``unimplemented`` is remembered."""
+        if method in self._unimplemented:
+            return None
+        try:
+            return (yield self._client.call(NODE_SERVICE, method, request, response_cls))
+        except ConnectError as exc:
+            if exc.code == "unimplemented":
+                self._unimplemented.add(method)
+                if method not in self._unimplemented_logged:
+                    self._unimplemented_logged.add(method)
+                    log.info("control plane does not implement {method}; skipping it", method=method)
+            elif self.running:
+                _warning("{method} failed: {error}", method=method, error=exc)
+            return None
+
+    def notify_vm_change(self, vm: VMFacts, event: str, previous_state: str = "") -> defer.Deferred:
+        """Push one VM change (``created``/``updated``/``deleted``); best effort, never fails."""
+        if (
+            not self.running
+            or not self.registered
+            or "NotifyVMChange" in self._unimplemented
+            or len(self._notifications) >= MAX_NOTIFICATIONS_IN_FLIGHT
+        ):
+            return defer.succeed(None)
+        request = compute_pb2.VMChangeNotification(
+            node_id=self.node_id or "",
+            vm=messages.vm_status(vm),
+            event_type=_VM_CHANGE_EVENTS.get(event, compute_pb2.VM_CHANGE_UPDATED),
+            timestamp_unix=int(self._clock.seconds()),
+            previous_state=messages.power_state(previous_state) if previous_state else 0,
+        )
+        d = self._optional("NotifyVMChange", request, compute_pb2.VMChangeAck)
+        self._notifications.add(d)
+
+        def done(result: Any) -> None:
+            self._notifications.discard(d)
+            self._check_idle()
+
+        d.addBoth(done)
+        return d
+
+    # -- pools -------------------------------------------------------------------------------
+
+    def _reconcile_pools(self, assigned: list[str]) -> None:
+        """Set up newly assigned pools and release withdrawn ones, one operation per pool."""
+        if self._ensure_pool is None or self._release_pool is None:
+            if assigned and not self._no_pool_handler_logged:
+                self._no_pool_handler_logged = True
+                _warning("control plane assigned pools {pools} but no storage handler is set", pools=assigned)
+            return
+        wanted = set(assigned)
+        for pool_id in sorted(wanted - self._pools - set(self._pool_ops)):
+            self._pool_op(pool_id, self._set_up_pool(pool_id))
+        for pool_id in sorted((self._pools | self._pools_before) - wanted - set(self._pool_ops)):
+            self._pool_op(pool_id, self._take_back_pool(pool_id))
+
+    def _pool_op(self, pool_id: str, d: defer.Deferred) -> None:
+        self._pool_ops[pool_id] = d
+
+        def done(result: Any) -> None:
+            self._pool_ops.pop(pool_id, None)
+            self._check_idle()
+
+        d.addBoth(done)
+
+    @defer.inlineCallbacks
+    def _set_up_pool(self, pool_id: str) -> Any:
+        try:
+            pool = yield self._client.call(
+                POOL_SERVICE, "GetPool", storage_pb2.GetPoolRequest(id=pool_id), storage_pb2.StoragePool
+            )
+            yield defer.maybeDeferred(self._ensure_pool, pool)
+        except defer.CancelledError:
+            return
+        except ConnectError as exc:
+            _warning("fetching assigned pool {pool_id} failed: {error}", pool_id=pool_id, error=exc)
+            return
+        except Exception:
+            log.failure("setting up assigned pool {pool_id} failed", pool_id=pool_id)
+            return
+        log.info("assigned pool {pool_id} ({name}) is set up", pool_id=pool_id, name=pool.name)
+        self._pools.add(pool_id)
+        self._pools_before.discard(pool_id)
+        self._persist()
+
+    @defer.inlineCallbacks
+    def _take_back_pool(self, pool_id: str) -> Any:
+        try:
+            yield defer.maybeDeferred(self._release_pool, pool_id)
+        except defer.CancelledError:
+            return
+        except Exception:
+            log.failure("releasing pool {pool_id} failed", pool_id=pool_id)
+            return
+        log.info("pool {pool_id} is no longer assigned: released", pool_id=pool_id)
+        self._pools.discard(pool_id)
+        self._pools_before.discard(pool_id)
+        self._persist()

@@ -1,0 +1,296 @@
+"""gRPC handlers of the guest agent RPCs.
+
+They run in gRPC worker threads and hop onto the reactor for every agent round trip
+(``blockingCallFromThread``), so the channel state is only ever touched by the reactor. Every
+request field is passed on to the agent. No channel: ``Unavailable``; no answer in time:
+``Timeout``; the agent reporting a failure: a normal response with ``success=false`` and its text.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+import uuid
+from typing import Any
+
+from google.protobuf.message import Message
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.threads import blockingCallFromThread
+from twisted.logger import Logger
+
+from quantix.agent.protocol import AgentError, ConnectionLost, set_timestamp
+from quantix.errors import Invalid
+from quantix.proto import agent_pb2, node_pb2
+from quantix.rpc.registry import rpc
+
+DEFAULT_TIMEOUT = 30.0  # per round trip (ping, one file chunk, shutdown, thaw, time sync)
+EXEC_DEFAULT_SECONDS = 60  # when ExecuteInGuest.timeout_seconds is 0
+EXEC_GRACE = 5.0  # reply wait beyond the command's own timeout
+QUIESCE_DEFAULT_SECONDS = 60  # freeze lifetime when QuiesceFilesystems.timeout_seconds is 0
+QUIESCE_GRACE = 10.0
+CHUNK = 64 * 1024
+# A read answer stops here (eof=false; the caller continues at offset): it must fit the 4 MiB a
+# default gRPC client accepts.
+MAX_READ = 4 * 1024 * 1024 - 64 * 1024
+
+
+class _Freeze:
+    __slots__ = ("agent_token", "mounts", "timer", "token")
+
+    def __init__(self, token: str, agent_token: str, mounts: list[str], timer: IDelayedCall) -> None:
+        self.token = token
+        self.agent_token = agent_token
+        self.mounts = mounts
+        self.timer = timer
+
+
+class AgentRpcs:
+    """``PingAgent``, ``ExecuteInGuest``, file transfer, shutdown, quiesce/thaw, ``SyncTime``.
+
+    ``node.reactor`` runs the channels and ``node.agents`` is the :class:`AgentManager`.
+    ``clock`` (default: the reactor) runs the automatic-thaw timers.
+    """
+
+    log = Logger()
+
+    def __init__(self, node: Any, clock: IReactorTime | None = None, wallclock: Any = time.time) -> None:
+        self.reactor = node.reactor
+        self.agents = node.agents
+        self.clock = clock or node.reactor
+        self.wallclock = wallclock
+        self._freezes: dict[str, _Freeze] = {}  # vm_id -> active freeze (reactor thread only)
+        self._ping_seq = itertools.count(1)  # next() is atomic under the GIL
+
+    def _call(self, vm_id: str, payload: Message, timeout: float) -> Any:
+        if not vm_id:
+            raise Invalid("vm_id is required")
+        return blockingCallFromThread(self.reactor, self.agents.request, vm_id, payload, timeout)
+
+    @rpc("PingAgent")
+    def ping_agent(self, request: node_pb2.VMIdRequest, context: Any) -> node_pb2.AgentPingResponse:
+        seq = next(self._ping_seq)
+        started = time.monotonic()
+        pong = self._call(request.vm_id, agent_pb2.PingRequest(sequence=seq), DEFAULT_TIMEOUT)
+        rtt_ms = (time.monotonic() - started) * 1000
+        # The response message has no round-trip field; report it as trailing metadata.
+        if context is not None:
+            context.set_trailing_metadata((("x-quantix-agent-rtt-ms", f"{rtt_ms:.3f}"),))
+        return node_pb2.AgentPingResponse(
+            connected=True, version=pong.version, uptime_seconds=pong.uptime_seconds
+        )
+
+    @rpc("ExecuteInGuest")
+    def execute_in_guest(
+        self, request: node_pb2.ExecuteInGuestRequest, context: Any
+    ) -> node_pb2.ExecuteInGuestResponse:
+        if not request.command:
+            raise Invalid("command is required")
+        seconds = request.timeout_seconds or EXEC_DEFAULT_SECONDS
+        req = agent_pb2.ExecuteRequest(
+            command=request.command,
+            args=request.args,
+            working_directory=request.working_directory,
+            environment=request.environment,
+            timeout_seconds=seconds,
+            wait_for_exit=request.wait_for_exit,
+        )
+        try:
+            r = self._call(request.vm_id, req, seconds + EXEC_GRACE)
+        except AgentError as e:
+            return node_pb2.ExecuteInGuestResponse(success=False, exit_code=-1, error=str(e))
+        ok = not r.error and not r.timed_out and (r.exit_code == 0 or not request.wait_for_exit)
+        return node_pb2.ExecuteInGuestResponse(
+            success=ok,
+            exit_code=r.exit_code,
+            stdout=r.stdout,
+            stderr=r.stderr,
+            timed_out=r.timed_out,
+            duration_ms=r.duration_ms,
+            error=r.error,
+        )
+
+    @rpc("ReadGuestFile")
+    def read_guest_file(
+        self, request: node_pb2.ReadGuestFileRequest, context: Any
+    ) -> node_pb2.ReadGuestFileResponse:
+        """Read ``max_size`` bytes (0: to the end) from ``offset`` in chunks, at most ``MAX_READ``."""
+        if not request.path:
+            raise Invalid("path is required")
+        limit = min(request.max_size or MAX_READ, MAX_READ)
+        data = bytearray()
+        offset = request.offset
+        total = 0
+        eof = False
+        while len(data) < limit:
+            want = min(CHUNK, limit - len(data))
+            req = agent_pb2.FileReadRequest(path=request.path, offset=offset, length=want, chunk_size=want)
+            try:
+                r = self._call(request.vm_id, req, DEFAULT_TIMEOUT)
+            except AgentError as e:
+                return node_pb2.ReadGuestFileResponse(success=False, error=str(e))
+            if not r.success:
+                return node_pb2.ReadGuestFileResponse(success=False, error=r.error or "read failed")
+            data += r.data
+            offset += len(r.data)
+            total = r.total_size
+            eof = r.eof or (total > 0 and offset >= total)
+            if eof or not r.data:
+                eof = eof or not r.data
+                break
+        return node_pb2.ReadGuestFileResponse(success=True, data=bytes(data), total_size=total, eof=eof)
+
+    @rpc("WriteGuestFile")
+    def write_guest_file(
+        self, request: node_pb2.WriteGuestFileRequest, context: Any
+    ) -> node_pb2.WriteGuestFileResponse:
+        """Write in 64 KiB chunks; an empty payload still creates/truncates the file."""
+        if not request.path:
+            raise Invalid("path is required")
+        payload = request.data
+        chunks = [payload[i : i + CHUNK] for i in range(0, len(payload), CHUNK)] or [b""]
+        written = 0
+        for n, chunk in enumerate(chunks):
+            req = agent_pb2.FileWriteRequest(
+                path=request.path,
+                data=chunk,
+                offset=n * CHUNK,
+                eof=n == len(chunks) - 1,
+                mode=request.mode,
+                create_parents=request.create_parents,
+                chunk_number=n,
+                total_chunks=len(chunks),
+            )
+            try:
+                r = self._call(request.vm_id, req, DEFAULT_TIMEOUT)
+            except AgentError as e:
+                return node_pb2.WriteGuestFileResponse(success=False, bytes_written=written, error=str(e))
+            if not r.success:
+                return node_pb2.WriteGuestFileResponse(
+                    success=False, bytes_written=written, error=r.error or "write failed"
+                )
+            written += r.bytes_written
+        return node_pb2.WriteGuestFileResponse(success=True, bytes_written=written)
+
+    @rpc("GuestShutdown")
+    def guest_shutdown(
+        self, request: node_pb2.GuestShutdownRequest, context: Any
+    ) -> node_pb2.GuestShutdownResponse:
+        kind = agent_pb2.SHUTDOWN_TYPE_REBOOT if request.reboot else agent_pb2.SHUTDOWN_TYPE_POWEROFF
+        req = agent_pb2.ShutdownRequest(
+            type=kind, delay_seconds=request.delay_seconds, message=request.message
+        )
+        try:
+            r = self._call(request.vm_id, req, DEFAULT_TIMEOUT)
+        except ConnectionLost:
+            # The guest went down before its answer got out: the request reached it.
+            return node_pb2.GuestShutdownResponse(accepted=True)
+        except AgentError as e:
+            return node_pb2.GuestShutdownResponse(accepted=False, error=str(e))
+        return node_pb2.GuestShutdownResponse(accepted=r.accepted, error=r.error)
+
+    # -- quiesce / thaw ---------------------------------------------------------------------
+
+    @rpc("QuiesceFilesystems")
+    def quiesce_filesystems(
+        self, request: node_pb2.QuiesceFilesystemsRequest, context: Any
+    ) -> node_pb2.QuiesceFilesystemsResponse:
+        """Freeze through the agent; thaw automatically once ``timeout_seconds`` pass."""
+        seconds = request.timeout_seconds or QUIESCE_DEFAULT_SECONDS
+        req = agent_pb2.QuiesceFilesystemsRequest(
+            mount_points=request.mount_points,
+            timeout_seconds=seconds,
+            run_pre_freeze_scripts=request.run_pre_freeze_scripts,
+        )
+        if blockingCallFromThread(self.reactor, self._freezes.__contains__, request.vm_id):
+            return node_pb2.QuiesceFilesystemsResponse(success=False, error="filesystems are already frozen")
+        try:
+            r = self._call(request.vm_id, req, seconds + QUIESCE_GRACE)
+        except AgentError as e:
+            return node_pb2.QuiesceFilesystemsResponse(success=False, error=str(e))
+        out = node_pb2.QuiesceFilesystemsResponse(success=r.success, error=r.error)
+        for f in r.frozen:
+            out.frozen.add(
+                mount_point=f.mount_point,
+                device=f.device,
+                filesystem=f.filesystem,
+                frozen=f.frozen,
+                error=f.error,
+            )
+        if r.success:
+            token = r.quiesce_token or str(uuid.uuid4())
+            mounts = [f.mount_point for f in r.frozen] or list(request.mount_points)
+            blockingCallFromThread(
+                self.reactor, self._remember, request.vm_id, token, r.quiesce_token, mounts, seconds
+            )
+            out.quiesce_token = token
+        return out
+
+    def _remember(self, vm_id: str, token: str, agent_token: str, mounts: list[str], seconds: float) -> None:
+        old = self._freezes.pop(vm_id, None)
+        if old is not None and old.timer.active():
+            old.timer.cancel()
+        timer = self.clock.callLater(seconds, self._auto_thaw, vm_id, token)
+        self._freezes[vm_id] = _Freeze(token, agent_token, mounts, timer)
+
+    def _auto_thaw(self, vm_id: str, token: str) -> defer.Deferred | None:
+        f = self._freezes.get(vm_id)
+        if f is None or f.token != token:
+            return None
+        del self._freezes[vm_id]
+        msg = "auto-thawing filesystems of {vm}: no ThawFilesystems within the quiesce timeout"
+        self.log.warn(msg, vm=vm_id)
+        req = agent_pb2.ThawFilesystemsRequest(quiesce_token=f.agent_token, mount_points=f.mounts)
+        d = self.agents.request(vm_id, req, DEFAULT_TIMEOUT)
+        d.addErrback(lambda fail: self.log.failure("automatic thaw of {vm} failed", fail, vm=vm_id))
+        return d
+
+    def _claim(self, vm_id: str, token: str) -> _Freeze | None:
+        """Check the token against the active freeze and take it; None when none is known."""
+        f = self._freezes.get(vm_id)
+        if f is None:
+            return None
+        if token != f.token:
+            raise Invalid("quiesce token does not match the active freeze")
+        del self._freezes[vm_id]
+        if f.timer.active():
+            f.timer.cancel()
+        return f
+
+    @rpc("ThawFilesystems")
+    def thaw_filesystems(
+        self, request: node_pb2.ThawFilesystemsRequest, context: Any
+    ) -> node_pb2.ThawFilesystemsResponse:
+        if not request.vm_id:
+            raise Invalid("vm_id is required")
+        f = blockingCallFromThread(self.reactor, self._claim, request.vm_id, request.quiesce_token)
+        # A freeze we do not know (daemon restarted) is passed on: the agent checks its own token.
+        agent_token = f.agent_token if f is not None else request.quiesce_token
+        req = agent_pb2.ThawFilesystemsRequest(
+            quiesce_token=agent_token,
+            mount_points=request.mount_points,
+            run_post_thaw_scripts=request.run_post_thaw_scripts,
+        )
+        try:
+            r = self._call(request.vm_id, req, DEFAULT_TIMEOUT)
+        except AgentError as e:
+            return node_pb2.ThawFilesystemsResponse(success=False, error=str(e))
+        return node_pb2.ThawFilesystemsResponse(
+            success=r.success,
+            thawed_mount_points=r.thawed_mount_points,
+            error=r.error,
+            frozen_duration_ms=r.frozen_duration_ms,
+        )
+
+    @rpc("SyncTime")
+    def sync_time(self, request: node_pb2.SyncTimeRequest, context: Any) -> node_pb2.SyncTimeResponse:
+        """Ask the agent to set its clock to the host's (``force`` steps instead of slewing)."""
+        req = agent_pb2.SyncTimeRequest(force=request.force)
+        set_timestamp(req.set_time, self.wallclock())
+        try:
+            r = self._call(request.vm_id, req, DEFAULT_TIMEOUT)
+        except AgentError as e:
+            return node_pb2.SyncTimeResponse(success=False, error=str(e))
+        return node_pb2.SyncTimeResponse(
+            success=r.success, offset_seconds=r.offset_seconds, time_source=r.time_source, error=r.error
+        )

@@ -1,0 +1,165 @@
+"""The QTX1 frame codec: exact bytes, and resynchronisation properties under hypothesis."""
+
+from __future__ import annotations
+
+import struct
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from twisted.trial import unittest
+
+from quantix.agent import codec
+from quantix.agent.codec import HEADER_SIZE, MAGIC, FrameDecoder
+from quantix.proto import agent_pb2
+
+SMALL = 4096  # a small frame limit keeps oversize cases cheap
+CAP = SMALL + HEADER_SIZE
+SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def ping(seq: int, mid: str = "m") -> agent_pb2.AgentMessage:
+    return agent_pb2.AgentMessage(message_id=f"{mid}{seq}", ping=agent_pb2.PingRequest(sequence=seq))
+
+
+def feed_chunks(dec: FrameDecoder, data: bytes, cuts: list[int]) -> list[agent_pb2.AgentMessage]:
+    """Feed ``data`` split at ``cuts``, checking the memory bound after every call."""
+    out = []
+    last = 0
+    for cut in [*sorted({c % (len(data) + 1) for c in cuts}), len(data)]:
+        out += dec.feed(data[last:cut])
+        assert dec.buffered <= dec.max_frame + HEADER_SIZE, dec.buffered
+        last = cut
+    return out
+
+
+messages = st.builds(
+    lambda seq, mid, stdout: agent_pb2.AgentMessage(
+        message_id=mid, execute_response=agent_pb2.ExecuteResponse(exit_code=seq, stdout=stdout)
+    ),
+    st.integers(-5, 5),
+    st.text(max_size=20),
+    st.text(max_size=300),
+)
+garbage = st.binary(max_size=600).map(lambda b: b.replace(MAGIC, b"QTXX"))
+zero_header = st.just(MAGIC + b"\0\0\0\0")
+oversize_header = st.integers(SMALL + 1, 2**32 - 1).map(lambda n: MAGIC + struct.pack(">I", n))
+# A false header whose claimed payload is exactly present and does not decode.
+undecodable = st.integers(1, 64).map(lambda n: MAGIC + struct.pack(">I", n) + b"\xff" * n)
+safe_noise = st.one_of(garbage, zero_header, oversize_header, undecodable)
+cuts = st.lists(st.integers(0, 100_000), max_size=12)
+
+
+class EncodeTests(unittest.TestCase):
+    def test_exact_bytes(self) -> None:
+        msg = ping(7)
+        body = msg.SerializeToString()
+        self.assertEqual(codec.encode(msg), b"QTX1" + len(body).to_bytes(4, "big") + body)
+
+    def test_limit(self) -> None:
+        big = agent_pb2.AgentMessage(file_write=agent_pb2.FileWriteRequest(data=b"x" * 100))
+        self.assertRaises(codec.FrameTooLarge, codec.encode, big, 50)
+        self.assertRaises(ValueError, codec.encode, agent_pb2.AgentMessage())
+
+    def test_sixteen_mib_is_the_default_limit(self) -> None:
+        self.assertEqual(codec.MAX_FRAME, 16 * 1024 * 1024)
+        dec = FrameDecoder()
+        self.assertEqual(
+            dec.feed(MAGIC + struct.pack(">I", 16 * 1024 * 1024 + 1) + codec.encode(ping(1))), [ping(1)]
+        )
+
+    def test_one_byte_at_a_time(self) -> None:
+        data = codec.encode(ping(1)) + b"noise" + codec.encode(ping(2))
+        dec = FrameDecoder()
+        got = [m for i in range(len(data)) for m in dec.feed(data[i : i + 1])]
+        self.assertEqual(got, [ping(1), ping(2)])
+        self.assertEqual(dec.buffered, 0)
+
+    def test_magic_split_across_garbage_tail(self) -> None:
+        dec = FrameDecoder()
+        self.assertEqual(dec.feed(b"xxQTX"), [])
+        self.assertEqual(dec.buffered, 3)  # only a possible magic prefix is kept
+        self.assertEqual(dec.feed(codec.encode(ping(3))[3:]), [ping(3)])
+        dec2 = FrameDecoder()
+        self.assertEqual(dec2.feed(b"QTX" + codec.encode(ping(4))), [ping(4)])
+
+    def test_message_without_payload_is_noise(self) -> None:
+        empty = agent_pb2.AgentMessage(message_id="x").SerializeToString()
+        data = MAGIC + struct.pack(">I", len(empty)) + empty + codec.encode(ping(1))
+        dec = FrameDecoder()
+        self.assertEqual(dec.feed(data), [ping(1)])
+        self.assertEqual(dec.false_headers, 1)
+
+    def test_scan_limit_counts_overruns_without_buffering(self) -> None:
+        dec = FrameDecoder(scan_limit=1000)
+        for _ in range(10):
+            dec.feed(b"z" * 500)
+            self.assertLessEqual(dec.buffered, 3)
+        self.assertEqual(dec.overruns, 4)
+        self.assertEqual(dec.discarded, 5000)
+        self.assertEqual(dec.feed(codec.encode(ping(9))), [ping(9)])
+
+    def test_resync_releases_frames_behind_a_long_false_header(self) -> None:
+        dec = FrameDecoder(max_frame=SMALL)
+        good = codec.encode(ping(1)) + codec.encode(ping(2))
+        self.assertEqual(dec.feed(MAGIC + struct.pack(">I", SMALL) + good), [])
+        self.assertEqual(dec.resync(), [ping(1), ping(2)])
+        self.assertEqual(dec.buffered, 0)
+
+
+class PropertyTests(unittest.TestCase):
+    @SETTINGS
+    @given(st.lists(messages, max_size=8), cuts)
+    def test_round_trip_any_split(self, msgs, cut) -> None:
+        data = b"".join(codec.encode(m) for m in msgs)
+        self.assertEqual(feed_chunks(FrameDecoder(max_frame=SMALL), data, cut), msgs)
+
+    @SETTINGS
+    @given(st.lists(st.one_of(messages, safe_noise), max_size=16), cuts)
+    def test_good_frames_after_noise_are_all_recovered(self, parts, cut) -> None:
+        """Guaranteed: garbage without the magic, zero and oversize lengths, undecodable payloads."""
+        data = b"".join(codec.encode(p) if isinstance(p, agent_pb2.AgentMessage) else p for p in parts)
+        expected = [p for p in parts if isinstance(p, agent_pb2.AgentMessage)]
+        self.assertEqual(feed_chunks(FrameDecoder(max_frame=SMALL), data, cut), expected)
+
+    @SETTINGS
+    @given(st.lists(messages, max_size=6), messages, st.integers(1, 40), cuts)
+    def test_truncated_frame_then_resync(self, before, cut_msg, keep, cut) -> None:
+        """A frame cut short (writer died) loses only itself: earlier frames come out at once,
+        later ones on ``resync()`` once its claimed length cannot be met."""
+        trunc = codec.encode(cut_msg)[: HEADER_SIZE + keep]
+        trunc = trunc[:4] + struct.pack(">I", SMALL) + trunc[8:]  # claims more than will come
+        after = [ping(i, "after") for i in range(3)]
+        data = b"".join(map(codec.encode, before)) + trunc + b"".join(map(codec.encode, after))
+        dec = FrameDecoder(max_frame=SMALL)
+        got = feed_chunks(dec, data, cut)
+        self.assertEqual(got, before)
+        self.assertEqual(dec.resync(), after)
+
+    @SETTINGS
+    @given(
+        st.lists(
+            st.one_of(
+                messages,
+                safe_noise,
+                st.binary(max_size=SMALL * 2),
+                st.tuples(messages, st.integers(0, 200)).map(lambda t: codec.encode(t[0])[: t[1]]),
+                st.integers(1, SMALL).map(lambda n: MAGIC + struct.pack(">I", n)),
+            ),
+            max_size=20,
+        ),
+        cuts,
+    )
+    def test_arbitrary_streams_never_crash_and_stay_bounded(self, parts, cut) -> None:
+        data = b"".join(codec.encode(p) if isinstance(p, agent_pb2.AgentMessage) else p for p in parts)
+        dec = FrameDecoder(max_frame=SMALL)
+        for m in feed_chunks(dec, data, cut) + dec.resync():
+            self.assertIsNotNone(m.WhichOneof("payload"))
+        self.assertLessEqual(dec.buffered, CAP)
+
+    @settings(max_examples=30, deadline=None)
+    @given(st.integers(1, 5))
+    def test_flood_larger_than_limit_stays_bounded(self, n) -> None:
+        dec = FrameDecoder(max_frame=SMALL)
+        flood = (MAGIC + struct.pack(">I", SMALL) + b"\xff" * SMALL) * n + b"y" * (CAP * 3)
+        self.assertEqual(dec.feed(flood + codec.encode(ping(1))), [ping(1)])
+        self.assertLessEqual(dec.buffered, CAP)
