@@ -9,11 +9,12 @@ import xml.etree.ElementTree as ET
 import grpc
 import libvirt
 from google.protobuf import empty_pb2
-from twisted.internet import defer, threads
+from twisted.internet import defer, reactor, threads
 from twisted.trial import unittest
 
 from quantix.proto import node_pb2
-from tests.support import Daemon, rpc_error
+from tests.guestpeer import GuestPeer
+from tests.support import Daemon, rpc_error, wait_for
 
 RUNNING = "11111111-2222-3333-4444-555555555555"
 STOPPED = "66666666-7777-8888-9999-000000000000"
@@ -277,7 +278,7 @@ class VmRpcTests(unittest.TestCase):
         self.assertGreater(s1.created_at.seconds, 0)
         s2 = yield self.call(
             "CreateSnapshot",
-            node_pb2.CreateSnapshotRequest(vm_id=RUNNING, name="s2", description="second", quiesce=True),
+            node_pb2.CreateSnapshotRequest(vm_id=RUNNING, name="s2", description="second"),
         )
         self.assertEqual((s2.parent_id, s2.description), ("s1", "second"))
         code, _ = yield rpc_error(
@@ -305,6 +306,38 @@ class VmRpcTests(unittest.TestCase):
             "CreateSnapshot", node_pb2.CreateSnapshotRequest(vm_id=STOPPED, name="s3", disk_only=True)
         )
         self.assertEqual(s3.vm_state, node_pb2.POWER_STATE_STOPPED)
+
+    @defer.inlineCallbacks
+    def test_quiesced_snapshot_freezes_and_thaws_through_the_agent(self):
+        req = node_pb2.CreateSnapshotRequest(vm_id=RUNNING, name="q1", quiesce=True)
+        # No agent connected: a consistent snapshot cannot be had, so none is taken.
+        code, details = yield rpc_error(self.call("CreateSnapshot", req))
+        self.assertEqual(code, grpc.StatusCode.UNAVAILABLE, details)
+        listed = yield self.call("ListSnapshots", node_pb2.VMIdRequest(vm_id=RUNNING))
+        self.assertEqual(list(listed.snapshots), [])
+
+        agents = self.daemon.node.agents
+        os.makedirs(self.daemon.config.agent.socket_dir, exist_ok=True)
+        peer = GuestPeer(reactor)
+        port = reactor.listenUNIX(
+            os.path.join(self.daemon.config.agent.socket_dir, f"{RUNNING}.agent.sock"), peer
+        )
+        self.addCleanup(port.stopListening)
+        self.addCleanup(peer.hang_up)
+        agents.vm_started(RUNNING)
+        yield wait_for(lambda: agents.is_channel_open(RUNNING))
+        snap = yield self.call("CreateSnapshot", req)
+        self.assertEqual(snap.snapshot_id, "q1")
+        self.assertEqual(len(peer.requests_of("quiesce")), 1)
+        self.assertEqual(peer.guest.thaws, 1)
+        self.assertIsNone(peer.guest.freeze)
+
+        # The guest refuses to freeze (already frozen): no snapshot.
+        peer.guest.freeze = ("other", 0.0, ["/"])
+        req.name = "q2"
+        code, details = yield rpc_error(self.call("CreateSnapshot", req))
+        self.assertEqual(code, grpc.StatusCode.UNAVAILABLE)
+        self.assertIn("already frozen", details)
 
     # -- hot-plug -----------------------------------------------------------------------------
 

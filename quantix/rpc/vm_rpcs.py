@@ -10,15 +10,16 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 from google.protobuf import empty_pb2
 from twisted.internet.threads import blockingCallFromThread
 from twisted.logger import Logger
 
-from quantix.errors import Invalid
+from quantix.errors import Invalid, QuantixError, Unavailable
 from quantix.hypervisor import consoles, devices, hostinfo, provision, snapshots, vms
-from quantix.proto import node_pb2
+from quantix.proto import agent_pb2, node_pb2
 from quantix.rpc.registry import rpc
 
 log = Logger(namespace="quantix.rpc.vm")
@@ -26,6 +27,8 @@ log = Logger(namespace="quantix.rpc.vm")
 _EMPTY = empty_pb2.Empty()
 #: Where the system QEMU driver keeps ``<name>.pid`` (VM start times come from it).
 SYSTEM_PID_DIR = "/run/libvirt/qemu"
+#: How long a snapshot may keep guest filesystems frozen before the agent thaws them itself.
+QUIESCE_SECONDS = 60
 
 
 class _KeyedLocks:
@@ -177,11 +180,8 @@ class VmRpcs:
     @rpc("CreateSnapshot")
     def create_snapshot(self, request: Any, context: Any) -> Any:
         dom = self._dom(request.vm_id)
-        if request.quiesce and getattr(self.node, "agents", None) is None:
-            log.info(
-                "snapshot of {vm}: quiesce asked for but no guest agent box; not quiesced", vm=request.vm_id
-            )
-        snap = snapshots.create(dom, request.name, request.description, disk_only=request.disk_only)
+        with self._quiesced(dom, request.quiesce):
+            snap = snapshots.create(dom, request.name, request.description, disk_only=request.disk_only)
         self._publish(
             node_pb2.EVENT_TYPE_SNAPSHOT_CREATED,
             dom.UUIDString(),
@@ -189,6 +189,40 @@ class VmRpcs:
             snapshot_id=snap.snapshot_id,
         )
         return snap
+
+    @contextlib.contextmanager
+    def _quiesced(self, dom: Any, wanted: bool) -> Iterator[None]:
+        """Guest filesystems frozen through our agent for the duration; thawed whatever happens.
+
+        Only a running VM has anything to freeze. When the freeze was asked for and cannot be had
+        (no agent connected, the guest refuses) the snapshot is not taken: the caller asked for
+        a consistent one.
+        """
+        agents = getattr(self.node, "agents", None)
+        if not wanted or not dom.isActive():
+            yield
+            return
+        vm_id = dom.UUIDString()
+        if agents is None:
+            log.info("snapshot of {vm}: no guest agent box, not quiesced", vm=vm_id)
+            yield
+            return
+        reactor = self.node.reactor
+        freeze = agent_pb2.QuiesceFilesystemsRequest(timeout_seconds=QUIESCE_SECONDS)
+        frozen = blockingCallFromThread(reactor, agents.request, vm_id, freeze, QUIESCE_SECONDS + 10)
+        if not frozen.success:
+            raise Unavailable(f"cannot quiesce VM {vm_id}: {frozen.error or 'the guest agent refused'}")
+        try:
+            yield
+        finally:
+            thaw = agent_pb2.ThawFilesystemsRequest(quiesce_token=frozen.quiesce_token)
+            try:
+                thawed = blockingCallFromThread(reactor, agents.request, vm_id, thaw, QUIESCE_SECONDS)
+                if not thawed.success:
+                    log.warn("thaw of {vm} failed: {err}", vm=vm_id, err=thawed.error)
+            except QuantixError as exc:
+                # The agent thaws by itself once QUIESCE_SECONDS pass.
+                log.warn("thaw of {vm} failed: {err}", vm=vm_id, err=exc)
 
     @rpc("RevertSnapshot")
     def revert_snapshot(self, request: Any, context: Any) -> Any:
