@@ -172,7 +172,9 @@ class QemuVmTests(unittest.TestCase):
         yield self.call("AttachNIC", node_pb2.AttachNICRequest(vm_id=vm_id, nic=nic))
         yield self.call(
             "AttachDisk",
-            node_pb2.AttachDiskRequest(vm_id=vm_id, disk=node_pb2.DiskSpec(id="data", size_gib=1)),
+            node_pb2.AttachDiskRequest(
+                vm_id=vm_id, disk=node_pb2.DiskSpec(id="data", size_gib=1, bus=node_pb2.DISK_BUS_SATA)
+            ),
         )
         yield self.call("ChangeMedia", node_pb2.ChangeMediaRequest(vm_id=vm_id, device="cd0", iso_path=iso))
         live = ET.fromstring((yield self.xml_of(vm_id)))
@@ -180,8 +182,11 @@ class QemuVmTests(unittest.TestCase):
         sources = [s.get("file") for s in live.findall("devices/disk/source")]
         self.assertIn(iso, sources)
         status = yield self.call("GetVMStatus", node_pb2.VMIdRequest(vm_id=vm_id))
-        data = {d.id: d.path for d in status.disks}["data"]
+        [data_disk] = [d for d in status.disks if d.id == "data"]
+        data = data_disk.path
         self.assertTrue(os.path.exists(data))
+        self.assertEqual(data_disk.bus, node_pb2.DISK_BUS_VIRTIO)  # SATA cannot be hot-plugged
+        self.assertEqual(data_disk.size_gib, 1)
         yield self.call("ChangeMedia", node_pb2.ChangeMediaRequest(vm_id=vm_id, device="cd0"))
 
         # No OS answers ACPI: StopVM times out and leaves the VM running.

@@ -23,6 +23,7 @@ log = Logger(namespace="quantix.hypervisor.devices")
 
 LIVE = libvirt.VIR_DOMAIN_AFFECT_LIVE
 CONFIG = libvirt.VIR_DOMAIN_AFFECT_CONFIG
+HOTPLUG_BUSES = ("virtio", "scsi")  # AHCI (SATA) and IDE take no disks while the VM runs
 _DEV_PREFIX = {"virtio": "vd", "scsi": "sd", "sata": "sd", "ide": "hd"}
 
 
@@ -132,6 +133,14 @@ def attach_disk(
     if cfg.disk(disk_id) is not None and cfg.disk(disk_id).id == disk_id:
         raise errors.AlreadyExists(f"disk {disk_id} already exists on VM {vm_id}")
     bus = domainxml.disk_bus(disk.bus, q35="q35" in _machine(root), readonly=disk.readonly)
+    if live is not None and bus not in HOTPLUG_BUSES:
+        log.info(
+            "VM {vm} is running: disk {disk} goes on virtio, {bus} cannot be hot-plugged",
+            vm=vm_id,
+            disk=disk_id,
+            bus=bus,
+        )
+        bus = "virtio"
     used = [d.dev for d in cfg.disks + (live.disks if live else ())]
     dev = domainxml.next_dev_name(_DEV_PREFIX[bus], used)
     source = make_disk(disk, disk_id, vm_id, settings, store)

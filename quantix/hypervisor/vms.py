@@ -316,7 +316,10 @@ def vm_status(
     conn: libvirt.virConnect, dom: libvirt.virDomain, sampler: CpuSampler, pid_dir: str | None = None
 ) -> Any:
     """One VM: bulk stats for that domain plus the disks from its live XML."""
-    [(_, stats)] = conn.domainListGetStats([dom], STATS, NOWAIT)
+    found = conn.domainListGetStats([dom], STATS, NOWAIT)
+    if not found:  # undefined since the lookup
+        raise errors.VMNotFound(dom.UUIDString())
+    stats = found[0][1]
     msg = _vm_status(dom, stats, sampler, pid_dir)
     if not msg.resource_usage.memory_total_bytes:
         # Drivers without balloon stats (the test driver) still know the configured memory.
