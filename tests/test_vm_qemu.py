@@ -237,6 +237,9 @@ class QemuVmTests(unittest.TestCase):
             ),
         )
         yield self.call("CreateVM", req)
+        # An overlay of a cloud image gets a seed even without cloud-init data.
+        seed = os.path.join(self.daemon.config.storage.vm_images, f"{vm_id}-cloud-init.iso")
+        self.assertTrue(os.path.exists(seed))
         yield self.call("StartVM", node_pb2.VMIdRequest(vm_id=vm_id))
         status = yield self.call("GetVMStatus", node_pb2.VMIdRequest(vm_id=vm_id))
         created = status.disks[0].path
@@ -253,6 +256,7 @@ class QemuVmTests(unittest.TestCase):
         yield self.call("DeleteVM", node_pb2.VMIdRequest(vm_id=vm_id))
         self.assertFalse(os.path.exists(overlay))
         self.assertFalse(os.path.exists(created))
+        self.assertFalse(os.path.exists(seed))
         self.assertTrue(os.path.exists(base))
 
     @defer.inlineCallbacks

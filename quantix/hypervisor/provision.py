@@ -148,6 +148,13 @@ def make_disk(
 # CreateVM
 
 
+def wants_seed(spec: Any) -> bool:
+    """A cloud-init seed when the spec carries cloud-init data, or when a disk is an overlay of
+    a cloud image: such an image waits minutes for a datasource without one (the seed then has
+    only the generated meta-data: instance id and host name)."""
+    return cloudinit.wants_cloud_init(spec.cloud_init) or any(d.backing_file for d in spec.disks)
+
+
 def existing(conn: libvirt.virConnect, vm_id: str) -> libvirt.virDomain | None:
     try:
         return conn.lookupByUUIDString(vm_id)
@@ -170,6 +177,9 @@ def create_vm(
         raise errors.Invalid("VM spec is required")
     name = domainxml.validate_name(req.name or f"vm-{vm_id[:8]}")
     labels = domainxml.validate_labels(dict(req.labels))
+    # Cheap checks the builder would make anyway, before any disk is created.
+    domainxml.vcpu_topology(req.spec)
+    domainxml.validate_memory(req.spec)
     digest = domainxml.request_digest(name, req.spec, labels)
 
     dom = existing(conn, vm_id)
@@ -196,7 +206,7 @@ def create_vm(
             if source.created:
                 made.append(source.path)
             disks.append(source)
-        if spec.HasField("cloud_init") and cloudinit.wants_cloud_init(spec.cloud_init):
+        if wants_seed(spec):
             iso = settings.seed_path(vm_id)
             cloudinit.write_nocloud_iso(iso, vm_id, name, spec.cloud_init)
             made.append(iso)
