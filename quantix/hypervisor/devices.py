@@ -17,7 +17,7 @@ from twisted.logger import Logger
 
 from quantix import errors
 from quantix.hypervisor import domaininfo, domainxml
-from quantix.hypervisor.provision import DiskStore, HostSettings, make_disk, resolve_nic_source
+from quantix.hypervisor.provision import DiskStore, HostSettings, make_disk, remove_file, resolve_nic_source
 
 log = Logger(namespace="quantix.hypervisor.devices")
 
@@ -49,29 +49,6 @@ def _set_meta(dom: libvirt.virDomain, meta: domainxml.VMMeta) -> None:
     )
 
 
-def _with_device(meta: domainxml.VMMeta, ref: domainxml.DeviceRef) -> domainxml.VMMeta:
-    devices = (*(d for d in meta.devices if not (d.kind == ref.kind and d.id == ref.id)), ref)
-    return domainxml.VMMeta(
-        labels=meta.labels,
-        devices=devices,
-        digest=meta.digest,
-        guest_os=meta.guest_os,
-        cloud_init_iso=meta.cloud_init_iso,
-        nvram=meta.nvram,
-    )
-
-
-def _without(meta: domainxml.VMMeta, keep) -> domainxml.VMMeta:
-    return domainxml.VMMeta(
-        labels=meta.labels,
-        devices=tuple(d for d in meta.devices if keep(d)),
-        digest=meta.digest,
-        guest_os=meta.guest_os,
-        cloud_init_iso=meta.cloud_init_iso,
-        nvram=meta.nvram,
-    )
-
-
 def _detach(dom: libvirt.virDomain, live_xml: str | None, config_xml: str | None) -> None:
     """Live first: if the guest refuses, the persistent definition is left as it was."""
     if live_xml is not None:
@@ -97,7 +74,7 @@ def attach_nic(conn: libvirt.virConnect, dom: libvirt.virDomain, nic: Any) -> do
     el = domainxml.nic_element(nic, mac=mac, source=source)
     dom.attachDeviceFlags(domainxml.element_xml(el), _flags(dom))
     ref = domainxml.DeviceRef("nic", nic_id, mac=mac)
-    _set_meta(dom, _with_device(cfg.meta, ref))
+    _set_meta(dom, cfg.meta.with_device(ref))
     return ref
 
 
@@ -110,7 +87,7 @@ def detach_nic(dom: libvirt.virDomain, nic_id: str) -> domaininfo.NicInfo:
     if found is None:
         raise errors.NotFound(f"NIC not found: {nic_id} (VM {dom.UUIDString()})")
     _detach(dom, in_live.xml if in_live else None, in_cfg.xml if in_cfg else None)
-    _set_meta(dom, _without(cfg.meta, lambda d: not (d.kind == "nic" and d.mac == found.mac)))
+    _set_meta(dom, cfg.meta.without_device("nic", found.id))
     return found
 
 
@@ -130,7 +107,7 @@ def attach_disk(
     vm_id = dom.UUIDString()
     cfg, live, root = _views(dom)
     disk_id = disk.id or f"disk-{uuid.uuid4().hex[:8]}"
-    if cfg.disk(disk_id) is not None and cfg.disk(disk_id).id == disk_id:
+    if any(d.id == disk_id for d in cfg.disks):
         raise errors.AlreadyExists(f"disk {disk_id} already exists on VM {vm_id}")
     bus = domainxml.disk_bus(disk.bus, q35="q35" in _machine(root), readonly=disk.readonly)
     if live is not None and bus not in HOTPLUG_BUSES:
@@ -149,10 +126,10 @@ def attach_disk(
         dom.attachDeviceFlags(domainxml.element_xml(el), _flags(dom))
     except BaseException:
         if source.created:
-            store.delete_path(source.path)
+            remove_file(store, source.path)
         raise
     ref = domainxml.DeviceRef("disk", disk_id, dev=dev, path=source.path, created=source.created)
-    _set_meta(dom, _with_device(cfg.meta, ref))
+    _set_meta(dom, cfg.meta.with_device(ref))
     return ref
 
 
@@ -166,7 +143,7 @@ def detach_disk(dom: libvirt.virDomain, disk_id: str) -> domaininfo.DiskInfo:
     if found is None:
         raise errors.NotFound(f"disk not found: {disk_id} (VM {dom.UUIDString()})")
     _detach(dom, in_live.xml if in_live else None, in_cfg.xml if in_cfg else None)
-    _set_meta(dom, _without(cfg.meta, lambda d: not (d.kind in ("disk", "cdrom") and d.dev == found.dev)))
+    _set_meta(dom, cfg.meta.without_device("cdrom" if found.device == "cdrom" else "disk", found.id))
     return found
 
 
