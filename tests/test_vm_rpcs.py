@@ -308,6 +308,28 @@ class VmRpcTests(unittest.TestCase):
         self.assertEqual(s3.vm_state, node_pb2.POWER_STATE_STOPPED)
 
     @defer.inlineCallbacks
+    def test_snapshot_events_reach_the_bus(self):
+        published = []
+
+        class Bus:
+            def publish_from_thread(self, event_type, vm_id, message, metadata):
+                published.append((event_type, vm_id, metadata))
+
+        self.daemon.node.bus = Bus()
+        self.addCleanup(delattr, self.daemon.node, "bus")
+        yield self.call("CreateSnapshot", node_pb2.CreateSnapshotRequest(vm_id=RUNNING, name="e1"))
+        yield self.call("RevertSnapshot", node_pb2.RevertSnapshotRequest(vm_id=RUNNING, snapshot_id="e1"))
+        yield self.call("DeleteSnapshot", node_pb2.DeleteSnapshotRequest(vm_id=RUNNING, snapshot_id="e1"))
+        self.assertEqual(
+            published,
+            [
+                (node_pb2.EVENT_TYPE_SNAPSHOT_CREATED, RUNNING, {"snapshot_id": "e1"}),
+                (node_pb2.EVENT_TYPE_SNAPSHOT_REVERTED, RUNNING, {"snapshot_id": "e1"}),
+                (node_pb2.EVENT_TYPE_SNAPSHOT_DELETED, RUNNING, {"snapshot_id": "e1"}),
+            ],
+        )
+
+    @defer.inlineCallbacks
     def test_quiesced_snapshot_freezes_and_thaws_through_the_agent(self):
         req = node_pb2.CreateSnapshotRequest(vm_id=RUNNING, name="q1", quiesce=True)
         # No agent connected: a consistent snapshot cannot be had, so none is taken.
