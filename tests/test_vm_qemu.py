@@ -160,6 +160,8 @@ class QemuVmTests(unittest.TestCase):
         self.assertEqual((yield self.state(vm_id)), node_pb2.POWER_STATE_PAUSED)
         yield self.call("ResumeVM", node_pb2.VMIdRequest(vm_id=vm_id))
         self.assertEqual((yield self.state(vm_id)), node_pb2.POWER_STATE_RUNNING)
+        yield self.call("RebootVM", node_pb2.VMIdRequest(vm_id=vm_id))
+        self.assertEqual((yield self.state(vm_id)), node_pb2.POWER_STATE_RUNNING)
 
         snap = yield self.call(
             "CreateSnapshot", node_pb2.CreateSnapshotRequest(vm_id=vm_id, name="s1", description="first")
