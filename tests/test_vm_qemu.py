@@ -201,6 +201,15 @@ class QemuVmTests(unittest.TestCase):
         self.assertEqual((yield self.state(vm_id)), node_pb2.POWER_STATE_STOPPED)
 
         yield self.call("DetachNIC", node_pb2.DetachNICRequest(vm_id=vm_id, nic_id="eth0"))
+        # The VM is off, so libvirt sends no device event: the daemon reports the detach itself,
+        # with the control plane's id. The live attach was libvirt's to report.
+        bus = self.daemon.node.bus
+
+        def ours(kind):
+            return [e for e in bus.buffer if e.type == kind and e.metadata.get("nic_id") == "eth0"]
+
+        yield wait_for(lambda: ours(node_pb2.EVENT_TYPE_NIC_DETACHED))
+        self.assertEqual(ours(node_pb2.EVENT_TYPE_NIC_ATTACHED), [])
         yield self.call("DetachDisk", node_pb2.DetachDiskRequest(vm_id=vm_id, disk_id="data"))
         persistent = yield self.xml_of(vm_id, libvirt.VIR_DOMAIN_XML_INACTIVE)
         self.assertEqual(ET.fromstring(persistent).findall("devices/interface"), [])

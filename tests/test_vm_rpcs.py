@@ -309,19 +309,22 @@ class VmRpcTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_snapshot_events_reach_the_bus(self):
-        published = []
+        bus = self.daemon.node.bus
+        kinds = {
+            node_pb2.EVENT_TYPE_SNAPSHOT_CREATED,
+            node_pb2.EVENT_TYPE_SNAPSHOT_REVERTED,
+            node_pb2.EVENT_TYPE_SNAPSHOT_DELETED,
+        }
 
-        class Bus:
-            def publish_from_thread(self, event_type, vm_id, message, metadata):
-                published.append((event_type, vm_id, metadata))
+        def ours():
+            return [(e.type, e.vm_id, dict(e.metadata)) for e in bus.buffer if e.type in kinds]
 
-        self.daemon.node.bus = Bus()
-        self.addCleanup(delattr, self.daemon.node, "bus")
         yield self.call("CreateSnapshot", node_pb2.CreateSnapshotRequest(vm_id=RUNNING, name="e1"))
         yield self.call("RevertSnapshot", node_pb2.RevertSnapshotRequest(vm_id=RUNNING, snapshot_id="e1"))
         yield self.call("DeleteSnapshot", node_pb2.DeleteSnapshotRequest(vm_id=RUNNING, snapshot_id="e1"))
+        yield wait_for(lambda: len(ours()) == 3)
         self.assertEqual(
-            published,
+            ours(),
             [
                 (node_pb2.EVENT_TYPE_SNAPSHOT_CREATED, RUNNING, {"snapshot_id": "e1"}),
                 (node_pb2.EVENT_TYPE_SNAPSHOT_REVERTED, RUNNING, {"snapshot_id": "e1"}),

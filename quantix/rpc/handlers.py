@@ -10,11 +10,12 @@ from quantix.rpc.registry import collect
 
 def handler_classes() -> list[type]:
     from quantix.rpc.agent_rpcs import AgentRpcs
+    from quantix.rpc.event_rpcs import EventRpcs
     from quantix.rpc.node_rpcs import NodeRpcs
     from quantix.rpc.storage_rpcs import StorageRpcs
     from quantix.rpc.vm_rpcs import VmRpcs
 
-    return [NodeRpcs, AgentRpcs, StorageRpcs, VmRpcs]
+    return [NodeRpcs, AgentRpcs, StorageRpcs, EventRpcs, VmRpcs]
 
 
 def build(node: Any) -> dict[str, Callable[..., Any]]:

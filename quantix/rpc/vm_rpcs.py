@@ -254,16 +254,26 @@ class VmRpcs:
 
     # -- devices ------------------------------------------------------------------------------
 
+    def _publish_device(
+        self, dom: Any, was_running: bool, event_type: int, text: str, **metadata: str
+    ) -> None:
+        """Device events for a stopped VM only: for a running one the event box already
+        reports libvirt's DEVICE_ADDED/DEVICE_REMOVED, and twice would mislead a consumer."""
+        if not was_running:
+            self._publish(event_type, dom.UUIDString(), text, **metadata)
+
     @rpc("AttachNIC")
     def attach_nic(self, request: Any, context: Any) -> Any:
         if not request.HasField("nic"):
             raise Invalid("NIC spec is required")
         conn = self._conn()
         dom = vms.lookup(conn, request.vm_id)
+        running = bool(dom.isActive())
         ref = devices.attach_nic(conn, dom, request.nic)
-        self._publish(
+        self._publish_device(
+            dom,
+            running,
             node_pb2.EVENT_TYPE_NIC_ATTACHED,
-            dom.UUIDString(),
             f"NIC {ref.id} attached",
             nic_id=ref.id,
             mac=ref.mac,
@@ -273,10 +283,12 @@ class VmRpcs:
     @rpc("DetachNIC")
     def detach_nic(self, request: Any, context: Any) -> Any:
         dom = self._dom(request.vm_id)
+        running = bool(dom.isActive())
         nic = devices.detach_nic(dom, request.nic_id)
-        self._publish(
+        self._publish_device(
+            dom,
+            running,
             node_pb2.EVENT_TYPE_NIC_DETACHED,
-            dom.UUIDString(),
             f"NIC {nic.id} detached",
             nic_id=nic.id,
             mac=nic.mac,
@@ -288,10 +300,12 @@ class VmRpcs:
         if not request.HasField("disk"):
             raise Invalid("disk spec is required")
         dom = self._dom(request.vm_id)
+        running = bool(dom.isActive())
         ref = devices.attach_disk(dom, request.disk, self._settings(), self._store)
-        self._publish(
+        self._publish_device(
+            dom,
+            running,
             node_pb2.EVENT_TYPE_DISK_ATTACHED,
-            dom.UUIDString(),
             f"disk {ref.id} attached",
             disk_id=ref.id,
             dev=ref.dev,
@@ -301,10 +315,12 @@ class VmRpcs:
     @rpc("DetachDisk")
     def detach_disk(self, request: Any, context: Any) -> Any:
         dom = self._dom(request.vm_id)
+        running = bool(dom.isActive())
         disk = devices.detach_disk(dom, request.disk_id)
-        self._publish(
+        self._publish_device(
+            dom,
+            running,
             node_pb2.EVENT_TYPE_DISK_DETACHED,
-            dom.UUIDString(),
             f"disk {disk.id} detached",
             disk_id=disk.id,
             dev=disk.dev,
