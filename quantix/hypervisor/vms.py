@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import libvirt
+import psutil
 from twisted.logger import Logger
 
 from quantix import errors
@@ -232,10 +233,8 @@ def started_at(pid_dir: str | None, name: str) -> float | None:
     try:
         with open(os.path.join(pid_dir, f"{name}.pid"), encoding="ascii") as fh:
             pid = int(fh.read().strip())
-        import psutil
-
         return psutil.Process(pid).create_time()
-    except (OSError, ValueError, ImportError, Exception):  # psutil.Error is not an OSError
+    except (OSError, ValueError, psutil.Error):
         return None
 
 
@@ -272,16 +271,6 @@ def _capacities(stats: Mapping[str, Any]) -> dict[str, int]:
     return out
 
 
-def _timestamp(epoch: float | None) -> Any:
-    if epoch is None:
-        return None
-    from google.protobuf.timestamp_pb2 import Timestamp
-
-    ts = Timestamp()
-    ts.FromNanoseconds(int(epoch * 1e9))
-    return ts
-
-
 def _vm_status(
     dom: libvirt.virDomain, stats: Mapping[str, Any], sampler: CpuSampler, pid_dir: str | None
 ) -> Any:
@@ -299,9 +288,9 @@ def _vm_status(
         resource_usage=usage_from_stats(stats, percent),
     )
     if running or state == libvirt.VIR_DOMAIN_SHUTDOWN:
-        ts = _timestamp(started_at(pid_dir, name))
-        if ts is not None:
-            msg.started_at.CopyFrom(ts)
+        since = started_at(pid_dir, name)
+        if since is not None:
+            msg.started_at.FromNanoseconds(int(since * 1e9))
     return msg
 
 
