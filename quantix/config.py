@@ -87,6 +87,8 @@ class HypervisorConfig:
     stop_timeout: float = attrs.field(default=60.0, validator=_positive)
     #: Listen address put in VNC/SPICE graphics of new VMs.
     console_listen: str = "0.0.0.0"
+    #: Where libvirt's QEMU driver writes ``<vm name>.log`` (GetVMLogs reads only there).
+    log_dir: str = "/var/log/libvirt/qemu"
 
 
 @attrs.frozen
