@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import sys
+import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import grpc
 import libvirt
 from google.protobuf import empty_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor, task, threads
 from twisted.trial import unittest
 
 from quantix import config as cfg
@@ -297,6 +298,62 @@ class ConfigTests(unittest.TestCase):
         self.assertIn("--control-plane", str(caught.exception))
         with self.assertRaises(cfg.ConfigError):
             cfg.load(None, environ={"QUANTIX_CONTROL_PLANE_STARTUP_JITTER": "-1"})
+
+
+def disk_domain_xml(name: str, disk_path: str) -> str:
+    """A running test-driver domain with one file disk."""
+    dom = ET.Element("domain", type="test")
+    ET.SubElement(dom, "name").text = name
+    ET.SubElement(dom, "memory").text = "65536"
+    ET.SubElement(dom, "vcpu").text = "1"
+    ET.SubElement(ET.SubElement(dom, "os"), "type", arch="x86_64").text = "hvm"
+    disk = ET.SubElement(ET.SubElement(dom, "devices"), "disk", type="file", device="disk")
+    ET.SubElement(disk, "source", file=disk_path)
+    ET.SubElement(disk, "target", dev="vda", bus="virtio")
+    return ET.tostring(dom, encoding="unicode")
+
+
+class PoolAdapterTests(unittest.TestCase):
+    """ensure_pool / release_pool on a daemon's libvirt, without a control plane."""
+
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def test_release_keeps_a_pool_a_running_vm_uses(self) -> Any:
+        daemon = yield Daemon(self).start()
+        srcs = sources.DaemonSources(daemon.node)
+        path = os.path.join(daemon.config.storage.root, "busy-pool")
+        backend = Backend(type=Backend.LOCAL_DIR, local_dir=storage_pb2.LocalDirConfig(path=path))
+        info = yield srcs.ensure_pool(cp_pool(backend))
+        self.assertEqual((info.pool_id, info.mount_path, info.active), (POOL_ID, path, True))
+
+        conn = daemon.node.hypervisor.conn()
+        dom = yield threads.deferToThread(
+            conn.createXML, disk_domain_xml("qtx-test-busy", os.path.join(path, "d.qcow2")), 0
+        )
+        exc = yield self.assertFailure(srcs.release_pool(POOL_ID), errors.WrongState)
+        self.assertIn("qtx-test-busy", str(exc))
+        reply = yield daemon.call("ListStoragePools", empty_pb2.Empty())
+        self.assertIn(POOL_ID, {p.pool_id for p in reply.pools})
+
+        yield threads.deferToThread(dom.destroy)
+        yield srcs.release_pool(POOL_ID)
+        reply = yield daemon.call("ListStoragePools", empty_pb2.Empty())
+        self.assertNotIn(POOL_ID, {p.pool_id for p in reply.pools})
+        # Releasing again (a pool already gone) is fine.
+        yield srcs.release_pool(POOL_ID)
+
+    @defer.inlineCallbacks
+    def test_sample_and_reports_while_libvirt_is_down(self) -> Any:
+        daemon = Daemon(self)
+        srcs = sources.DaemonSources(daemon.node)
+        # Not started: no libvirt connection. The heartbeat still has something to send.
+        sample = yield srcs.heartbeat_sample()
+        self.assertEqual(sample.running_vm_count, 0)
+        self.assertGreater(sample.memory_total_mib, 0)
+        reports = yield srcs.pool_reports()
+        self.assertEqual(reports, [])
+        yield self.assertFailure(srcs.facts(), errors.HypervisorDown)
 
 
 class ProbingControlPlane(FakeControlPlane):
