@@ -16,6 +16,9 @@ from quantix.agent.manager import AgentManager
 from quantix.config import Config
 from quantix.controlplane import sources as cp_sources
 from quantix.controlplane.link import ControlPlaneLink
+from quantix.events import mapping
+from quantix.events.bus import EventBus
+from quantix.events.watcher import DomainWatcher
 from quantix.hypervisor import hostinfo
 from quantix.hypervisor.connection import Hypervisor
 from quantix.hypervisor.storage import StorageManager
@@ -62,12 +65,22 @@ class NodeService(MultiService):
         )
         self.grpc.setServiceParent(self)
         self.hypervisor.listen(self._hypervisor_up, self._hypervisor_down)
+        # Stopped before the gRPC server (reverse order), so streams end with UNAVAILABLE.
+        ev = config.events
+        self.bus = EventBus(reactor, buffer_size=ev.buffer_size, subscriber_queue=ev.subscriber_queue)
+        self.bus.setServiceParent(self)
+        self.watcher = DomainWatcher(
+            reactor, self.hypervisor, self.bus, reconcile_interval=ev.reconcile_interval
+        )
+        self.watcher.setServiceParent(self)
         self.agents = AgentManager(
             reactor,
             socket_dir=config.agent.socket_dir,
             telemetry_interval=config.agent.telemetry_interval,
             on_event=self._agent_event,
         )
+        # Agent channels follow the VMs: opened when one runs, closed when it stops.
+        self.watcher.state_listeners.append(self._domain_state)
         # Last child: it stops first, before the gRPC server and libvirt go away.
         if config.auto_register and config.control_plane_url:
             try:
@@ -95,9 +108,16 @@ class NodeService(MultiService):
         return defer.gatherResults([super().stopService(), self.agents.stop_all()], consumeErrors=True)
 
     def _agent_event(self, vm_id: str, kind: int, message: str) -> None:
-        bus = getattr(self, "bus", None)
-        if bus is not None:
-            bus.publish(kind, vm_id, message)
+        self.bus.publish(kind, vm_id, message)
+
+    def _domain_state(self, vm_id: str, name: str, state: str | None) -> None:
+        if state == mapping.RUNNING:
+            self.agents.vm_started(vm_id, domain_name=name)
+        elif state in (None, mapping.STOPPED, mapping.CRASHED):
+            self.agents.vm_stopped(vm_id)
+        if self.cplink is not None:
+            # Best effort (today's control plane answers unimplemented; the heartbeat sync repairs).
+            self.cplink.notify_vm_change(*cp_sources.vm_change(vm_id, name, state))
 
     def host_facts(self, conn: libvirt.virConnect) -> hostinfo.HostFacts:
         """Blocking (worker thread): current host facts with configured overrides applied."""

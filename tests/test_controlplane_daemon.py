@@ -187,6 +187,14 @@ class FactsTests(unittest.TestCase):
         )
         self.assertEqual(sources.state_name(99), "unknown")
 
+    def test_vm_change(self) -> None:
+        self.assertEqual(
+            sources.vm_change("u", "n", "running"), (VMFacts(id="u", name="n", state="running"), "updated")
+        )
+        self.assertEqual(sources.vm_change("u", "n", "pm")[0].state, "suspended")
+        self.assertEqual(sources.vm_change("u", "n", "other")[0].state, "unknown")
+        self.assertEqual(sources.vm_change("u", "n", None)[1], "deleted")
+
     def test_disk_kinds(self) -> None:
         self.assertEqual(sources.disk_kind("/dev/nvme0n1p2", "0"), "NVME")
         self.assertEqual(sources.disk_kind("/dev/sda1", "0\n"), "SSD")
@@ -465,6 +473,29 @@ class DaemonRegistrationTests(unittest.TestCase):
         beat = self.heartbeats()[-1]
         self.assertGreater(int(beat["memoryTotalMib"]), 0)
         self.assertGreater(int(beat["diskTotalBytes"]), 0)
+
+        # A state change is pushed once; the answer `unimplemented` (today's control plane) stops it.
+        conn = daemon.node.hypervisor.conn()
+        dom = yield threads.deferToThread(conn.lookupByUUIDString, "11111111-2222-3333-4444-555555555555")
+        yield threads.deferToThread(dom.suspend)
+        yield self.cp.wait_for(lambda: len(self.cp.calls("NotifyVMChange")) == 1)
+        change = self.cp.calls("NotifyVMChange")[0].body
+        self.assertEqual(change["nodeId"], cp_id)
+        self.assertEqual(change["eventType"], "VM_CHANGE_UPDATED")
+        self.assertEqual(
+            change["vm"],
+            {
+                "id": "11111111-2222-3333-4444-555555555555",
+                "name": "vm-running",
+                "state": "VM_POWER_STATE_PAUSED",
+            },
+        )
+        yield link.idle()  # the answer has reached the link
+        yield threads.deferToThread(dom.resume)
+        seen = len(self.heartbeats())
+        yield self.cp.wait_for(lambda: len(self.heartbeats()) >= seen + 2)
+        self.assertEqual(len(self.cp.calls("NotifyVMChange")), 1)
+
         # The control plane's id is kept for the control plane; GetNodeInfo keeps the daemon's own.
         stored = json.loads((Path(daemon.config.state_dir) / state.FILENAME).read_text())
         self.assertEqual(stored["node_id"], cp_id)

@@ -130,6 +130,17 @@ def vm_facts(
     return out
 
 
+#: The domain watcher's state names (quantix.events.mapping) → the link's state text.
+_WATCHER_STATES = {"pm": "suspended", "other": "unknown"}
+
+
+def vm_change(vm_id: str, name: str, state: str | None) -> tuple[cf.VMFacts, str]:
+    """A watcher state change → ``(VMFacts, event)`` for ``notify_vm_change``; None is a deletion."""
+    if state is None:
+        return cf.VMFacts(id=vm_id, name=name, state="stopped"), "deleted"
+    return cf.VMFacts(id=vm_id, name=name, state=_WATCHER_STATES.get(state, state)), "updated"
+
+
 def disk_kind(device: str, rotational: str | None) -> str:
     """NVME by name, else SSD/HDD from sysfs ``queue/rotational`` (unknown counts as HDD)."""
     if Path(device).name.startswith("nvme"):

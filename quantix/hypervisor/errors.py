@@ -6,7 +6,7 @@ import libvirt
 
 from quantix import errors
 
-_UNAVAILABLE = {libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_RPC}
+_UNAVAILABLE = {libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_RPC, libvirt.VIR_ERR_INVALID_CONN}
 #: Socket-level failures count as "libvirt is down" only when they come from the RPC layer;
 #: the same codes from storage or file code are ordinary failures.
 _TRANSPORT_CODES = {libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_ERR_INTERNAL_ERROR}

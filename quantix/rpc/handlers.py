@@ -10,10 +10,11 @@ from quantix.rpc.registry import collect
 
 def handler_classes() -> list[type]:
     from quantix.rpc.agent_rpcs import AgentRpcs
+    from quantix.rpc.event_rpcs import EventRpcs
     from quantix.rpc.node_rpcs import NodeRpcs
     from quantix.rpc.storage_rpcs import StorageRpcs
 
-    return [NodeRpcs, AgentRpcs, StorageRpcs]
+    return [NodeRpcs, AgentRpcs, StorageRpcs, EventRpcs]
 
 
 def build(node: Any) -> dict[str, Callable[..., Any]]:

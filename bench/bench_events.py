@@ -1,0 +1,246 @@
+"""Event latency and fan-out: a libvirt state change to the gRPC client receiving the NodeEvent.
+
+The daemon (NodeService) runs in this process on the test driver; a driver thread suspends and
+resumes a domain through the daemon's own libvirt connection, as any libvirt client would, and
+subscribers in a separate process read StreamEvents over real gRPC. The baseline is a raw libvirt
+callback in the same process (no reactor hop, no bus, no gRPC), measured in the same run; read
+the ratios.
+
+usage: python bench/bench_events.py [--toggles 300] [--burst 5000] [--pace 0.02]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import shutil
+import sys
+import tempfile
+import threading
+import time
+
+import grpc
+import libvirt
+from common import median, pct, table
+from google.protobuf.empty_pb2 import Empty
+from twisted.internet import reactor, threads
+
+from quantix.events.bus import RESUME_HEADER
+from quantix.proto import node_grpc
+from tests.support import test_config
+
+VM = "vm-running"
+
+
+def read_streams(address: str, n: int, count: int, out) -> None:
+    """Child process: ``n`` StreamEvents clients, each reads ``count`` events and, like a real
+    client, resumes after the last id it saw when it is cut off for being slow. Sends back
+    per-client ``(ids, arrival times, reconnects, gaps)``; ``perf_counter`` is CLOCK_MONOTONIC,
+    shared with the parent."""
+    channel = grpc.insecure_channel(address)
+    stub = node_grpc.NodeDaemonServiceStub(channel)
+    results: list = [None] * n
+
+    def read(i: int) -> None:
+        ids, times, reconnects, gaps = [], [], 0, 0
+        while len(ids) < count:
+            md = [(RESUME_HEADER, str(ids[-1]))] if ids else None
+            stream = stub.StreamEvents(Empty(), metadata=md, timeout=300)
+            try:
+                for event in stream:
+                    if event.metadata.get("gap") == "true":
+                        gaps += 1
+                        continue
+                    times.append(time.perf_counter())
+                    ids.append(int(event.id))
+                    if len(ids) >= count:
+                        break
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    results[i] = exc.code().name
+                    return
+                reconnects += 1
+            finally:
+                stream.cancel()
+        results[i] = (ids, times, reconnects, gaps)
+
+    workers = [threading.Thread(target=read, args=(i,)) for i in range(n)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    channel.close()
+    out.send(results)
+
+
+class Readers:
+    """Subscribers in a separate process, so client work does not share the daemon's GIL."""
+
+    def __init__(self, node, n: int, count: int) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.node = node
+        self.recv, send = ctx.Pipe(duplex=False)
+        address = f"127.0.0.1:{node.grpc.port}"
+        self.proc = ctx.Process(target=read_streams, args=(address, n, count, send), daemon=True)
+        self.proc.start()
+        deadline = time.monotonic() + 60
+        while node.bus.subscriber_count < n:
+            if time.monotonic() > deadline:
+                raise RuntimeError("subscribers did not connect")
+            time.sleep(0.01)
+
+    def results(self, timeout: float = 300) -> list[tuple[list[int], list[float]]]:
+        if not self.recv.poll(timeout):
+            self.proc.kill()
+            raise RuntimeError("subscribers stalled")
+        results = self.recv.recv()
+        self.proc.join()
+        errors = [r for r in results if isinstance(r, str)]
+        if errors:
+            raise RuntimeError(f"subscribers failed: {errors}")
+        while self.node.bus.subscriber_count:
+            time.sleep(0.01)
+        return results
+
+
+def toggle(dom: libvirt.virDomain, i: int) -> None:
+    if i % 2 == 0:
+        dom.suspend()
+    else:
+        dom.resume()
+
+
+def raw_baseline(conn: libvirt.virConnect, toggles: int, burst: int) -> tuple[list[float], float]:
+    """Latency and rate of a plain libvirt callback on the libvirt event thread."""
+    seen: list[float] = []
+    cond = threading.Condition()
+
+    def cb(_conn, _dom, _event, _detail, _opaque):
+        with cond:
+            seen.append(time.perf_counter())
+            cond.notify_all()
+
+    cid = conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, cb, None)
+    dom = conn.lookupByName(VM)
+    lat = []
+    try:
+        for i in range(toggles):
+            t0 = time.perf_counter()
+            toggle(dom, i)
+            with cond:
+                cond.wait_for(lambda i=i: len(seen) > i, 10)
+            lat.append(seen[i] - t0)
+        seen.clear()
+        t0 = time.perf_counter()
+        for i in range(burst):
+            toggle(dom, i)
+        with cond:
+            cond.wait_for(lambda: len(seen) >= burst, 60)
+        rate = len(seen) / (seen[-1] - t0)
+    finally:
+        conn.domainEventDeregisterAny(cid)
+    return lat, rate
+
+
+def daemon_latency(node, subscribers: int, toggles: int, pace: float) -> tuple[list[float], list[float]]:
+    """Per event: latency to the median subscriber and to the last one (paced toggles)."""
+    readers = Readers(node, subscribers, toggles)
+    dom = node.hypervisor.conn().lookupByName(VM)
+    sent = []
+    for i in range(toggles):
+        sent.append(time.perf_counter())
+        toggle(dom, i)
+        time.sleep(pace)
+    results = readers.results()
+    to_median, to_last = [], []
+    for i, t0 in enumerate(sent):
+        got = sorted(times[i] - t0 for _, times, *_ in results)
+        to_median.append(median(got))
+        to_last.append(got[-1])
+    return to_median, to_last
+
+
+def daemon_burst(node, subscribers: int, burst: int) -> tuple[float, int, int]:
+    """Events/s until every subscriber has every event; events lost; resumes after a cut-off."""
+    readers = Readers(node, subscribers, burst)
+    dom = node.hypervisor.conn().lookupByName(VM)
+    t0 = time.perf_counter()
+    for i in range(burst):
+        toggle(dom, i)
+    results = readers.results()
+    elapsed = max(times[-1] for _, times, *_ in results) - t0
+    lost = 0
+    for ids, _, _, gaps in results:
+        expected = list(range(ids[0], ids[0] + burst))
+        lost += gaps + (burst - len(set(ids) & set(expected)))
+    return burst / elapsed, lost, sum(r[2] for r in results)
+
+
+def body(node, args) -> None:
+    while node.watcher.reconciliations == 0:
+        time.sleep(0.01)
+    # libvirt-python allows one callback per event id on a connection (the daemon's), so the
+    # baseline uses a second connection to a private copy of the same test host.
+    conn = libvirt.open(node.hypervisor.uri)
+    try:
+        raw_lat, raw_rate = raw_baseline(conn, args.toggles, args.burst)
+    finally:
+        conn.close()
+    rows = [
+        ["raw libvirt callback (baseline)", "-", median(raw_lat) * 1e3, pct(raw_lat, 0.99) * 1e3, 1.0, 1.0]
+    ]
+    base50, base99 = median(raw_lat), pct(raw_lat, 0.99)
+    for n in (1, 100):
+        med, last = daemon_latency(node, n, args.toggles, args.pace)
+        rows.append([f"StreamEvents, {n} subscriber(s), median client", n, median(med) * 1e3,
+                     pct(med, 0.99) * 1e3, median(med) / base50, pct(med, 0.99) / base99])  # fmt: skip
+        if n > 1:
+            rows.append([f"StreamEvents, {n} subscribers, last client", n, median(last) * 1e3,
+                         pct(last, 0.99) * 1e3, median(last) / base50, pct(last, 0.99) / base99])  # fmt: skip
+    table(
+        "Latency: libvirt state change -> event received",
+        ["path", "subs", "p50 ms", "p99 ms", "p50 ratio", "p99 ratio"],
+        rows,
+    )
+    rate, lost, resumes = daemon_burst(node, 10, args.burst)
+    table(
+        f"Throughput: {args.burst} back-to-back suspend/resume events, subscriber queue {args.queue}",
+        ["path", "subscribers", "events/s", "lost", "resumes", "ratio"],
+        [["raw libvirt callback (baseline)", 1, round(raw_rate), 0, 0, 1.0],
+         ["StreamEvents", 10, round(rate), lost, resumes, rate / raw_rate]],
+    )  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--toggles", type=int, default=300)
+    parser.add_argument("--burst", type=int, default=5000)
+    parser.add_argument("--queue", type=int, default=1000, help="events.subscriber_queue (daemon default)")
+    parser.add_argument("--pace", type=float, default=0.02, help="seconds between paced state changes")
+    args = parser.parse_args()
+    from quantix.node import NodeService
+
+    tmp = tempfile.mkdtemp(prefix="qtx-bench-")
+    overrides = {"server.max_workers": 256, "events.subscriber_queue": args.queue}
+    node = NodeService(test_config(tmp, **overrides), reactor)
+    failed: list[BaseException] = []
+
+    def run():
+        node.startService()
+        d = threads.deferToThread(body, node, args)
+        d.addErrback(lambda f: failed.append(f.value) or f.printTraceback())
+        d.addBoth(lambda _: node.stopService())
+        d.addBoth(lambda _: reactor.stop())
+
+    from twisted.python import log
+
+    log.startLogging(sys.stderr, setStdout=False)
+    reactor.callWhenRunning(run)
+    reactor.suggestThreadPoolSize(16)
+    reactor.run()
+    shutil.rmtree(tmp, ignore_errors=True)
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""The event bus: numbered events, a ring buffer for resume, one bounded queue per subscriber.
+
+Publishers run on the reactor (libvirt callbacks) or, through :meth:`EventBus.publish_from_thread`,
+on gRPC threads; subscribers are ``StreamEvents`` handlers blocking in gRPC threads. A publish
+never waits: a subscriber whose queue is full is cut off with ``RESOURCE_EXHAUSTED`` and may
+resume from the last id it saw, so one slow client never holds back the others or the reactor.
+
+Ids start at the boot time in microseconds and grow by one per event, so they keep increasing
+across daemon restarts and a client resuming with an id from an earlier run is told of the gap.
+"""
+
+from __future__ import annotations
+
+import collections
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from google.protobuf.timestamp_pb2 import Timestamp
+from twisted.application.service import Service
+from twisted.logger import Logger
+
+from quantix import errors
+from quantix.proto import node_pb2
+
+log = Logger(namespace="quantix.events")
+
+RESUME_HEADER = "x-quantix-resume-after"
+_CLOSED = object()
+
+
+def make_event(event_id: int, event_type: int, vm_id: str, message: str, metadata: dict | None) -> Any:
+    ts = Timestamp()
+    ts.GetCurrentTime()
+    return node_pb2.NodeEvent(
+        id=str(event_id),
+        timestamp=ts,
+        type=event_type,
+        vm_id=vm_id or "",
+        message=message,
+        metadata={str(k): str(v) for k, v in (metadata or {}).items()},
+    )
+
+
+class Subscription:
+    """One subscriber: the backlog it resumed with, then live events through a bounded queue."""
+
+    def __init__(self, bus: EventBus, backlog: list[Any], maxsize: int) -> None:
+        self._bus = bus
+        self.backlog = backlog
+        self.queue: queue.Queue = queue.Queue(maxsize)
+        self.error: Exception | None = None
+
+    def offer(self, event: Any) -> bool:
+        """Called under the bus lock; False when the subscriber overflowed and must go."""
+        try:
+            self.queue.put_nowait(event)
+            return True
+        except queue.Full:
+            self.error = errors.ResourceExhausted(
+                "event subscriber too slow: queue overflowed; reconnect with "
+                f"{RESUME_HEADER} set to the last event id received"
+            )
+            return False
+
+    def end(self, error: Exception) -> None:
+        self.error = error
+        try:
+            self.queue.put_nowait(_CLOSED)
+        except queue.Full:
+            pass  # the reader checks ``error`` before every get
+
+    def events(self, is_active: Callable[[], bool] = lambda: True, poll: float = 0.5) -> Iterator[Any]:
+        """Blocking iterator (gRPC thread): returns when ``is_active()`` turns false, raises
+        the subscriber's error when it is cut off or the bus stops."""
+        try:
+            yield from self.backlog
+            self.backlog = []
+            while True:
+                if self.error is not None:
+                    raise self.error
+                try:
+                    item = self.queue.get(timeout=poll)
+                except queue.Empty:
+                    if not is_active():
+                        return
+                    continue
+                if item is _CLOSED:
+                    raise self.error or errors.Unavailable("event stream closed")
+                yield item
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._bus.unsubscribe(self)
+
+
+class EventBus(Service):
+    """Numbers, buffers and fans out :class:`NodeEvent` messages."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        buffer_size: int = 10_000,
+        subscriber_queue: int = 1_000,
+        first_id: int | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.subscriber_queue = subscriber_queue
+        self.buffer: collections.deque = collections.deque(maxlen=buffer_size)
+        self._next_id = first_id if first_id is not None else time.time_ns() // 1000
+        self._subscribers: set[Subscription] = set()
+        self._lock = threading.Lock()
+        self.closed = threading.Event()
+        self.published = 0
+        self.dropped_subscribers = 0
+
+    # -- publishing ---------------------------------------------------------------------------
+
+    @property
+    def last_id(self) -> int:
+        """Id of the last event published (one less than the first id while none was)."""
+        return self._next_id - 1
+
+    def publish(self, event_type: int, vm_id: str, message: str, metadata: dict | None = None) -> Any:
+        """Number, buffer and fan out one event; never blocks. Returns the ``NodeEvent``."""
+        with self._lock:
+            event = make_event(self._next_id, event_type, vm_id, message, metadata)
+            self._next_id += 1
+            self.published += 1
+            self.buffer.append(event)
+            slow = [sub for sub in self._subscribers if not sub.offer(event)]
+            for sub in slow:
+                self._subscribers.discard(sub)
+        for _ in slow:
+            self.dropped_subscribers += 1
+            log.warn("event subscriber cut off: queue of {n} overflowed", n=self.subscriber_queue)
+        return event
+
+    def publish_from_thread(
+        self, event_type: int, vm_id: str, message: str, metadata: dict | None = None
+    ) -> None:
+        """From a non-reactor thread: publish on the reactor, in order with libvirt events."""
+        self.reactor.callFromThread(self.publish, event_type, vm_id, message, metadata)
+
+    # -- subscribing --------------------------------------------------------------------------
+
+    def subscribe(self, resume_after: int | None = None) -> Subscription:
+        """A new subscriber; with ``resume_after``, every buffered event after that id first,
+        preceded by a ``gap`` event when some of them have already left the buffer."""
+        with self._lock:
+            if self.closed.is_set():
+                raise errors.Unavailable("node daemon is shutting down")
+            backlog = [] if resume_after is None else self._backlog(resume_after)
+            sub = Subscription(self, backlog, self.subscriber_queue)
+            self._subscribers.add(sub)
+        return sub
+
+    def _backlog(self, after: int) -> list[Any]:
+        last = self._next_id - 1
+        first = int(self.buffer[0].id) if self.buffer else self._next_id
+        if after == last:
+            return []
+        if first - 1 <= after < last:
+            return [e for e in self.buffer if int(e.id) > after]
+        # The id is older than the buffer, or from a later run than ours: events were lost.
+        gap = make_event(
+            first - 1,
+            node_pb2.EventType.Value("EVENT_TYPE_UNKNOWN"),
+            "",
+            f"events after {after} are no longer available; resync the node's state",
+            {"gap": "true", "resume_after": str(after), "first_available": str(first)},
+        )
+        return [gap, *self.buffer]
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        with self._lock:
+            self._subscribers.discard(sub)
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(self._subscribers)
+
+    # -- service ------------------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self.closed.clear()
+
+    def stopService(self) -> None:
+        """End every stream with UNAVAILABLE: the daemon is going away, not the events."""
+        super().stopService()
+        with self._lock:
+            self.closed.set()
+            subs, self._subscribers = self._subscribers, set()
+        for sub in subs:
+            sub.end(errors.Unavailable("node daemon is shutting down"))

@@ -1,0 +1,243 @@
+"""Domain event callbacks on every libvirt connection, and reconciliation against libvirt.
+
+Callbacks run on the reactor (through ``loop.dispatch``): they read the domain's uuid and name
+(local to the ``virDomain`` object, no round trip), map the event, update the known state and
+publish. Anything that talks to libvirt (registration, the inventory) runs in a pool thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import libvirt
+from twisted.application.service import Service
+from twisted.internet import defer, task, threads
+from twisted.logger import Logger
+
+from quantix.events import mapping, reconcile
+from quantix.events.bus import EventBus
+
+log = Logger(namespace="quantix.events")
+
+
+class DomainWatcher(Service):
+    """Turns libvirt domain events into bus events and keeps a known state per domain."""
+
+    def __init__(
+        self, reactor: Any, hypervisor: Any, bus: EventBus, reconcile_interval: float = 300.0
+    ) -> None:
+        self.reactor = reactor
+        self.hypervisor = hypervisor
+        self.bus = bus
+        self.reconcile_interval = reconcile_interval
+        #: uuid -> (name, coarse state), as of the last event or reconciliation.
+        self.known: dict[str, tuple[str, str]] = {}
+        self._generation: dict[str, int] = {}
+        self._conn: libvirt.virConnect | None = None
+        self._callback_ids: list[int] = []
+        self._synced = False
+        self._reconciling: defer.Deferred | None = None
+        self._loop: task.LoopingCall | None = None
+        self.reconciliations = 0
+        #: Called on the reactor as ``listener(uuid, name, state)`` whenever a domain's known
+        #: state changes (``state`` None: gone); the baseline counts as a change, so a listener
+        #: also learns what was already running when the daemon started.
+        self.state_listeners: list[Callable[[str, str, str | None], None]] = []
+        hypervisor.listen(self._connected, self._disconnected)
+
+    # -- connection lifecycle -----------------------------------------------------------------
+
+    def _connected(self, conn: libvirt.virConnect) -> None:
+        if not self.running:
+            return
+        self.attach(conn)
+
+    def _disconnected(self) -> None:
+        # The connection is gone with its callbacks; nothing to deregister.
+        self._conn = None
+        self._callback_ids = []
+
+    def attach(self, conn: libvirt.virConnect) -> defer.Deferred:
+        """Register every callback on ``conn``, then reconcile (silently the first time)."""
+        self._conn = conn
+        callbacks = self._callbacks()
+        loop = self.hypervisor.loop
+
+        def register() -> list[int]:
+            ids = []
+            for ev, cb in callbacks:
+                try:
+                    ids.append(conn.domainEventRegisterAny(None, ev, loop.dispatch(cb), None))
+                except libvirt.libvirtError as exc:
+                    # One unsupported event id (an old libvirtd) must not cost us the others.
+                    log.warn("cannot watch libvirt event {ev}: {err}", ev=ev, err=exc)
+            return ids
+
+        def registered(ids: list[int]) -> defer.Deferred:
+            if self._conn is not conn:
+                # Stopped or reconnected meanwhile: undo, in case the connection still lives.
+                for cid in ids:
+                    try:
+                        conn.domainEventDeregisterAny(cid)
+                    except libvirt.libvirtError:
+                        pass
+                return defer.succeed(None)
+            self._callback_ids = ids
+            return self.reconcile()
+
+        d = threads.deferToThread(register).addCallback(registered)
+        d.addErrback(lambda f: log.failure("cannot watch libvirt domain events", f))
+        return d
+
+    def detach(self) -> None:
+        """Deregister the callbacks (before the connection is closed)."""
+        conn, ids = self._conn, self._callback_ids
+        self._conn, self._callback_ids = None, []
+        for cid in ids:
+            try:
+                conn.domainEventDeregisterAny(cid)
+            except libvirt.libvirtError:
+                pass
+
+    def _callbacks(self) -> list[tuple[int, Callable[..., None]]]:
+        return [
+            (libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle),
+            (libvirt.VIR_DOMAIN_EVENT_ID_REBOOT, self._on_reboot),
+            (libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_ADDED, self._on_device_added),
+            (libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, self._on_device_removed),
+            (libvirt.VIR_DOMAIN_EVENT_ID_IO_ERROR_REASON, self._on_io_error),
+            (libvirt.VIR_DOMAIN_EVENT_ID_WATCHDOG, self._on_watchdog),
+            (libvirt.VIR_DOMAIN_EVENT_ID_AGENT_LIFECYCLE, self._on_agent),
+            (libvirt.VIR_DOMAIN_EVENT_ID_CONTROL_ERROR, self._on_control_error),
+        ]
+
+    # -- callbacks (reactor thread; no libvirt round trips) -----------------------------------
+
+    def _emit(self, conn: Any, dom: Any, mapped: mapping.Mapped) -> tuple[str, str]:
+        uuid, name = dom.UUIDString(), dom.name()
+        event_type, message, meta = mapped
+        self.bus.publish(event_type, uuid, message, {**meta, "vm_name": name, "source": "libvirt"})
+        return uuid, name
+
+    def _on_lifecycle(self, conn: Any, dom: Any, event: int, detail: int, opaque: Any = None) -> None:
+        if conn is not self._conn:
+            return
+        uuid, name = dom.UUIDString(), dom.name()
+        before = self.known.get(uuid)
+        before_state = before[1] if before else None
+        if not mapping.redundant(event, before_state):
+            self._emit(conn, dom, mapping.lifecycle(name, event, detail))
+        after = mapping.state_after(event, detail, before_state)
+        if after is None:
+            self.known.pop(uuid, None)
+        else:
+            self.known[uuid] = (name, after)
+        self._generation[uuid] = self._generation.get(uuid, 0) + 1
+        if after != before_state:
+            self._notify(uuid, name, after)
+
+    def _notify(self, uuid: str, name: str, state: str | None) -> None:
+        for listener in list(self.state_listeners):
+            try:
+                listener(uuid, name, state)
+            except Exception:
+                log.failure("domain state listener failed")
+
+    def _on_reboot(self, conn: Any, dom: Any, opaque: Any = None) -> None:
+        self._emit(conn, dom, mapping.reboot(dom.name()))
+
+    def _on_device_added(self, conn: Any, dom: Any, alias: str, opaque: Any = None) -> None:
+        self._emit(conn, dom, mapping.device(dom.name(), alias, True))
+
+    def _on_device_removed(self, conn: Any, dom: Any, alias: str, opaque: Any = None) -> None:
+        self._emit(conn, dom, mapping.device(dom.name(), alias, False))
+
+    def _on_io_error(
+        self, conn: Any, dom: Any, src: str, alias: str, action: int, reason: str, opaque: Any = None
+    ) -> None:
+        self._emit(conn, dom, mapping.io_error(dom.name(), src, alias, action, reason))
+
+    def _on_watchdog(self, conn: Any, dom: Any, action: int, opaque: Any = None) -> None:
+        self._emit(conn, dom, mapping.watchdog(dom.name(), action))
+
+    def _on_agent(self, conn: Any, dom: Any, state: int, reason: int, opaque: Any = None) -> None:
+        self._emit(conn, dom, mapping.agent_lifecycle(dom.name(), state, reason))
+
+    def _on_control_error(self, conn: Any, dom: Any, opaque: Any = None) -> None:
+        self._emit(conn, dom, mapping.control_error(dom.name()))
+
+    # -- reconciliation -----------------------------------------------------------------------
+
+    def reconcile(self) -> defer.Deferred:
+        """Compare with one bulk inventory (in a thread) and publish what was missed.
+
+        The first run after start only records the baseline. A domain that produced a live
+        event while the inventory was being taken is left alone: the event is newer.
+        """
+        if self._reconciling is not None:
+            d = defer.Deferred()
+            self._reconciling.addBoth(lambda r: (d.callback(None), r)[1])
+            return d
+        try:
+            conn = self.hypervisor.conn()
+        except Exception as exc:
+            return defer.fail(exc)
+        generations = dict(self._generation)
+        d = threads.deferToThread(reconcile.inventory, conn)
+
+        def apply(current: dict[str, tuple[str, str]]) -> list:
+            moved = {u for u, g in self._generation.items() if generations.get(u) != g}
+            known = {u: v for u, v in self.known.items() if u not in moved}
+            now = {u: v for u, v in current.items() if u not in moved}
+            changes = reconcile.diff(known, now) if self._synced else []
+            for event_type, uuid, message, meta in changes:
+                name = (now.get(uuid) or known.get(uuid) or ("", ""))[0]
+                self.bus.publish(event_type, uuid, message, {**meta, "vm_name": name})
+            previous = self.known
+            self.known = {**now, **{u: v for u, v in self.known.items() if u in moved}}
+            for uuid in previous.keys() | self.known.keys():
+                old, new = previous.get(uuid), self.known.get(uuid)
+                if old != new:
+                    self._notify(uuid, (new or old)[0], new[1] if new else None)
+            self._synced = True
+            self.reconciliations += 1
+            if changes:
+                log.info("reconciliation found {n} missed transitions", n=len(changes))
+            return changes
+
+        def done(result: Any) -> Any:
+            self._reconciling = None
+            return result
+
+        d.addCallback(apply)
+        d.addBoth(done)
+        self._reconciling = d
+        return d
+
+    def _periodic(self) -> defer.Deferred | None:
+        if not self.hypervisor.connected or not self._synced:
+            return None
+        d = self.reconcile()
+        d.addErrback(lambda f: log.warn("reconciliation failed: {err}", err=f.getErrorMessage()))
+        return d
+
+    # -- service ------------------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop = task.LoopingCall(self._periodic)
+        self._loop.clock = self.reactor
+        self._loop.start(self.reconcile_interval, now=False).addErrback(
+            lambda f: log.failure("periodic reconciliation stopped", f)
+        )
+        if self.hypervisor.connected:
+            self.attach(self.hypervisor.conn())
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        # Synchronous on purpose: it must happen before the hypervisor closes the connection
+        # (the next service to stop), and the daemon serves nothing else by now.
+        self.detach()
