@@ -32,6 +32,11 @@ STATUS_MAP: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (errors.Unsupported, grpc.StatusCode.UNIMPLEMENTED),
 )
 
+#: Longest status message sent: a message quoting a huge request field (a 1 MiB id) would exceed
+#: the peer's metadata limit, and the client would see RESOURCE_EXHAUSTED instead of our status.
+#: Percent-encoded UTF-8 takes up to 12 bytes a character: 1000 stay under grpc's 16 KiB.
+MAX_MESSAGE_CHARS = 1000
+
 #: Called after every RPC as ``observer(method, code, seconds, peer)``; metrics and access logs.
 observers: list[Callable[[str, grpc.StatusCode, float, str], None]] = []
 
@@ -44,8 +49,19 @@ def _libvirt_translate(exc: BaseException) -> errors.QuantixError | None:
     return translate(exc)
 
 
+def shorten(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    if len(message) <= limit:
+        return message
+    return f"{message[: limit - 40]}... ({len(message)} characters)"
+
+
 def classify(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """Status code and client-safe message for an exception raised by a handler."""
+    code, message = _classify(exc)
+    return code, shorten(message)
+
+
+def _classify(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     translated = _libvirt_translate(exc)
     if translated is not None:
         exc = translated
