@@ -64,7 +64,11 @@ def power_state(state: int) -> int:
 
 
 def lookup(conn: libvirt.virConnect, vm_id: str) -> libvirt.virDomain:
-    """The domain whose UUID is ``vm_id`` (a domain name is accepted too); else VMNotFound."""
+    """The domain whose UUID is ``vm_id`` (a domain name is accepted too); else VMNotFound.
+
+    An empty id names nothing: Invalid, as the agent RPCs answer it."""
+    if not vm_id:
+        raise errors.Invalid("vm_id is required")
     try:
         key = str(uuid.UUID(vm_id))
     except (ValueError, TypeError, AttributeError):
