@@ -130,6 +130,8 @@ def check_name(what: str, value: str) -> str:
     return value
 
 
+#: libvirt-python passes sizes as signed 64-bit: anything larger raises OverflowError.
+MAX_VOLUME_BYTES = 2**63 - 1
 #: PATH_MAX: a longer directory cannot be created or mounted on.
 MAX_PATH_BYTES = 4095
 
@@ -742,6 +744,8 @@ class StorageManager:
 
     def resize_volume(self, pool_id: str, volume_id: str, new_size: int) -> None:
         """Grow only. A disk in use by a running VM grows through the VM (qemu holds the image)."""
+        if new_size > MAX_VOLUME_BYTES:
+            raise errors.Invalid(f"new size {new_size} bytes is larger than libvirt can address")
         pool = self._pool(pool_id, active=True)
         vol = self.find_volume(pool, volume_id, fuzzy=True)
         with _libvirt_errors():
