@@ -189,6 +189,8 @@ def change_media(dom: libvirt.virDomain, device: str, iso_path: str, iso_dir: st
         raise errors.NotFound(f"CD-ROM not found: {device} (VM {dom.UUIDString()}; CD-ROMs: {have})")
     path = None
     if iso_path:
+        if not os.path.isabs(iso_path) and ".." in iso_path.split("/"):
+            raise errors.Invalid(f"iso_path must not contain '..': {iso_path[:200]!r}")
         path = iso_path if os.path.isabs(iso_path) or not iso_dir else os.path.join(iso_dir, iso_path)
         domainxml.validate_path("iso_path", path)
         if not os.path.exists(path):

@@ -109,6 +109,9 @@ def resolve_nic_source(conn: libvirt.virConnect, nic: Any, default: str = "defau
 
 
 def _backing(settings: HostSettings, backing_file: str) -> str:
+    """An absolute path, or a name inside the cloud-image directory (never above it)."""
+    if not os.path.isabs(backing_file) and ".." in backing_file.split("/"):
+        raise errors.Invalid(f"backing_file must not contain '..': {backing_file[:200]!r}")
     path = backing_file if os.path.isabs(backing_file) else os.path.join(settings.cloud_images, backing_file)
     domainxml.validate_path("backing_file", path)
     if not os.path.exists(path):
