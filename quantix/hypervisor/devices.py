@@ -64,7 +64,7 @@ def _detach(dom: libvirt.virDomain, live_xml: str | None, config_xml: str | None
 def attach_nic(conn: libvirt.virConnect, dom: libvirt.virDomain, nic: Any) -> domainxml.DeviceRef:
     vm_id = dom.UUIDString()
     cfg, live, _ = _views(dom)
-    nic_id = nic.id or f"nic-{uuid.uuid4().hex[:8]}"
+    nic_id = domainxml.check_text("NIC id", nic.id or f"nic-{uuid.uuid4().hex[:8]}")
     if cfg.meta.device("nic", nic_id) is not None or any(n.id == nic_id for n in cfg.nics):
         raise errors.AlreadyExists(f"NIC {nic_id} already exists on VM {vm_id}")
     mac = domainxml.validate_mac(nic.mac_address) if nic.mac_address else domainxml.derive_mac(vm_id, nic_id)
@@ -106,7 +106,7 @@ def attach_disk(
     """Add a disk (created first when it has no path); removed again if libvirt refuses it."""
     vm_id = dom.UUIDString()
     cfg, live, root = _views(dom)
-    disk_id = disk.id or f"disk-{uuid.uuid4().hex[:8]}"
+    disk_id = domainxml.check_text("disk id", disk.id or f"disk-{uuid.uuid4().hex[:8]}")
     if any(d.id == disk_id for d in cfg.disks):
         raise errors.AlreadyExists(f"disk {disk_id} already exists on VM {vm_id}")
     bus = domainxml.disk_bus(disk.bus, q35="q35" in _machine(root), readonly=disk.readonly)
