@@ -91,6 +91,33 @@ def _abort(method: str, exc: BaseException, context: grpc.ServicerContext) -> gr
     return code  # not reached: abort raises
 
 
+class MalformedRequest:
+    """Stands in for a request whose bytes do not decode: grpc answers a failing deserializer
+    with INTERNAL, so the handler wrappers turn this into INVALID_ARGUMENT instead."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def decoder(message_class: Any) -> Callable[[bytes], Any]:
+    """Request deserializer that never raises (see :class:`MalformedRequest`)."""
+
+    def decode(data: bytes) -> Any:
+        try:
+            return message_class.FromString(data)
+        except Exception as exc:  # DecodeError; RecursionError on absurd nesting
+            return MalformedRequest(str(exc) or type(exc).__name__)
+
+    return decode
+
+
+def _check_decoded(request: Any) -> None:
+    if isinstance(request, MalformedRequest):
+        raise errors.Invalid(f"malformed request: {request.reason}")
+
+
 def unary(method: str, handler: Callable[[Any, grpc.ServicerContext], Any]) -> Callable:
     """Wrap a unary handler with the error map and the observers."""
 
@@ -98,6 +125,7 @@ def unary(method: str, handler: Callable[[Any, grpc.ServicerContext], Any]) -> C
         started = time.monotonic()
         code = grpc.StatusCode.OK
         try:
+            _check_decoded(request)
             return handler(request, context)
         except Exception as exc:
             code = classify(exc)[0]
@@ -115,6 +143,7 @@ def stream(method: str, handler: Callable[[Any, grpc.ServicerContext], Iterator[
         started = time.monotonic()
         code = grpc.StatusCode.OK
         try:
+            _check_decoded(request)
             yield from handler(request, context)
         except Exception as exc:
             code = classify(exc)[0]
