@@ -87,6 +87,8 @@ class HypervisorConfig:
     stop_timeout: float = attrs.field(default=60.0, validator=_positive)
     #: Listen address put in VNC/SPICE graphics of new VMs.
     console_listen: str = "0.0.0.0"
+    #: Where libvirt's QEMU driver writes ``<vm name>.log`` (GetVMLogs reads only there).
+    log_dir: str = "/var/log/libvirt/qemu"
 
 
 @attrs.frozen
@@ -113,7 +115,7 @@ class ServerConfig:
     metrics_listen: str | None = "0.0.0.0:9091"
     max_message_bytes: int = attrs.field(default=64 * 1024 * 1024, validator=_positive)
     #: Concurrent streams one client connection may open (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS).
-    max_streams_per_connection: int = attrs.field(default=200, validator=_positive)
+    max_streams_per_connection: int = attrs.field(default=1000, validator=_positive)
     #: PEM server certificate and key: set both to serve TLS instead of plaintext.
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -134,11 +136,24 @@ class EventsConfig:
     reconcile_interval: float = attrs.field(default=300.0, validator=_positive)
 
 
+def _not_negative(inst: Any, attribute: attrs.Attribute, value: float) -> None:
+    if value < 0:
+        raise ValueError("must not be negative")
+
+
+def _http_url(inst: Any, attribute: attrs.Attribute, value: str | None) -> None:
+    if value is not None and not value.startswith(("http://", "https://")):
+        raise ValueError(f"must be an http:// or https:// URL, not {value!r}")
+
+
 @attrs.frozen
 class ControlPlaneConfig:
     heartbeat_interval: float = attrs.field(default=30.0, validator=_positive)
     ca_bundle: str | None = None
     token: str | None = None
+    #: Registration starts after a random delay up to this many seconds, so hosts that boot
+    #: together do not all register at once.
+    startup_jitter: float = attrs.field(default=5.0, validator=_not_negative)
 
 
 @attrs.frozen
@@ -150,7 +165,7 @@ class LoggingConfig:
 @attrs.frozen
 class Config:
     listen_address: str = attrs.field(default="0.0.0.0:9090", validator=_address)
-    control_plane_url: str | None = None
+    control_plane_url: str | None = attrs.field(default=None, validator=_http_url)
     auto_register: bool = False
     state_dir: str = "/var/lib/quantix"
     node: NodeConfig = attrs.field(factory=NodeConfig)

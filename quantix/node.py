@@ -13,6 +13,8 @@ from twisted.logger import Logger
 from quantix import state
 from quantix.agent.manager import AgentManager
 from quantix.config import Config
+from quantix.controlplane import sources as cp_sources
+from quantix.controlplane.link import ControlPlaneLink
 from quantix.events import mapping
 from quantix.events.bus import EventBus
 from quantix.events.watcher import DomainWatcher
@@ -45,6 +47,8 @@ class NodeService(MultiService):
         self.reactor = reactor
         self.started_at = time.monotonic()
         self.node_id = ""
+        #: The control-plane link (``.registered``, ``.node_id``), when registering.
+        self.cplink: ControlPlaneLink | None = None
         # First child: starts before gRPC, stops last (children stop one by one, last added first).
         self.ops = Operations(self)
         self.ops.setServiceParent(self)
@@ -81,6 +85,17 @@ class NodeService(MultiService):
         )
         # Agent channels follow the VMs: opened when one runs, closed when it stops.
         self.watcher.state_listeners.append(self._domain_state)
+        # Last child: it stops first, before the gRPC server and libvirt go away.
+        if config.auto_register and config.control_plane_url:
+            try:
+                self.cplink = cp_sources.make_link(self)
+            except OSError as exc:
+                _fatal(f"control_plane.ca_bundle {config.control_plane.ca_bundle}: {exc.strerror}")
+            except ValueError as exc:
+                _fatal(f"control plane {config.control_plane_url}: {exc}")
+            self.cplink.setServiceParent(self)
+        elif config.auto_register:
+            log.warn("--register given without a control-plane URL: not registering")
 
     def startService(self) -> None:
         self.started_at = time.monotonic()
@@ -114,6 +129,9 @@ class NodeService(MultiService):
             self.agents.vm_started(vm_id, domain_name=name)
         elif state in (None, mapping.STOPPED, mapping.CRASHED):
             self.agents.vm_stopped(vm_id)
+        if self.cplink is not None:
+            # Best effort (today's control plane answers unimplemented; the heartbeat sync repairs).
+            self.cplink.notify_vm_change(*cp_sources.vm_change(vm_id, name, state))
 
     def host_facts(self, conn: libvirt.virConnect) -> hostinfo.HostFacts:
         """Blocking (worker thread): current host facts with configured overrides applied."""
@@ -123,6 +141,10 @@ class NodeService(MultiService):
     def _hypervisor_up(self, conn: libvirt.virConnect) -> None:
         if self.grpc.server is not None:
             self.grpc.set_serving(SERVICE.full_name, True)
+            # The control plane dials us as soon as it has our record: register only once the
+            # gRPC server listens and libvirt answers (registration needs the host facts).
+            if self.cplink is not None:
+                self.cplink.start_registration()
 
     def _hypervisor_down(self) -> None:
         if self.grpc.server is not None:

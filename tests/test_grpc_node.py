@@ -61,9 +61,11 @@ class NodeRpcTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_unclaimed_rpc_is_unimplemented(self):
-        code, details = yield rpc_error(self.daemon.call("GetVMLogs", node_pb2.GetVMLogsRequest(vm_id="x")))
+        code, details = yield rpc_error(
+            self.daemon.call("PrepareMigration", node_pb2.PrepareMigrationRequest(vm_id="x"))
+        )
         self.assertEqual(code, grpc.StatusCode.UNIMPLEMENTED)
-        self.assertIn("GetVMLogs", details)
+        self.assertIn("PrepareMigration", details)
 
     @defer.inlineCallbacks
     def test_health_service(self):

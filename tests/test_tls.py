@@ -85,3 +85,17 @@ class TLSTests(unittest.TestCase):
         with self.assertRaises(cfg.ConfigError) as caught:
             cfg.load(None, environ={"QUANTIX_SERVER_TLS_CERT": self.server_cert})
         self.assertIn("tls_key", str(caught.exception))
+
+
+class MessageLimitTests(unittest.TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_oversize_request_is_refused(self):
+        from tests.support import rpc_error
+
+        daemon = yield Daemon(self, **{"server.max_message_bytes": 4096}).start()
+        code, _ = yield rpc_error(daemon.call("GetVMStatus", node_pb2.VMIdRequest(vm_id="x" * 8192)))
+        self.assertEqual(code, grpc.StatusCode.RESOURCE_EXHAUSTED)
+        reply = yield daemon.call("HealthCheck", node_pb2.HealthCheckRequest())
+        self.assertTrue(reply.healthy)

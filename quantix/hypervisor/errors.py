@@ -20,7 +20,13 @@ _NOT_FOUND = {
     libvirt.VIR_ERR_NO_SECRET,
 }
 _WRONG_STATE = {libvirt.VIR_ERR_OPERATION_INVALID, libvirt.VIR_ERR_OPERATION_DENIED}
-_INVALID = {libvirt.VIR_ERR_XML_ERROR, libvirt.VIR_ERR_INVALID_ARG, libvirt.VIR_ERR_CONFIG_UNSUPPORTED}
+#: OVERFLOW: a size the request made too large for libvirt (e.g. uint64-max bytes).
+_INVALID = {
+    libvirt.VIR_ERR_XML_ERROR,
+    libvirt.VIR_ERR_INVALID_ARG,
+    libvirt.VIR_ERR_CONFIG_UNSUPPORTED,
+    libvirt.VIR_ERR_OVERFLOW,
+}
 
 
 def translate(exc: BaseException) -> errors.QuantixError | None:

@@ -20,7 +20,8 @@ from twisted.internet.threads import blockingCallFromThread
 from twisted.logger import Logger
 
 from quantix.agent.protocol import AgentError, ConnectionLost, set_timestamp
-from quantix.errors import Invalid
+from quantix.errors import HypervisorDown, Invalid, Unavailable
+from quantix.hypervisor import vms
 from quantix.proto import agent_pb2, node_pb2
 from quantix.rpc.registry import rpc
 
@@ -55,6 +56,7 @@ class AgentRpcs:
     log = Logger()
 
     def __init__(self, node: Any, clock: IReactorTime | None = None, wallclock: Any = time.time) -> None:
+        self.node = node
         self.reactor = node.reactor
         self.agents = node.agents
         self.clock = clock or node.reactor
@@ -65,7 +67,25 @@ class AgentRpcs:
     def _call(self, vm_id: str, payload: Message, timeout: float) -> Any:
         if not vm_id:
             raise Invalid("vm_id is required")
-        return blockingCallFromThread(self.reactor, self.agents.request, vm_id, payload, timeout)
+        try:
+            return blockingCallFromThread(self.reactor, self.agents.request, vm_id, payload, timeout)
+        except Unavailable as exc:
+            if not isinstance(exc, ConnectionLost):
+                self._require_vm(vm_id)
+            raise
+
+    def _require_vm(self, vm_id: str) -> None:
+        """No channel because libvirt has no such VM: VMNotFound, which the control plane matches,
+        rather than "no agent". Asked only after the agent failed, so a working channel costs
+        no libvirt call."""
+        hypervisor = getattr(self.node, "hypervisor", None)
+        if hypervisor is None:
+            return
+        try:
+            conn = hypervisor.conn()
+        except HypervisorDown:
+            return
+        vms.lookup(conn, vm_id)
 
     @rpc("PingAgent")
     def ping_agent(self, request: node_pb2.VMIdRequest, context: Any) -> node_pb2.AgentPingResponse:

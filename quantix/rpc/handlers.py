@@ -13,8 +13,9 @@ def handler_classes() -> list[type]:
     from quantix.rpc.event_rpcs import EventRpcs
     from quantix.rpc.node_rpcs import NodeRpcs
     from quantix.rpc.storage_rpcs import StorageRpcs
+    from quantix.rpc.vm_rpcs import VmRpcs
 
-    return [NodeRpcs, AgentRpcs, StorageRpcs, EventRpcs]
+    return [NodeRpcs, AgentRpcs, StorageRpcs, EventRpcs, VmRpcs]
 
 
 def build(node: Any) -> dict[str, Callable[..., Any]]:

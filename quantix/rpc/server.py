@@ -48,7 +48,9 @@ def build_generic_handler(handlers: Mapping[str, Callable[..., Any]]) -> grpc.Ge
         else:
             factory, wrapped = grpc.unary_unary_rpc_method_handler, status.unary(method.name, impl)
         methods[method.name] = factory(
-            wrapped, request_deserializer=request.FromString, response_serializer=response.SerializeToString
+            wrapped,
+            request_deserializer=status.decoder(request),
+            response_serializer=response.SerializeToString,
         )
     return grpc.method_handlers_generic_handler(SERVICE.full_name, methods)
 

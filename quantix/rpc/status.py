@@ -32,6 +32,11 @@ STATUS_MAP: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (errors.Unsupported, grpc.StatusCode.UNIMPLEMENTED),
 )
 
+#: Longest status message sent: a message quoting a huge request field (a 1 MiB id) would exceed
+#: the peer's metadata limit, and the client would see RESOURCE_EXHAUSTED instead of our status.
+#: Percent-encoded UTF-8 takes up to 12 bytes a character: 1000 stay under grpc's 16 KiB.
+MAX_MESSAGE_CHARS = 1000
+
 #: Called after every RPC as ``observer(method, code, seconds, peer)``; metrics and access logs.
 observers: list[Callable[[str, grpc.StatusCode, float, str], None]] = []
 #: Same, also given the request (for its ``vm_id``): ``observer(method, code, seconds, peer, request)``.
@@ -46,8 +51,19 @@ def _libvirt_translate(exc: BaseException) -> errors.QuantixError | None:
     return translate(exc)
 
 
+def shorten(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    if len(message) <= limit:
+        return message
+    return f"{message[: limit - 40]}... ({len(message)} characters)"
+
+
 def classify(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """Status code and client-safe message for an exception raised by a handler."""
+    code, message = _classify(exc)
+    return code, shorten(message)
+
+
+def _classify(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     translated = _libvirt_translate(exc)
     if translated is not None:
         exc = translated
@@ -84,6 +100,33 @@ def _abort(method: str, exc: BaseException, context: grpc.ServicerContext) -> gr
     return code  # not reached: abort raises
 
 
+class MalformedRequest:
+    """Stands in for a request whose bytes do not decode: grpc answers a failing deserializer
+    with INTERNAL, so the handler wrappers turn this into INVALID_ARGUMENT instead."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def decoder(message_class: Any) -> Callable[[bytes], Any]:
+    """Request deserializer that never raises (see :class:`MalformedRequest`)."""
+
+    def decode(data: bytes) -> Any:
+        try:
+            return message_class.FromString(data)
+        except Exception as exc:  # DecodeError; RecursionError on absurd nesting
+            return MalformedRequest(str(exc) or type(exc).__name__)
+
+    return decode
+
+
+def _check_decoded(request: Any) -> None:
+    if isinstance(request, MalformedRequest):
+        raise errors.Invalid(f"malformed request: {request.reason}")
+
+
 def unary(method: str, handler: Callable[[Any, grpc.ServicerContext], Any]) -> Callable:
     """Wrap a unary handler with the error map and the observers."""
 
@@ -91,6 +134,7 @@ def unary(method: str, handler: Callable[[Any, grpc.ServicerContext], Any]) -> C
         started = time.monotonic()
         code = grpc.StatusCode.OK
         try:
+            _check_decoded(request)
             return handler(request, context)
         except Exception as exc:
             code = classify(exc)[0]
@@ -108,6 +152,7 @@ def stream(method: str, handler: Callable[[Any, grpc.ServicerContext], Iterator[
         started = time.monotonic()
         code = grpc.StatusCode.OK
         try:
+            _check_decoded(request)
             yield from handler(request, context)
         except Exception as exc:
             code = classify(exc)[0]

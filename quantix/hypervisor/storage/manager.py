@@ -130,6 +130,21 @@ def check_name(what: str, value: str) -> str:
     return value
 
 
+#: libvirt-python passes sizes as signed 64-bit: anything larger raises OverflowError.
+MAX_VOLUME_BYTES = 2**63 - 1
+#: PATH_MAX: a longer directory cannot be created or mounted on.
+MAX_PATH_BYTES = 4095
+
+
+def check_path(what: str, path: str) -> str:
+    """An absolute directory the host can use."""
+    if not os.path.isabs(path):
+        raise errors.Invalid(f"{what} must be absolute: {path[:200]!r}")
+    if len(path.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES or "\x00" in path:
+        raise errors.Invalid(f"{what} is not a usable path (too long or contains NUL)")
+    return path
+
+
 def check_pool_id(pool_id: str) -> str:
     """A pool the control plane names; "default" is reserved for the VM-disk pool."""
     check_name("pool_id", pool_id)
@@ -176,15 +191,13 @@ def plan_pool(req: PoolRequest, root: str, keyring: bytes | None = None) -> Pool
     uuid = pool_uuid(pid)
     if req.type == LOCAL_DIR:
         path = os.path.normpath(req.local_path) if req.local_path else os.path.join(root, "pools", pid)
-        if not os.path.isabs(path):
-            raise errors.Invalid(f"local path must be absolute: {req.local_path!r}")
+        check_path("local path", path)
         return PoolPlan("dir", sxml.dir_pool_xml(pid, path, uuid), path)
     if req.type == NFS:
         if not req.nfs_server or not req.nfs_export:
             raise errors.Invalid("NFS pools need a server and an export path")
         mount = req.nfs_mount_point or os.path.join(root, "mnt", f"nfs-{pid}")
-        if not os.path.isabs(mount):
-            raise errors.Invalid(f"mount point must be absolute: {mount!r}")
+        check_path("mount point", mount)
         xml = sxml.netfs_pool_xml(
             pid,
             req.nfs_server,
@@ -731,6 +744,8 @@ class StorageManager:
 
     def resize_volume(self, pool_id: str, volume_id: str, new_size: int) -> None:
         """Grow only. A disk in use by a running VM grows through the VM (qemu holds the image)."""
+        if new_size > MAX_VOLUME_BYTES:
+            raise errors.Invalid(f"new size {new_size} bytes is larger than libvirt can address")
         pool = self._pool(pool_id, active=True)
         vol = self.find_volume(pool, volume_id, fuzzy=True)
         with _libvirt_errors():
