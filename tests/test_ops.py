@@ -412,6 +412,27 @@ class MetricsTests(unittest.TestCase):
         samples = yield threads.deferToThread(scrape, port)
         self.assertEqual(samples[("quantix_libvirt_connected", ())], 0)
 
+    @defer.inlineCallbacks
+    def test_registration_state(self):
+        from tests.fakecp import FakeControlPlane, FakeCPServer
+
+        server = FakeCPServer(reactor, FakeControlPlane())
+        server.start()
+        self.addCleanup(server.stop)
+        daemon = Daemon(
+            self,
+            **{
+                "server.metrics_listen": "127.0.0.1:0",
+                "control_plane_url": server.url,
+                "auto_register": True,
+                "control_plane.startup_jitter": 0,
+            },
+        )
+        yield daemon.start()
+        yield wait_for(lambda: daemon.node.cplink.registered)
+        samples = yield threads.deferToThread(scrape, daemon.node.ops.metrics.port)
+        self.assertEqual(samples[("quantix_controlplane_registered", ())], 1)
+
     def test_collector_reads_every_documented_attribute(self):
         class Node:
             node_id = "n1"
