@@ -206,18 +206,22 @@ def bench_size(count: int, tmp: str, runs: int, calls: int) -> tuple[list[list[o
             stop(bare)
 
     size = len(listed.SerializeToString())
+    floor, status_floor = t_bulk + t_bare, t_raw_status + t_bare_status
     list_rows = [
-        [count, "raw bulk (getAllDomainStats + protobuf)", t_bulk * 1e3, 1.0],
-        [count, "per-domain loop (info + XMLDesc)", t_loop * 1e3, t_loop / t_bulk],
-        [count, f"bare grpcio, same response ({size // 1024} KiB)", t_bare * 1e3, t_bare / t_bulk],
-        [count, "daemon over gRPC", t_daemon * 1e3, t_daemon / t_bulk],
-        [count, "daemon minus bare grpcio", (t_daemon - t_bare) * 1e3, (t_daemon - t_bare) / t_bulk],
+        [count, "raw bulk (getAllDomainStats + protobuf)", t_bulk, t_bulk],
+        [count, "per-domain loop (info + XMLDesc)", t_loop, t_bulk],
+        [count, f"bare grpcio, same response ({size // 1024} KiB)", t_bare, t_bulk],
+        [count, "floor: raw bulk + bare grpcio", floor, t_bulk],
+        [count, "daemon over gRPC", t_daemon, t_bulk],
     ]
     status_rows = [
-        [count, "raw lookupByUUIDString + stats + XML", t_raw_status * 1e3, 1.0],
-        [count, "bare grpcio, same response", t_bare_status * 1e3, t_bare_status / t_raw_status],
-        [count, "daemon over gRPC", t_daemon_status * 1e3, t_daemon_status / t_raw_status],
+        [count, "raw lookupByUUIDString + stats + XML", t_raw_status, t_raw_status],
+        [count, "bare grpcio, same response", t_bare_status, t_raw_status],
+        [count, "floor: raw + bare grpcio", status_floor, t_raw_status],
+        [count, "daemon over gRPC", t_daemon_status, t_raw_status],
     ]
+    list_rows = [[n, what, t * 1e3, t / base, t / floor] for n, what, t, base in list_rows]
+    status_rows = [[n, what, t * 1e3, t / base, t / status_floor] for n, what, t, base in status_rows]
     print(f"  {count} domains: daemon SERVING after {boot:.1f}s", flush=True)
     return list_rows, status_rows
 
@@ -237,12 +241,12 @@ def main() -> None:
         status_rows += sr
     table(
         f"ListVMs, median of {args.runs} (target: daemon <= 1.2x raw bulk)",
-        ["domains", "path", "ms", "x raw bulk"],
+        ["domains", "path", "ms", "x raw bulk", "x floor"],
         list_rows,
     )
     table(
         f"GetVMStatus of one VM among N, per call (median of 3 x {args.calls} calls)",
-        ["domains", "path", "ms/call", "x raw"],
+        ["domains", "path", "ms/call", "x raw", "x floor"],
         status_rows,
     )
 

@@ -212,7 +212,8 @@ def usage_from_stats(stats: Mapping[str, Any], cpu_percent: float = 0.0) -> Any:
 
 def _fill_usage(usage: Any, stats: Mapping[str, Any], cpu_percent: float) -> None:
     """:func:`usage_from_stats` written into an existing message (ListVMs fills thousands in place
-    rather than building each one and copying it into the response)."""
+    rather than building each one and copying it into the response). The fields have no presence,
+    so a figure libvirt did not report is simply left at zero."""
     kib = 1024
     if "balloon.available" in stats and "balloon.unused" in stats:
         used = (int(stats["balloon.available"]) - int(stats["balloon.unused"])) * kib
@@ -220,14 +221,20 @@ def _fill_usage(usage: Any, stats: Mapping[str, Any], cpu_percent: float) -> Non
         used = int(stats["balloon.rss"]) * kib
     else:
         used = int(stats.get("balloon.current", 0)) * kib
-    usage.cpu_usage_percent = cpu_percent
-    usage.cpu_time_ns = int(stats.get("cpu.time", 0))
-    usage.memory_used_bytes = max(used, 0)
-    usage.memory_total_bytes = int(stats.get("balloon.maximum", 0)) * kib
-    usage.disk_read_bytes = _sum(stats, "block", "block.count", "rd.bytes")
-    usage.disk_write_bytes = _sum(stats, "block", "block.count", "wr.bytes")
-    usage.network_rx_bytes = _sum(stats, "net", "net.count", "rx.bytes")
-    usage.network_tx_bytes = _sum(stats, "net", "net.count", "tx.bytes")
+    if cpu_percent:
+        usage.cpu_usage_percent = cpu_percent
+    if "cpu.time" in stats:
+        usage.cpu_time_ns = int(stats["cpu.time"])
+    if used > 0:
+        usage.memory_used_bytes = used
+    if "balloon.maximum" in stats:
+        usage.memory_total_bytes = int(stats["balloon.maximum"]) * kib
+    if stats.get("block.count"):
+        usage.disk_read_bytes = _sum(stats, "block", "block.count", "rd.bytes")
+        usage.disk_write_bytes = _sum(stats, "block", "block.count", "wr.bytes")
+    if stats.get("net.count"):
+        usage.network_rx_bytes = _sum(stats, "net", "net.count", "rx.bytes")
+        usage.network_tx_bytes = _sum(stats, "net", "net.count", "tx.bytes")
 
 
 def started_at(pid_dir: str | None, name: str) -> float | None:
