@@ -137,14 +137,38 @@ def raw_status(conn: libvirt.virConnect, vm_id: str) -> object:
 # -- measurement ------------------------------------------------------------------------------
 
 
-def med_time(fn: Callable[[], object], runs: int) -> float:
-    fn()  # warm-up
-    samples = []
-    for _ in range(runs):
-        t = time.perf_counter()
+def task_cpu(pid: int) -> float:
+    """CPU seconds of every thread of ``pid`` so far, to the nanosecond (``/proc/.../schedstat``)."""
+    total = 0
+    base = f"/proc/{pid}/task"
+    for tid in os.listdir(base):
+        try:
+            with open(f"{base}/{tid}/schedstat") as fh:
+                total += int(fh.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass  # the thread ended
+    return total / 1e9
+
+
+Timed = tuple[Callable[[], object], Callable[[], float]]
+
+
+def interleaved(fns: dict[str, Timed], rounds: int, per_sample: int = 1) -> dict[str, tuple[float, float]]:
+    """Median (wall, CPU) seconds per call of each ``(function, cpu clock)``, sampled in turn round
+    after round so that drift on a shared machine hits every path alike. The CPU clock is the
+    process doing the work; it moves far less than wall time when the machine is busy."""
+    for fn, _ in fns.values():  # warm-up
         fn()
-        samples.append(time.perf_counter() - t)
-    return median(samples)
+    wall: dict[str, list[float]] = {name: [] for name in fns}
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, (fn, clock) in fns.items():
+            c, t = clock(), time.perf_counter()
+            for _ in range(per_sample):
+                fn()
+            wall[name].append((time.perf_counter() - t) / per_sample)
+            cpu[name].append((clock() - c) / per_sample)
+    return {name: (median(wall[name]), median(cpu[name])) for name in fns}
 
 
 def bare_server(tmp: str, replies: dict[str, bytes]) -> tuple[subprocess.Popen, str]:
@@ -178,58 +202,83 @@ def bench_size(count: int, tmp: str, runs: int, calls: int) -> tuple[list[list[o
     uri = f"test://{path}"
     probe = ids[len(ids) // 2]
     request = node_pb2.VMIdRequest(vm_id=probe)
-    conn = libvirt.open(uri)
-    t_bulk = med_time(lambda: raw_bulk(conn), runs)
-    t_loop = med_time(lambda: per_domain(conn), runs)
-    t_raw_status = med_time(lambda: [raw_status(conn, probe) for _ in range(calls)], 3) / calls
-    conn.close()
-
     daemon, address, boot = start_daemon(uri=uri)
     bare = None
+    channels: list[grpc.Channel] = []
+    conn = libvirt.open(uri)
     try:
         channel, stub = stub_for(address)
+        channels.append(channel)
         listed = stub.ListVMs(_EMPTY)
         assert len(listed.vms) == count, (len(listed.vms), count)
         status = stub.GetVMStatus(request)
-        t_daemon = med_time(lambda: stub.ListVMs(_EMPTY), runs)
-        t_daemon_status = med_time(lambda: [stub.GetVMStatus(request) for _ in range(calls)], 3) / calls
-        channel.close()
         replies = {"ListVMs": listed.SerializeToString(), "GetVMStatus": status.SerializeToString()}
         bare, bare_address = bare_server(tmp, replies)
-        channel, stub = stub_for(bare_address)
-        t_bare = med_time(lambda: stub.ListVMs(_EMPTY), runs)
-        t_bare_status = med_time(lambda: [stub.GetVMStatus(request) for _ in range(calls)], 3) / calls
-        channel.close()
+        channel, bare_stub = stub_for(bare_address)
+        channels.append(channel)
+        here = time.process_time
+        daemon_cpu, bare_cpu = (lambda: task_cpu(daemon.pid)), (lambda: task_cpu(bare.pid))
+        lists = interleaved(
+            {
+                "bulk": (lambda: raw_bulk(conn), here),
+                "loop": (lambda: per_domain(conn), here),
+                "bare": (lambda: bare_stub.ListVMs(_EMPTY), bare_cpu),
+                "daemon": (lambda: stub.ListVMs(_EMPTY), daemon_cpu),
+            },
+            runs,
+        )
+        statuses = interleaved(
+            {
+                "raw": (lambda: raw_status(conn, probe), here),
+                "bare": (lambda: bare_stub.GetVMStatus(request), bare_cpu),
+                "daemon": (lambda: stub.GetVMStatus(request), daemon_cpu),
+            },
+            runs,
+            calls,
+        )
     finally:
+        conn.close()
+        for channel in channels:
+            channel.close()
         stop(daemon)
         if bare is not None:
             stop(bare)
-
     size = len(listed.SerializeToString())
-    floor, status_floor = t_bulk + t_bare, t_raw_status + t_bare_status
-    list_rows = [
-        [count, "raw bulk (getAllDomainStats + protobuf)", t_bulk, t_bulk],
-        [count, "per-domain loop (info + XMLDesc)", t_loop, t_bulk],
-        [count, f"bare grpcio, same response ({size // 1024} KiB)", t_bare, t_bulk],
-        [count, "floor: raw bulk + bare grpcio", floor, t_bulk],
-        [count, "daemon over gRPC", t_daemon, t_bulk],
+    lists["floor"] = tuple(a + b for a, b in zip(lists["bulk"], lists["bare"], strict=True))
+    statuses["floor"] = tuple(a + b for a, b in zip(statuses["raw"], statuses["bare"], strict=True))
+    list_names = [
+        ("bulk", "raw bulk (getAllDomainStats + protobuf)"),
+        ("loop", "per-domain loop (info + XMLDesc)"),
+        ("bare", f"bare grpcio, same response ({size // 1024} KiB)"),
+        ("floor", "floor: raw bulk + bare grpcio"),
+        ("daemon", "daemon over gRPC"),
     ]
+    status_names = [
+        ("raw", "raw lookupByUUIDString + stats + XML"),
+        ("bare", "bare grpcio, same response"),
+        ("floor", "floor: raw + bare grpcio"),
+        ("daemon", "daemon over gRPC"),
+    ]
+    list_rows = [rows(count, what, lists[key], lists["bulk"], lists["floor"]) for key, what in list_names]
     status_rows = [
-        [count, "raw lookupByUUIDString + stats + XML", t_raw_status, t_raw_status],
-        [count, "bare grpcio, same response", t_bare_status, t_raw_status],
-        [count, "floor: raw + bare grpcio", status_floor, t_raw_status],
-        [count, "daemon over gRPC", t_daemon_status, t_raw_status],
+        rows(count, what, statuses[key], statuses["raw"], statuses["floor"]) for key, what in status_names
     ]
-    list_rows = [[n, what, t * 1e3, t / base, t / floor] for n, what, t, base in list_rows]
-    status_rows = [[n, what, t * 1e3, t / base, t / status_floor] for n, what, t, base in status_rows]
     print(f"  {count} domains: daemon SERVING after {boot:.1f}s", flush=True)
     return list_rows, status_rows
+
+
+def rows(
+    count: int, what: str, t: tuple[float, float], base: tuple[float, float], floor: tuple[float, float]
+) -> list[object]:
+    return [count, what, t[0] * 1e3, t[0] / base[0], t[0] / floor[0], t[1] * 1e3, t[1] / floor[1]]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", default="1000,5000", help="domain counts, comma separated")
-    parser.add_argument("--runs", type=int, default=7, help="ListVMs runs per row (median)")
+    parser.add_argument(
+        "--runs", type=int, default=7, help="samples per row (median), taken in turn across rows"
+    )
     parser.add_argument("--calls", type=int, default=300, help="GetVMStatus calls per sample")
     args = parser.parse_args()
     tmp = tempfile.mkdtemp(prefix="qtx-bench-vms-")
@@ -241,12 +290,12 @@ def main() -> None:
         status_rows += sr
     table(
         f"ListVMs, median of {args.runs} (target: daemon <= 1.2x raw bulk)",
-        ["domains", "path", "ms", "x raw bulk", "x floor"],
+        ["domains", "path", "ms", "x raw bulk", "x floor", "cpu ms", "cpu x floor"],
         list_rows,
     )
     table(
-        f"GetVMStatus of one VM among N, per call (median of 3 x {args.calls} calls)",
-        ["domains", "path", "ms/call", "x raw", "x floor"],
+        f"GetVMStatus of one VM among N, per call (median of {args.runs} samples of {args.calls} calls)",
+        ["domains", "path", "ms/call", "x raw", "x floor", "cpu ms/call", "cpu x floor"],
         status_rows,
     )
 
