@@ -12,6 +12,7 @@ from quantix.hypervisor import consoles, devices, snapshots, vms
 from quantix.proto import node_pb2
 
 NS = "https://quantix.dev/xmlns/node/1.0"
+FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "node.xml")
 
 
 def domain_with_disk(chain: list[str], created: str | None, iso: str = "") -> str:
@@ -78,6 +79,27 @@ class StatsTests(unittest.TestCase):
         del stats["balloon.available"]
         self.assertEqual(vms.usage_from_stats(stats).memory_used_bytes, 900 * 1024)
         self.assertEqual(vms.usage_from_stats({}).memory_used_bytes, 0)
+
+    def test_usage_left_at_zero_is_the_same_as_reported_zero(self):
+        zeros = {"cpu.time": 0, "balloon.maximum": 0, "balloon.current": 0, "block.count": 0, "net.count": 0}
+        self.assertEqual(vms.usage_from_stats(zeros), vms.usage_from_stats({}))
+        self.assertEqual(vms.usage_from_stats({"balloon.current": -1}).memory_used_bytes, 0)
+
+    def test_list_response_from_the_test_driver(self):
+        conn = libvirt.open(f"test://{FIXTURE}")
+        self.addCleanup(conn.close)
+        now = [100.0]
+        sampler = vms.CpuSampler(clock=lambda: now[0])
+        sampler.percent("gone", 0, 1)
+        resp = vms.list_response(conn, sampler)
+        states = {m.name: m.state for m in resp.vms}
+        self.assertEqual(
+            states, {"vm-running": node_pb2.POWER_STATE_RUNNING, "vm-stopped": node_pb2.POWER_STATE_STOPPED}
+        )
+        self.assertTrue(all(m.HasField("resource_usage") for m in resp.vms))
+        self.assertEqual(list(resp.vms), vms.list_vms(conn, sampler))
+        now[0] += 1.0
+        self.assertEqual(sampler.percent("gone", 10**9, 1), 0.0)  # forgotten: not listed any more
 
     def test_cpu_percent_from_two_samples(self):
         now = [100.0]

@@ -197,7 +197,10 @@ class CpuSampler:
 
 
 def _sum(stats: Mapping[str, Any], prefix: str, count_key: str, suffix: str) -> int:
-    return sum(int(stats.get(f"{prefix}.{i}.{suffix}", 0)) for i in range(int(stats.get(count_key, 0))))
+    count = stats.get(count_key)
+    if not count:  # the common case on a large host (no disks/NICs reported): skip the loop
+        return 0
+    return sum(int(stats.get(f"{prefix}.{i}.{suffix}", 0)) for i in range(int(count)))
 
 
 def usage_from_stats(stats: Mapping[str, Any], cpu_percent: float = 0.0) -> Any:
@@ -206,24 +209,36 @@ def usage_from_stats(stats: Mapping[str, Any], cpu_percent: float = 0.0) -> Any:
     Memory in use is what the guest reports through the balloon (available - unused) when it
     does, else the host RSS of the VM, else its current balloon size.
     """
+    usage = node_pb2.ResourceUsage()
+    _fill_usage(usage, stats, cpu_percent)
+    return usage
+
+
+def _fill_usage(usage: Any, stats: Mapping[str, Any], cpu_percent: float) -> None:
+    """:func:`usage_from_stats` written into an existing message (ListVMs fills thousands in place
+    rather than building each one and copying it into the response). The fields have no presence,
+    so a figure libvirt did not report is simply left at zero."""
     kib = 1024
-    total = int(stats.get("balloon.maximum", 0)) * kib
     if "balloon.available" in stats and "balloon.unused" in stats:
         used = (int(stats["balloon.available"]) - int(stats["balloon.unused"])) * kib
     elif "balloon.rss" in stats:
         used = int(stats["balloon.rss"]) * kib
     else:
         used = int(stats.get("balloon.current", 0)) * kib
-    return node_pb2.ResourceUsage(
-        cpu_usage_percent=cpu_percent,
-        cpu_time_ns=int(stats.get("cpu.time", 0)),
-        memory_used_bytes=max(used, 0),
-        memory_total_bytes=total,
-        disk_read_bytes=_sum(stats, "block", "block.count", "rd.bytes"),
-        disk_write_bytes=_sum(stats, "block", "block.count", "wr.bytes"),
-        network_rx_bytes=_sum(stats, "net", "net.count", "rx.bytes"),
-        network_tx_bytes=_sum(stats, "net", "net.count", "tx.bytes"),
-    )
+    if cpu_percent:
+        usage.cpu_usage_percent = cpu_percent
+    if "cpu.time" in stats:
+        usage.cpu_time_ns = int(stats["cpu.time"])
+    if used > 0:
+        usage.memory_used_bytes = used
+    if "balloon.maximum" in stats:
+        usage.memory_total_bytes = int(stats["balloon.maximum"]) * kib
+    if stats.get("block.count"):
+        usage.disk_read_bytes = _sum(stats, "block", "block.count", "rd.bytes")
+        usage.disk_write_bytes = _sum(stats, "block", "block.count", "wr.bytes")
+    if stats.get("net.count"):
+        usage.network_rx_bytes = _sum(stats, "net", "net.count", "rx.bytes")
+        usage.network_tx_bytes = _sum(stats, "net", "net.count", "tx.bytes")
 
 
 def started_at(pid_dir: str | None, name: str) -> float | None:
@@ -275,34 +290,56 @@ def _capacities(stats: Mapping[str, Any]) -> dict[str, int]:
     return out
 
 
-def _vm_status(
-    dom: libvirt.virDomain, stats: Mapping[str, Any], sampler: CpuSampler, pid_dir: str | None
-) -> Any:
+_LIVE = frozenset((libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_BLOCKED, libvirt.VIR_DOMAIN_PAUSED))
+
+
+def _fill_status(
+    msg: Any, dom: libvirt.virDomain, stats: Mapping[str, Any], sampler: CpuSampler, pid_dir: str | None
+) -> str:
+    """Write one VM's ``VMStatusResponse`` fields into ``msg``; returns the VM id."""
     vm_id = dom.UUIDString()
     name = dom.name()
     state = int(stats.get("state.state", libvirt.VIR_DOMAIN_NOSTATE))
-    running = state in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_BLOCKED, libvirt.VIR_DOMAIN_PAUSED)
+    running = state in _LIVE
     percent = 0.0
     if running and "cpu.time" in stats:
         percent = sampler.percent(vm_id, int(stats["cpu.time"]), int(stats.get("vcpu.current", 1)))
-    msg = node_pb2.VMStatusResponse(
-        vm_id=vm_id,
-        name=name,
-        state=power_state(state),
-        resource_usage=usage_from_stats(stats, percent),
-    )
+    msg.vm_id = vm_id
+    msg.name = name
+    msg.state = _POWER.get(state, node_pb2.POWER_STATE_UNKNOWN)
+    msg.resource_usage.SetInParent()  # present even when every figure is zero
+    _fill_usage(msg.resource_usage, stats, percent)
     if running or state == libvirt.VIR_DOMAIN_SHUTDOWN:
         since = started_at(pid_dir, name)
         if since is not None:
             msg.started_at.FromNanoseconds(int(since * 1e9))
+    return vm_id
+
+
+def _vm_status(
+    dom: libvirt.virDomain, stats: Mapping[str, Any], sampler: CpuSampler, pid_dir: str | None
+) -> Any:
+    msg = node_pb2.VMStatusResponse()
+    _fill_status(msg, dom, stats, sampler, pid_dir)
     return msg
 
 
-def list_vms(conn: libvirt.virConnect, sampler: CpuSampler, pid_dir: str | None = None) -> list[Any]:
-    """Every defined VM in one bulk libvirt query (no per-domain round trips)."""
-    out = [_vm_status(dom, stats, sampler, pid_dir) for dom, stats in conn.getAllDomainStats(STATS, NOWAIT)]
-    sampler.forget(m.vm_id for m in out)
+def list_response(conn: libvirt.virConnect, sampler: CpuSampler, pid_dir: str | None = None) -> Any:
+    """``ListVMsOnNodeResponse`` for every defined VM from one bulk libvirt query (no per-domain
+    round trips); each entry is filled in place in the response."""
+    out = node_pb2.ListVMsOnNodeResponse()
+    add = out.vms.add
+    seen = [
+        _fill_status(add(), dom, stats, sampler, pid_dir)
+        for dom, stats in conn.getAllDomainStats(STATS, NOWAIT)
+    ]
+    sampler.forget(seen)
     return out
+
+
+def list_vms(conn: libvirt.virConnect, sampler: CpuSampler, pid_dir: str | None = None) -> list[Any]:
+    """Every defined VM in one bulk libvirt query, as a list of ``VMStatusResponse``."""
+    return list(list_response(conn, sampler, pid_dir).vms)
 
 
 def vm_status(

@@ -162,7 +162,7 @@ class VmRpcs:
 
     @rpc("ListVMs")
     def list_vms(self, request: Any, context: Any) -> Any:
-        return node_pb2.ListVMsOnNodeResponse(vms=vms.list_vms(self._conn(), self.sampler, self._pid_dir()))
+        return vms.list_response(self._conn(), self.sampler, self._pid_dir())
 
     @rpc("GetConsole")
     def get_console(self, request: Any, context: Any) -> Any:

@@ -1,0 +1,43 @@
+#!/bin/sh
+# Run every benchmark in bench/ with modest settings and print each table (about 2 minutes).
+# usage: bench/run_all.sh            (PYTHON=/path/to/python to pick the interpreter)
+# bench_eventloop.py needs the real libvirtd at qemu:///system; it is skipped when that does not answer.
+set -u
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-/work/venv/bin/python}"
+[ -x "$PY" ] || PY=python3
+failed=""
+
+run() {
+    name="$1"
+    shift
+    echo
+    echo "=== $name $* ($(date -u +%H:%M:%S) UTC)"
+    start=$(date +%s)
+    if "$PY" "bench/$name" "$@"; then
+        echo "--- $name took $(($(date +%s) - start)) s"
+    else
+        echo "--- $name FAILED (exit $?)"
+        failed="$failed $name"
+    fi
+}
+
+run bench_startup.py --runs 3
+run bench_unary.py --seconds 2 --concurrency 1,8,64
+run bench_vms.py --sizes 1000,5000 --runs 5 --calls 200
+run bench_events.py --toggles 200 --burst 5000
+run bench_reactor_lag.py --clients 200 --seconds 5
+run bench_agent.py --pings 1000 --agents 500 --window 10
+if "$PY" -c "import libvirt, sys; libvirt.registerErrorHandler(lambda *a: None, None); libvirt.open('qemu:///system').close()" 2>/dev/null; then
+    run bench_eventloop.py --pairs 4000 --threads 1 4 --runs 1
+else
+    echo
+    echo "=== bench_eventloop.py skipped: qemu:///system does not answer"
+fi
+
+echo
+if [ -n "$failed" ]; then
+    echo "failed:$failed"
+    exit 1
+fi
+echo "all benchmarks ran"
