@@ -4,7 +4,7 @@
 # bench_eventloop.py needs the real libvirtd at qemu:///system; it is skipped when that does not answer.
 set -u
 cd "$(dirname "$0")/.."
-PY="${PYTHON:-/work/venv/bin/python}"
+PY="${PYTHON:-.venv/bin/python}"
 [ -x "$PY" ] || PY=python3
 failed=""
 
