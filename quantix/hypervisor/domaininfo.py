@@ -26,7 +26,13 @@ class DiskInfo:
     format: str | None
     readonly: bool
     created: bool
-    xml: str  # the element as libvirt reported it, for detach
+    element: ET.Element = attrs.field(repr=False, eq=False)
+
+    @property
+    def xml(self) -> str:
+        """The element as libvirt reported it, for detach; serialised only when asked for, since
+        status and listing never need it."""
+        return element_xml(self.element)
 
 
 @attrs.frozen
@@ -37,7 +43,12 @@ class NicInfo:
     source: str | None
     model: str | None
     target: str | None  # host tap device, only on a running domain
-    xml: str
+    element: ET.Element = attrs.field(repr=False, eq=False)
+
+    @property
+    def xml(self) -> str:
+        """The element as libvirt reported it, for detach."""
+        return element_xml(self.element)
 
 
 @attrs.frozen
@@ -183,7 +194,7 @@ def parse_domain(xml: str | bytes) -> DomainInfo:
                 format=driver.get("type") if driver is not None else None,
                 readonly=el.find("readonly") is not None,
                 created=bool(ref and ref.created),
-                xml=element_xml(el),
+                element=el,
             )
         )
 
@@ -207,7 +218,7 @@ def parse_domain(xml: str | bytes) -> DomainInfo:
                 source=src,
                 model=model.get("type") if model is not None else None,
                 target=target.get("dev") if target is not None else None,
-                xml=element_xml(el),
+                element=el,
             )
         )
 
