@@ -76,6 +76,7 @@ def run(args):
         "agent.socket_dir": (os.path.join(tmp, "agents"), "bench"),
         "server.metrics_listen": (None, "bench"),
         "server.max_workers": (args.clients + 16, "bench"),
+        "server.switch_interval_ms": (args.switch_interval_ms, "bench"),
     }
     node = NodeService(cfg.build(values), reactor)
     node.startService()
@@ -125,6 +126,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=200)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--storm-rate", type=float, default=2000.0, help="libvirt state changes per second")
+    parser.add_argument("--switch-interval-ms", type=float, default=0.0, help="server.switch_interval_ms")
     args = parser.parse_args()
     task.react(lambda _reactor: run(args))
 

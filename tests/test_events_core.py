@@ -102,7 +102,7 @@ class BusTests(unittest.TestCase):
         for i in range(3):
             bus.publish(m.VM_STARTED, f"vm{i}", "started")
         for sub in (a, b):
-            got = [sub.queue.get_nowait() for _ in range(3)]
+            got = [sub.queue.popleft() for _ in range(3)]
             self.assertEqual([e.id for e in got], ["100", "101", "102"])
             self.assertEqual(got[0].vm_id, "vm0")
 
