@@ -132,7 +132,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--storm-rate", type=float, default=2000.0, help="libvirt state changes per second")
     parser.add_argument("--max-workers", type=int, default=0, help="server.max_workers (0: clients + 16)")
-    parser.add_argument("--switch-interval-ms", type=float, default=0.0, help="server.switch_interval_ms")
+    parser.add_argument("--switch-interval-ms", type=float, default=1.0, help="server.switch_interval_ms")
     args = parser.parse_args()
     task.react(lambda _reactor: run(args))
 

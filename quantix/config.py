@@ -128,7 +128,7 @@ class ServerConfig:
     tls_client_ca: str | None = None
     #: Python's GIL switch interval in milliseconds (0: leave the interpreter's 5 ms). Shorter lets
     #: the reactor and woken stream threads take the GIL sooner from busy gRPC threads.
-    switch_interval_ms: float = attrs.field(default=0.0, validator=_not_negative)
+    switch_interval_ms: float = attrs.field(default=1.0, validator=_not_negative)
 
     def __attrs_post_init__(self) -> None:
         if bool(self.tls_cert) != bool(self.tls_key):
