@@ -3,8 +3,11 @@
 The daemon (NodeService) runs in this process on the test driver; a driver thread suspends and
 resumes a domain through the daemon's own libvirt connection, as any libvirt client would, and
 subscribers in a separate process read StreamEvents over real gRPC. The baseline is a raw libvirt
-callback in the same process (no reactor hop, no bus, no gRPC), measured in the same run; read
-the ratios.
+callback in the same process (no reactor hop, no bus, no gRPC), measured in the same run. The
+floor is a bare grpcio server in the same process handing pre-serialized events to its streams
+through plain queues, read by the same client process: grpcio's per-message cost (a thread
+wakeup and a completion-queue round trip per message per stream, on both sides) bounds fan-out
+latency and rate, so read the daemon against it.
 
 usage: python bench/bench_events.py [--toggles 300] [--burst 5000] [--pace 0.02]
 """
@@ -13,11 +16,13 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import queue
 import shutil
 import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import libvirt
@@ -26,7 +31,8 @@ from google.protobuf.empty_pb2 import Empty
 from twisted.internet import reactor, threads
 
 from quantix.events.bus import RESUME_HEADER
-from quantix.proto import node_grpc
+from quantix.proto import node_grpc, node_pb2
+from quantix.rpc.server import SERVICE
 from tests.support import test_config
 
 VM = "vm-running"
@@ -76,15 +82,16 @@ def read_streams(address: str, n: int, count: int, out) -> None:
 class Readers:
     """Subscribers in a separate process, so client work does not share the daemon's GIL."""
 
-    def __init__(self, node, n: int, count: int) -> None:
+    def __init__(self, node, n: int, count: int, port: int | None = None, connected=None) -> None:
         ctx = multiprocessing.get_context("spawn")
         self.node = node
         self.recv, send = ctx.Pipe(duplex=False)
-        address = f"127.0.0.1:{node.grpc.port}"
+        address = f"127.0.0.1:{port or node.grpc.port}"
         self.proc = ctx.Process(target=read_streams, args=(address, n, count, send), daemon=True)
         self.proc.start()
+        connected = connected or (lambda: node.bus.subscriber_count)
         deadline = time.monotonic() + 60
-        while node.bus.subscriber_count < n:
+        while connected() < n:
             if time.monotonic() > deadline:
                 raise RuntimeError("subscribers did not connect")
             time.sleep(0.01)
@@ -151,7 +158,11 @@ def daemon_latency(node, subscribers: int, toggles: int, pace: float) -> tuple[l
         sent.append(time.perf_counter())
         toggle(dom, i)
         time.sleep(pace)
-    results = readers.results()
+    return spread(sent, readers.results())
+
+
+def spread(sent: list[float], results: list) -> tuple[list[float], list[float]]:
+    """Per event: latency to the median subscriber and to the last one."""
     to_median, to_last = [], []
     for i, t0 in enumerate(sent):
         got = sorted(times[i] - t0 for _, times, *_ in results)
@@ -176,6 +187,75 @@ def daemon_burst(node, subscribers: int, burst: int) -> tuple[float, int, int]:
     return burst / elapsed, lost, sum(r[2] for r in results)
 
 
+class BareServer:
+    """The floor under StreamEvents: a bare grpcio server in this process whose streams send
+    pre-serialized NodeEvents handed to them through plain queues (no libvirt, reactor or bus)."""
+
+    def __init__(self, subscribers: int) -> None:
+        self.queues: list[queue.SimpleQueue] = []
+        lock = threading.Lock()
+
+        def stream(_request, _context):
+            q: queue.SimpleQueue = queue.SimpleQueue()
+            with lock:
+                self.queues.append(q)
+            while (item := q.get()) is not None:
+                yield item
+
+        handler = grpc.unary_stream_rpc_method_handler(
+            stream, request_deserializer=Empty.FromString, response_serializer=lambda b: b
+        )
+        self.server = grpc.server(ThreadPoolExecutor(subscribers + 4))
+        self.server.add_generic_rpc_handlers(
+            [grpc.method_handlers_generic_handler(SERVICE.full_name, {"StreamEvents": handler})]
+        )
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    def publish(self, items: list[bytes]) -> None:
+        for q in self.queues:
+            for item in items:
+                q.put(item)
+
+    def stop(self) -> None:
+        self.publish([None])
+        self.server.stop(0)
+
+
+def wire_events(count: int) -> list[bytes]:
+    return [node_pb2.NodeEvent(id=str(i + 1), type=1, vm_id=VM, message="x").SerializeToString()
+            for i in range(count)]  # fmt: skip
+
+
+def bare_latency(node, subscribers: int, count: int, pace: float) -> tuple[list[float], list[float]]:
+    """Like :func:`daemon_latency`, through :class:`BareServer`."""
+    bare, wire = BareServer(subscribers), wire_events(count)
+    try:
+        readers = Readers(node, subscribers, count, port=bare.port, connected=lambda: len(bare.queues))
+        sent = []
+        for item in wire:
+            sent.append(time.perf_counter())
+            bare.publish([item])
+            time.sleep(pace)
+        results = readers.results()
+    finally:
+        bare.stop()
+    return spread(sent, results)
+
+
+def bare_burst(node, subscribers: int, burst: int) -> float:
+    """Like :func:`daemon_burst`, through :class:`BareServer` (every event queued at once)."""
+    bare, wire = BareServer(subscribers), wire_events(burst)
+    try:
+        readers = Readers(node, subscribers, burst, port=bare.port, connected=lambda: len(bare.queues))
+        t0 = time.perf_counter()
+        bare.publish(wire)
+        results = readers.results()
+    finally:
+        bare.stop()
+    return burst / (max(times[-1] for _, times, *_ in results) - t0)
+
+
 def body(node, args) -> None:
     while node.watcher.reconciliations == 0:
         time.sleep(0.01)
@@ -191,23 +271,24 @@ def body(node, args) -> None:
     ]
     base50, base99 = median(raw_lat), pct(raw_lat, 0.99)
     for n in (1, 100):
-        med, last = daemon_latency(node, n, args.toggles, args.pace)
-        rows.append([f"StreamEvents, {n} subscriber(s), median client", n, median(med) * 1e3,
-                     pct(med, 0.99) * 1e3, median(med) / base50, pct(med, 0.99) / base99])  # fmt: skip
-        if n > 1:
-            rows.append([f"StreamEvents, {n} subscribers, last client", n, median(last) * 1e3,
-                         pct(last, 0.99) * 1e3, median(last) / base50, pct(last, 0.99) / base99])  # fmt: skip
+        for name, measure in (("bare grpcio (floor)", bare_latency), ("StreamEvents", daemon_latency)):
+            med, last = measure(node, n, args.toggles, args.pace)
+            for who, lat in (("median", med), ("last", last))[: 1 if n == 1 else 2]:
+                p50, p99 = median(lat), pct(lat, 0.99)
+                rows.append([f"{name}, {who} client", n, p50 * 1e3, p99 * 1e3, p50 / base50, p99 / base99])
     table(
         "Latency: libvirt state change -> event received",
         ["path", "subs", "p50 ms", "p99 ms", "p50 ratio", "p99 ratio"],
         rows,
     )
+    bare = bare_burst(node, 10, args.burst)
     rate, lost, resumes = daemon_burst(node, 10, args.burst)
     table(
         f"Throughput: {args.burst} back-to-back suspend/resume events, subscriber queue {args.queue}",
-        ["path", "subscribers", "events/s", "lost", "resumes", "ratio"],
-        [["raw libvirt callback (baseline)", 1, round(raw_rate), 0, 0, 1.0],
-         ["StreamEvents", 10, round(rate), lost, resumes, rate / raw_rate]],
+        ["path", "subscribers", "events/s", "lost", "resumes", "ratio to bare grpcio"],
+        [["raw libvirt callback", 1, round(raw_rate), 0, 0, raw_rate / bare],
+         ["bare grpcio stream, pre-serialized (floor)", 10, round(bare), 0, 0, 1.0],
+         ["StreamEvents", 10, round(rate), lost, resumes, rate / bare]],
     )  # fmt: skip
 
 
@@ -217,11 +298,16 @@ def main() -> None:
     parser.add_argument("--burst", type=int, default=5000)
     parser.add_argument("--queue", type=int, default=1000, help="events.subscriber_queue (daemon default)")
     parser.add_argument("--pace", type=float, default=0.02, help="seconds between paced state changes")
+    parser.add_argument("--switch-interval-ms", type=float, default=1.0, help="server.switch_interval_ms")
     args = parser.parse_args()
     from quantix.node import NodeService
 
     tmp = tempfile.mkdtemp(prefix="qtx-bench-")
-    overrides = {"server.max_workers": 256, "events.subscriber_queue": args.queue}
+    overrides = {
+        "server.max_workers": 256,
+        "events.subscriber_queue": args.queue,
+        "server.switch_interval_ms": args.switch_interval_ms,
+    }
     node = NodeService(test_config(tmp, **overrides), reactor)
     failed: list[BaseException] = []
 

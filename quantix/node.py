@@ -99,6 +99,8 @@ class NodeService(MultiService):
 
     def startService(self) -> None:
         self.started_at = time.monotonic()
+        if self.config.server.switch_interval_ms:
+            sys.setswitchinterval(self.config.server.switch_interval_ms / 1000)
         try:
             self.node_id = state.node_id(self.config.state_dir, self.config.node.id)
             super().startService()

@@ -102,7 +102,7 @@ class BusTests(unittest.TestCase):
         for i in range(3):
             bus.publish(m.VM_STARTED, f"vm{i}", "started")
         for sub in (a, b):
-            got = [sub.queue.get_nowait() for _ in range(3)]
+            got = [sub.queue.popleft() for _ in range(3)]
             self.assertEqual([e.id for e in got], ["100", "101", "102"])
             self.assertEqual(got[0].vm_id, "vm0")
 
@@ -144,6 +144,24 @@ class BusTests(unittest.TestCase):
         bus.stopService()
         self.assertRaises(errors.Unavailable, lambda: list(sub.events(lambda: True, poll=0.01)))
         self.assertRaises(errors.Unavailable, bus.subscribe)
+
+    def test_queued_events_come_in_order_then_shutdown(self):
+        bus = self.bus()
+        bus.startService()
+        sub = bus.subscribe()
+        for _ in range(3):
+            bus.publish(m.VM_STARTED, "vm", "x")
+        bus.stopService()
+        events = sub.events(lambda: True, poll=0.01)
+        self.assertEqual([next(events).id for _ in range(3)], ["100", "101", "102"])
+        self.assertRaises(errors.Unavailable, next, events)
+
+    def test_overflow_ends_at_once_without_queued_events(self):
+        bus = self.bus(subscriber_queue=2)
+        sub = bus.subscribe()
+        for _ in range(3):
+            bus.publish(m.VM_STARTED, "vm", "x")
+        self.assertRaises(errors.ResourceExhausted, next, sub.events(lambda: True, poll=0.01))
 
     def test_inactive_client_returns(self):
         bus = self.bus()

@@ -12,7 +12,6 @@ across daemon restarts and a client resuming with an id from an earlier run is t
 from __future__ import annotations
 
 import collections
-import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,7 +27,6 @@ from quantix.proto import node_pb2
 log = Logger(namespace="quantix.events")
 
 RESUME_HEADER = "x-quantix-resume-after"
-_CLOSED = object()
 
 
 def make_event(event_id: int, event_type: int, vm_id: str, message: str, metadata: dict | None) -> Any:
@@ -45,32 +43,55 @@ def make_event(event_id: int, event_type: int, vm_id: str, message: str, metadat
 
 
 class Subscription:
-    """One subscriber: the backlog it resumed with, then live events through a bounded queue."""
+    """One subscriber: the backlog it resumed with, then live events through a bounded queue.
+
+    The queue is a plain deque guarded by a condition: the publisher appends under the bus lock
+    and wakes the reader only when the queue was empty; the reader takes everything queued per
+    wakeup, so a burst costs one wakeup rather than one per event.
+    """
 
     def __init__(self, bus: EventBus, backlog: list[Any], maxsize: int) -> None:
         self._bus = bus
         self.backlog = backlog
-        self.queue: queue.Queue = queue.Queue(maxsize)
+        self.maxsize = maxsize
+        self.queue: collections.deque = collections.deque()
+        self._ready = threading.Condition(threading.Lock())
         self.error: Exception | None = None
 
     def offer(self, event: Any) -> bool:
         """Called under the bus lock; False when the subscriber overflowed and must go."""
-        try:
-            self.queue.put_nowait(event)
-            return True
-        except queue.Full:
-            self.error = errors.ResourceExhausted(
-                "event subscriber too slow: queue overflowed; reconnect with "
-                f"{RESUME_HEADER} set to the last event id received"
-            )
-            return False
+        with self._ready:
+            if len(self.queue) >= self.maxsize:
+                self.error = errors.ResourceExhausted(
+                    "event subscriber too slow: queue overflowed; reconnect with "
+                    f"{RESUME_HEADER} set to the last event id received"
+                )
+                self._ready.notify()
+                return False
+            self.queue.append(event)
+            if len(self.queue) == 1:
+                self._ready.notify()
+        return True
 
     def end(self, error: Exception) -> None:
-        self.error = error
-        try:
-            self.queue.put_nowait(_CLOSED)
-        except queue.Full:
-            pass  # the reader checks ``error`` before every get
+        with self._ready:
+            self.error = error
+            self._ready.notify()
+
+    def _take(self, poll: float) -> list[Any]:
+        """Everything queued (waiting up to ``poll`` seconds for something); [] on timeout.
+        Queued events go out before an error ends the stream, except an overflow, which ends
+        it at once (the client resumes from the last id it got)."""
+        with self._ready:
+            if not self.queue and self.error is None:
+                self._ready.wait(poll)
+            if self.queue and not isinstance(self.error, errors.ResourceExhausted):
+                items = list(self.queue)
+                self.queue.clear()
+                return items
+            if self.error is not None:
+                raise self.error
+            return []
 
     def events(self, is_active: Callable[[], bool] = lambda: True, poll: float = 0.5) -> Iterator[Any]:
         """Blocking iterator (gRPC thread): returns when ``is_active()`` turns false, raises
@@ -79,17 +100,10 @@ class Subscription:
             yield from self.backlog
             self.backlog = []
             while True:
-                if self.error is not None:
-                    raise self.error
-                try:
-                    item = self.queue.get(timeout=poll)
-                except queue.Empty:
-                    if not is_active():
-                        return
-                    continue
-                if item is _CLOSED:
-                    raise self.error or errors.Unavailable("event stream closed")
-                yield item
+                items = self._take(poll)
+                if not items and not is_active():
+                    return
+                yield from items
         finally:
             self.close()
 
