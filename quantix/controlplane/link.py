@@ -330,6 +330,8 @@ class ControlPlaneLink(service.Service):
     def _read_vms(self) -> Any:
         try:
             return list((yield defer.maybeDeferred(self._vms)))
+        except defer.CancelledError:
+            raise
         except Exception:
             log.failure("listing VMs for the control plane failed")
             return None
@@ -339,6 +341,8 @@ class ControlPlaneLink(service.Service):
         """The control plane asked for our full state (a newer one than today's may)."""
         try:
             facts = yield defer.maybeDeferred(self._facts)
+        except defer.CancelledError:
+            raise
         except Exception:
             log.failure("gathering host facts failed")
             return None
@@ -350,6 +354,8 @@ class ControlPlaneLink(service.Service):
             return None
         try:
             pools = yield defer.maybeDeferred(self._pool_reports)
+        except defer.CancelledError:
+            raise
         except Exception:
             log.failure("collecting pool reports failed")
             return None
