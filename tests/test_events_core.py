@@ -187,3 +187,17 @@ class MetricsTests(unittest.TestCase):
         }
         c = vm_counters(stats)
         self.assertEqual((c["memory"], c["rd"], c["wr"], c["rx"], c["tx"]), (800 * 1024, 15, 7, 3, 4))
+
+
+class BusGaugeTests(unittest.TestCase):
+    def test_queue_depths_and_lag(self):
+        bus = EventBus(task.Clock(), buffer_size=10, subscriber_queue=10)
+        self.assertEqual(bus.queue_depths(), [])
+        self.assertEqual(bus.lag_seconds(), 0.0)
+        sub = bus.subscribe()
+        bus.publish(1, "vm", "started")
+        bus.publish(3, "vm", "paused")
+        self.assertEqual(bus.queue_depths(), [2])
+        self.assertGreaterEqual(bus.lag_seconds(), 0.0)
+        sub.queue.clear()
+        self.assertEqual(bus.lag_seconds(), 0.0)

@@ -197,6 +197,20 @@ class EventBus(Service):
     def subscriber_count(self) -> int:
         return len(self._subscribers)
 
+    def queue_depths(self) -> list[int]:
+        """Events waiting per subscriber (for metrics)."""
+        with self._lock:
+            return [len(sub.queue) for sub in self._subscribers]
+
+    def lag_seconds(self) -> float:
+        """Age of the oldest event queued but not yet taken by its stream (0 when none)."""
+        with self._lock:
+            heads = [sub.queue[0] for sub in self._subscribers if sub.queue]
+        if not heads:
+            return 0.0
+        oldest = min(event.timestamp.ToNanoseconds() for event in heads)
+        return max(0.0, (time.time_ns() - oldest) / 1e9)
+
     # -- service ------------------------------------------------------------------------------
 
     def startService(self) -> None:
