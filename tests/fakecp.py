@@ -263,3 +263,30 @@ class FakeCPServer:
     def stop(self) -> defer.Deferred:
         port, self._port = self._port, None
         return defer.maybeDeferred(port.stopListening) if port is not None else defer.succeed(None)
+
+
+class _Silent(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, requests: list[defer.Deferred]) -> None:
+        super().__init__()
+        self.requests = requests
+
+    def render_POST(self, request: server.Request) -> object:
+        self.requests.append(request.notifyFinish())
+        return server.NOT_DONE_YET
+
+
+def listen_silent(testcase: Any) -> tuple[int, list[defer.Deferred]]:
+    """An HTTP server on loopback that takes requests and never answers (timeouts, cancellation).
+
+    Returns its port and the list of ``notifyFinish`` Deferreds of the requests it received.
+    """
+    from twisted.internet import reactor
+
+    requests: list[defer.Deferred] = []
+    site = server.Site(_Silent(requests))
+    site.noisy = False
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    testcase.addCleanup(port.stopListening)
+    return port.getHost().port, requests

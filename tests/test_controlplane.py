@@ -16,7 +16,6 @@ from typing import Any
 from twisted.internet import defer, reactor, task
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
-from twisted.web import resource, server
 
 from quantix.controlplane import state
 from quantix.controlplane.connect import ConnectClient
@@ -32,7 +31,7 @@ from quantix.controlplane.facts import (
 )
 from quantix.controlplane.link import ControlPlaneLink
 from quantix.proto import storage_pb2
-from tests.fakecp import FakeControlPlane, FakeCPServer
+from tests.fakecp import FakeControlPlane, FakeCPServer, listen_silent
 from tests.test_controlplane_connect import make_tls, x509
 
 GiB = 1 << 30
@@ -485,20 +484,8 @@ class LinkTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_stop_cancels_the_call_in_flight(self) -> Any:
-        gone: list[defer.Deferred] = []
-
-        class Silent(resource.Resource):
-            isLeaf = True
-
-            def render_POST(self, request: server.Request) -> object:
-                gone.append(request.notifyFinish())
-                return server.NOT_DONE_YET
-
-        site = server.Site(Silent())
-        site.noisy = False
-        port = reactor.listenTCP(0, site, interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
-        client = ConnectClient(reactor, f"http://127.0.0.1:{port.getHost().port}")
+        port, gone = listen_silent(self)
+        client = ConnectClient(reactor, f"http://127.0.0.1:{port}")
         link = self.make_link(client=client)
         self.clock.advance(10)
         yield _until(lambda: gone)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
-from twisted.web import resource, server
 
 from quantix.controlplane.backoff import Backoff
 from quantix.controlplane.connect import (
@@ -23,7 +22,7 @@ from quantix.controlplane.connect import (
     parse_retry_after,
 )
 from quantix.proto import compute_pb2, storage_pb2
-from tests.fakecp import FakeControlPlane, FakeCPServer
+from tests.fakecp import FakeControlPlane, FakeCPServer, listen_silent
 
 NODE = "limiquantix.compute.v1.NodeService"
 
@@ -196,20 +195,8 @@ class Transport(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_timeout_is_deadline_exceeded(self) -> None:
-        gone: list[defer.Deferred] = []
-
-        class Silent(resource.Resource):
-            isLeaf = True
-
-            def render_POST(self, request: server.Request) -> object:
-                gone.append(request.notifyFinish())
-                return server.NOT_DONE_YET
-
-        site = server.Site(Silent())
-        site.noisy = False
-        port = reactor.listenTCP(0, site, interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
-        client = ConnectClient(reactor, f"http://127.0.0.1:{port.getHost().port}", timeout=0.2)
+        port, gone = listen_silent(self)
+        client = ConnectClient(reactor, f"http://127.0.0.1:{port}", timeout=0.2)
         err = yield self.assertFailure(
             client.call(NODE, "RegisterNode", compute_pb2.RegisterNodeRequest(), compute_pb2.Node),
             ConnectError,
