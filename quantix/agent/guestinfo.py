@@ -61,7 +61,11 @@ class GuestInfoCache:
         self._watchdogs: dict[str, IDelayedCall] = {}
 
     def get(self, vm_id: str) -> GuestInfo:
-        """A copy of the VM's info (all defaults, ``connected=False``, when unknown)."""
+        """A copy of the VM's info (all defaults, ``connected=False``, when unknown).
+
+        Safe from any thread: the reactor only ever assigns new values to an entry's fields (a new
+        list, a new report), never changes one in place, so a copy taken elsewhere is whole.
+        """
         info = self._info.get(vm_id)
         if info is None:
             return GuestInfo()

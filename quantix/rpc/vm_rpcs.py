@@ -17,6 +17,7 @@ from google.protobuf import empty_pb2
 from twisted.internet.threads import blockingCallFromThread
 from twisted.logger import Logger
 
+from quantix.agent.guestinfo import to_proto
 from quantix.errors import Invalid, QuantixError, Unavailable
 from quantix.hypervisor import consoles, devices, hostinfo, provision, snapshots, vms
 from quantix.proto import agent_pb2, node_pb2
@@ -152,13 +153,10 @@ class VmRpcs:
         return msg
 
     def _guest_agent(self, vm_id: str) -> Any:
-        """What the guest agent box knows (its cache lives on the reactor thread)."""
-        agents = getattr(self.node, "agents", None)
-        if agents is None:
-            return None
-        from quantix.agent.guestinfo import to_proto
-
-        return to_proto(blockingCallFromThread(self.node.reactor, agents.info, vm_id))
+        """What the guest agent box knows. Read without a reactor hop: the cache is written only
+        on the reactor, by replacing field values (never mutating them), so a reader in this
+        thread sees each field whole, old or new; that is all a status snapshot needs."""
+        return to_proto(self.node.agents.info(vm_id))
 
     @rpc("ListVMs")
     def list_vms(self, request: Any, context: Any) -> Any:
