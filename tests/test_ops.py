@@ -243,6 +243,20 @@ class LogFormatTests(unittest.TestCase):
         self.assertIn("ZeroDivisionError", record["traceback"])
         self.assertNotIn("log_format", record)
 
+    def test_agent_reconnect_chatter_is_quiet_unless_debug(self):
+        import io
+
+        from twisted.application.internet import ClientService
+
+        namespace = ClientService._log.namespace
+        for level, shown in (("info", False), ("debug", True)):
+            out = io.StringIO()
+            observer = logs.make_observer(LoggingConfig(level=level, format="json"), stream=out)
+            Logger(namespace=namespace, observer=observer).info("Scheduling retry 1 to connect x")
+            Logger(namespace=namespace, observer=observer).warn("a real problem")
+            self.assertEqual("Scheduling retry" in out.getvalue(), shown, level)
+            self.assertIn("a real problem", out.getvalue())
+
     def test_journald_native_protocol_over_a_real_socket(self):
         sink = DatagramSink(self, "journal")
         observer = logs.make_observer(

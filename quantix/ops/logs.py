@@ -158,6 +158,9 @@ class JournaldObserver:
             self.fallback(event)
 
 
+CLIENT_SERVICE_NAMESPACE = "twisted.application._client_service"
+
+
 def make_observer(
     config: LoggingConfig,
     stream: IO[str] | None = None,
@@ -177,7 +180,12 @@ def make_observer(
         observer = textFileLogObserver(sys.stderr)
     else:
         observer = textFileLogObserver(out)
-    return FilteringLogObserver(observer, [LogLevelFilterPredicate(defaultLogLevel=LEVELS[config.level])])
+    predicate = LogLevelFilterPredicate(defaultLogLevel=LEVELS[config.level])
+    if config.level != "debug":
+        # ClientService logs every reconnect attempt of every VM's agent channel at info: with
+        # hundreds of VMs whose agents are not (yet) up, that drowns the log.
+        predicate.setLogLevelForNamespace(CLIENT_SERVICE_NAMESPACE, LogLevel.warn)
+    return FilteringLogObserver(observer, [predicate])
 
 
 def twistd_observer(config: LoggingConfig, twistd_options: Any) -> ILogObserver | None:
