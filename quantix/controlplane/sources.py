@@ -253,6 +253,19 @@ def backend_type(backend: storage_pb2.StorageBackend) -> int:
     return _CONFIG_TYPES.get(which, _BACKEND.LOCAL_DIR) if which else _BACKEND.LOCAL_DIR
 
 
+def _copy_same_named(src: Any, dst: Any) -> None:
+    """Copy every scalar or repeated scalar field ``dst`` has and ``src`` has under the same name."""
+    present = src.DESCRIPTOR.fields_by_name
+    for field in dst.DESCRIPTOR.fields:
+        if field.name not in present:
+            continue
+        value = getattr(src, field.name)
+        if field.is_repeated:
+            getattr(dst, field.name).extend(value)
+        else:
+            setattr(dst, field.name, value)
+
+
 def init_pool_request(pool: storage_pb2.StoragePool) -> node_pb2.InitStoragePoolRequest:
     """``GetPool``'s answer → the ``InitStoragePool`` request the control plane would send."""
     if not pool.id:
@@ -264,43 +277,10 @@ def init_pool_request(pool: storage_pb2.StoragePool) -> node_pb2.InitStoragePool
     config = req.config
     if backend.HasField("local_dir"):
         config.local.path = backend.local_dir.path
-    if backend.HasField("nfs"):
-        n = backend.nfs
-        config.nfs.CopyFrom(
-            node_pb2.NfsPoolConfig(
-                server=n.server,
-                export_path=n.export_path,
-                version=n.version,
-                options=n.options,
-                mount_point=n.mount_point,
-            )
-        )
-    if backend.HasField("ceph"):
-        c = backend.ceph
-        config.ceph.CopyFrom(
-            node_pb2.CephPoolConfig(
-                cluster_id=c.cluster_id,
-                pool_name=c.pool_name,
-                monitors=list(c.monitors),
-                user=c.user,
-                keyring_path=c.keyring_path,
-                namespace=c.namespace,
-                secret_uuid=c.secret_uuid,
-            )
-        )
-    if backend.HasField("iscsi"):
-        i = backend.iscsi
-        config.iscsi.CopyFrom(
-            node_pb2.IscsiPoolConfig(
-                portal=i.portal,
-                target=i.target,
-                chap_enabled=i.chap_enabled,
-                chap_user=i.chap_user,
-                chap_password=i.chap_password,
-                lun=i.lun,
-                volume_group=i.volume_group,
-            )
-        )
+    # The control plane's NFS/Ceph/iSCSI settings and ours share field names and meanings.
+    for kind in ("nfs", "ceph", "iscsi"):
+        if backend.HasField(kind):
+            _copy_same_named(getattr(backend, kind), getattr(config, kind))
     return req
 
 
