@@ -69,7 +69,24 @@ case "${1:-}" in
     setup libvirt-daemon libvirt-daemon-driver-qemu qemu-system-x86 qemu-utils libvirt-clients tini
     start_libvirtd
     export PYTHONPATH=$ROOT
-    "$VENV/bin/python" -m twisted.trial "${@:-tests}"
+    log=$(mktemp)
+    set +e
+    "$VENV/bin/python" -m twisted.trial "${@:-tests}" 2>&1 | tee "$log"
+    rc=${PIPESTATUS[0]}
+    set -e
+    # trial's own summary ("PASSED (successes=N)") in the plain "N passed, N failed" form.
+    "$VENV/bin/python" - "$log" <<'PY'
+import re, sys
+text = open(sys.argv[1], errors="replace").read()
+ran = re.findall(r"^Ran (\d+) tests?", text, re.M)
+summary = re.findall(r"^(?:PASSED|FAILED) \((.*)\)$", text, re.M)
+if ran and summary:
+    counts = dict((k, int(v)) for k, v in re.findall(r"(\w+)=(\d+)", summary[-1]))
+    failed = counts.get("failures", 0) + counts.get("errors", 0) + counts.get("unexpectedSuccesses", 0)
+    print(f"tests: {counts.get('successes', 0)} passed, {failed} failed, {counts.get('skips', 0)} skipped")
+PY
+    rm -f "$log"
+    exit "$rc"
     ;;
   *)
     echo "usage: $0 run [twistd quantix-node flags] | test [trial test names]" >&2
