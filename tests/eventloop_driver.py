@@ -120,11 +120,7 @@ def lifecycle_test_driver(reactor: Any, loop: EventLoop, uri: str | None) -> Any
         yield threads.deferToThread(conn.domainEventDeregisterAny, cb_id)
         yield threads.deferToThread(conn.close)
         del dom, conn
-    check(events.off_reactor == 0, f"{events.off_reactor} callbacks ran off the reactor thread")
-    yield _settle(reactor, loop, lambda: not _our_delayed_calls(reactor, loop))
-    if isinstance(loop, ReactorEventLoop):
-        check(loop.is_idle(), f"leftovers: {loop.counts()}")
-    return {"events": events.seen}
+    return (yield _all_on_reactor_and_idle(reactor, loop, events))
 
 
 @defer.inlineCallbacks
@@ -201,6 +197,12 @@ def qemu_lifecycle(reactor: Any, loop: EventLoop, uri: str | None) -> Any:
         yield threads.deferToThread(conn.close)
         # The connection lives on (with its socket and timers) while a domain object refers to it.
         del dom, conn
+    return (yield _all_on_reactor_and_idle(reactor, loop, events))
+
+
+@defer.inlineCallbacks
+def _all_on_reactor_and_idle(reactor: Any, loop: Any, events: Any):
+    """Common end of the event scenarios: every callback ran on the reactor, nothing is left."""
     check(events.off_reactor == 0, f"{events.off_reactor} callbacks ran off the reactor thread")
     yield _settle(reactor, loop, lambda: not _our_delayed_calls(reactor, loop))
     if isinstance(loop, ReactorEventLoop):
