@@ -9,7 +9,7 @@ The pieces, smallest first:
   buffering them and ask the client policy before any route runs;
 - :mod:`.allow`: :class:`ClientAllowList`, the CIDR/loopback/control-plane policy;
 - :mod:`.listener`: :class:`WebListener`, the service that listens (or not, for a ``null``
-  address) and owns the thread pool routes hand blocking work to.
+  address) and closes its connections when it stops.
 """
 
 from quantix.web.allow import ClientAllowList

@@ -1,8 +1,7 @@
 """A twisted.web listener as a service of the node: on at start, off at stop, ``None`` = off.
 
-It owns a small thread pool for the blocking work of its routes (:meth:`Call.in_thread`), so a
-slow disk on one listener never starves libvirt hops in the reactor's shared pool, and it
-tracks open connections so a stop does not leave keep-alive clients attached to a dead site.
+It tracks open connections, so a stop does not leave keep-alive clients attached to a site
+that is gone.
 """
 
 from __future__ import annotations
@@ -10,12 +9,12 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.protocols.policies import WrappingFactory
-from twisted.python.threadpool import ThreadPool
 
+from quantix import bridge
 from quantix.config import parse_address
 from quantix.rpc.server import ListenError
 from quantix.web.allow import ClientAllowList, resolve_host
@@ -44,7 +43,6 @@ class WebListener(Service):
         control_plane_url: str | None = None,
         tls: Any = None,
         max_body: int = MAX_BODY,
-        threads: int = 4,
     ) -> None:
         self.reactor = reactor
         self.listen = listen or None
@@ -54,10 +52,8 @@ class WebListener(Service):
         self.site = JsonSite(resource, reactor=reactor, max_body=max_body, allow=allow)
         # Tracks open connections, so a stop can close keep-alive clients too.
         self._factory = WrappingFactory(self.site)
-        self.threads = threads
         self.port: int | None = None
         self._listening: Any = None
-        self._pool: ThreadPool | None = None
 
     def startService(self) -> None:
         if self.listen is None:
@@ -77,9 +73,6 @@ class WebListener(Service):
             reason = getattr(exc.socketError, "strerror", None) or str(exc.socketError)
             raise ListenError(f"cannot listen on {self.listen} ({self.name}): {reason.lower()}") from None
         self.port = self._listening.getHost().port
-        self._pool = ThreadPool(minthreads=0, maxthreads=self.threads, name=f"quantix-{self.name}")
-        self._pool.start()
-        self.site.pool = self._pool
         self._resolve_control_plane()
         scheme = "https" if self.tls is not None else "http"
         log.info(
@@ -100,7 +93,7 @@ class WebListener(Service):
             if self.site.allow is policy:
                 self.site.allow = policy.with_addresses(addresses)
 
-        threads.deferToThread(resolve_host, self.control_plane_url).addCallback(resolved)
+        bridge.run_in_worker(resolve_host, self.control_plane_url, reactor=self.reactor).addCallback(resolved)
 
     @defer.inlineCallbacks
     def stopService(self):
@@ -110,8 +103,3 @@ class WebListener(Service):
             yield listening.stopListening()
         for connection in list(self._factory.protocols):
             connection.loseConnection()
-        pool, self._pool = self._pool, None
-        self.site.pool = None
-        if pool is not None:
-            # Joining the workers blocks: do it from the reactor's pool, not the reactor.
-            yield threads.deferToThread(pool.stop)

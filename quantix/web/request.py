@@ -70,8 +70,7 @@ def _too_large(limit: int) -> HttpError:
 class JsonSite(server.Site):
     """A site for one :class:`~quantix.web.router.Router`.
 
-    ``allow(host) -> bool`` is the client policy (``None``: everyone); ``pool`` is the thread
-    pool :meth:`Call.in_thread` uses, set by the listener while it runs.
+    ``allow(host) -> bool`` is the client policy (``None``: everyone).
     """
 
     requestFactory = JsonRequest
@@ -90,7 +89,6 @@ class JsonSite(server.Site):
         super().__init__(resource, reactor=reactor, parsePOSTFormSubmission=False, timeout=60)
         self.max_body = max_body
         self.allow = allow
-        self.pool: Any = None
 
     def log(self, request: Any) -> None:
         """No per-request access line at info level (a poller every 2 s would flood the log)."""

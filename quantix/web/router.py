@@ -14,12 +14,13 @@ from typing import Any
 from urllib.parse import unquote
 
 import attrs
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from quantix import bridge
 from quantix.web.errors import HttpError, encode
 
 log = Logger(namespace="quantix.web")
@@ -66,12 +67,9 @@ class Call:
         return body
 
     def in_thread(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred:
-        """Run blocking ``fn`` in the listener's bounded pool; the reactor keeps serving."""
-        site = self.request.channel.site
-        pool = getattr(site, "pool", None)
-        if pool is None:
-            return threads.deferToThread(fn, *args, **kwargs)
-        return threads.deferToThreadPool(site.reactor, pool, fn, *args, **kwargs)
+        """Run blocking ``fn`` in a worker thread (through :mod:`quantix.bridge`); the reactor
+        keeps serving meanwhile."""
+        return bridge.run_in_worker(fn, *args, reactor=self.request.channel.site.reactor, **kwargs)
 
 
 Handler = Callable[[Call], Any]
