@@ -17,7 +17,6 @@ import re
 import time
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import attrs
@@ -26,10 +25,10 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from quantix import bridge, errors
-from quantix.controlplane.backoff import Backoff
 from quantix.images import checksum, jobs, qemu, target, transfer
 from quantix.images.jobs import Job
-from quantix.state import write_atomic
+from quantix.util.backoff import Backoff
+from quantix.util.files import atomic_write, fsync_dir
 
 log = Logger(namespace="quantix.images")
 
@@ -319,7 +318,9 @@ class DownloadEngine(Service):
             idle_timeout=s.idle_timeout,
         )
         while True:
-            attempt = run.attempt = transfer.Attempt(self.reactor, self.client, request, self._progress(job, run))
+            attempt = run.attempt = transfer.Attempt(
+                self.reactor, self.client, request, self._progress(job, run)
+            )
             progress_before = job.bytes_downloaded
             try:
                 result = yield attempt.run()
@@ -342,7 +343,12 @@ class DownloadEngine(Service):
                 self._end(job, jobs.FAILED, str(error))
                 return None
             delay = backoff.next()
-            log.info("download {job_id}: {error}; retrying in {delay:.1f} s", job_id=job.job_id, error=error, delay=delay)
+            log.info(
+                "download {job_id}: {error}; retrying in {delay:.1f} s",
+                job_id=job.job_id,
+                error=error,
+                delay=delay,
+            )
             run.sleep = task.deferLater(self.reactor, delay, lambda: None)
             try:
                 yield run.sleep
@@ -400,7 +406,9 @@ class DownloadEngine(Service):
         job.error = error
         job.completed_at = time.time()
         if status == jobs.FAILED:
-            log.warn("download {job_id} of {url} failed: {error}", job_id=job.job_id, url=job.url, error=error)
+            log.warn(
+                "download {job_id} of {url} failed: {error}", job_id=job.job_id, url=job.url, error=error
+            )
         self._set(job, status)
 
     def _changed(self, job: Job) -> None:
@@ -415,7 +423,7 @@ class DownloadEngine(Service):
             return self._saving
         self._dirty = False
         text = jobs.dump(list(self.jobs.values()))
-        d = self._saving = bridge.run_in_worker(write_atomic, Path(self.store), text, reactor=self.reactor)
+        d = self._saving = bridge.run_in_worker(atomic_write, self.store, text, reactor=self.reactor)
         d.addErrback(lambda f: log.failure("cannot write {store}", f, store=self.store))
 
         def written(_: Any) -> Any:
@@ -496,9 +504,5 @@ def _finalize(job: Job) -> int:
         os.unlink(job.sidecar_path)
     except FileNotFoundError:
         pass
-    dir_fd = os.open(os.path.dirname(job.target_path), os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_dir(os.path.dirname(job.target_path))
     return os.path.getsize(job.target_path)

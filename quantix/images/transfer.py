@@ -13,6 +13,7 @@ total means the part is already complete. A resumed part is re-hashed from disk 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -20,7 +21,6 @@ import re
 import shutil
 import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import attrs
@@ -31,7 +31,7 @@ from twisted.web.http import PotentialDataLoss
 
 from quantix import bridge
 from quantix.images.checksum import Expected
-from quantix.state import write_atomic
+from quantix.util.files import atomic_write
 
 HIGH_WATER = 8 * 1024 * 1024
 LOW_WATER = 2 * 1024 * 1024
@@ -87,7 +87,7 @@ class Sidecar:
         """Blocking: replace the sidecar atomically."""
         body = {"url": self.url, "etag": self.etag, "lastModified": self.last_modified}
         body["totalBytes"] = self.total_bytes
-        write_atomic(Path(path), json.dumps(body))
+        atomic_write(path, json.dumps(body))
 
 
 def resume_point(part: str, sidecar_path: str, url: str) -> tuple[int, Sidecar | None]:
@@ -172,7 +172,9 @@ class PartWriter:
 class _Body(Protocol):
     """Reactor side of the body: batches, back-pressure and the idle-read timeout."""
 
-    def __init__(self, writer: PartWriter, reactor: Any, idle_timeout: float, on_bytes: Callable[[int], None]):
+    def __init__(
+        self, writer: PartWriter, reactor: Any, idle_timeout: float, on_bytes: Callable[[int], None]
+    ):
         self.writer = writer
         self.reactor = reactor
         self.idle_timeout = idle_timeout
@@ -304,10 +306,14 @@ class Attempt:
         except TransferError:
             drop(response)
             raise
-        if offset < 0:  # 416 for a part that is already whole
+        if offset == -1:  # 416 for a part that is already whole
             drop(response)
             result = yield self._write(response, side.total_bytes, writer_only=True)
             return result
+        if offset == -2:  # 416 for a part the server does not know: start over
+            drop(response)
+            yield bridge.run_in_worker(_discard_part, req.part, req.sidecar, reactor=self.reactor)
+            raise TransferError("server refused the resume range; starting over", True)
         self.offset, self.total = offset, total
         try:
             yield self._check_space(total - offset if total else 0)
@@ -327,9 +333,11 @@ class Attempt:
         return result
 
     def _range(self, response: Any, offset: int, side: Sidecar | None) -> tuple[int, int]:
-        """(offset to write at, total size or 0) for the answer; -1 offset: already complete."""
+        """(offset to write at, total size or 0) for the answer; offset -1: the part is already
+        complete, -2: the part must be discarded."""
         code = response.code
-        length = _int(_header(response, b"content-length"))
+        # Twisted's client moves Content-Length out of the headers into ``length``.
+        length = response.length if isinstance(response.length, int) else None
         if code == 416 and offset and side is not None and side.total_bytes == offset:
             return -1, offset
         if code == 206:
@@ -344,7 +352,7 @@ class Attempt:
                 raise TransferError("server answered an HTML page, not an image", False)
             return 0, length or 0
         if code == 416:
-            raise TransferError("server refused the resume range; starting over", True)
+            return -2, 0
         retry = code in (408, 425, 429) or code >= 500
         raise TransferError(f"server answered HTTP {code}", retry)
 
@@ -403,8 +411,10 @@ def _header(response: Any, name: bytes) -> str | None:
     return values[0].decode("latin-1") if values else None
 
 
-def _int(text: str | None) -> int | None:
-    return int(text) if text and text.isdigit() else None
+def _discard_part(part: str, sidecar: str) -> None:
+    for path in (part, sidecar):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 def _host(url: str) -> str:

@@ -17,6 +17,7 @@ from quantix.images import jobs
 from quantix.images.engine import DownloadRequest
 from quantix.images.target import InvalidTarget
 from quantix.web.errors import HttpError
+from quantix.web.listener import WebListener
 from quantix.web.router import Call, Router
 
 REQUIRED = ("url", "imageId", "targetDir")
@@ -58,7 +59,12 @@ def add_routes(router: Router, engine: Any) -> None:
             message = f"download {job.status}"
         else:
             message = "download started"
-        return {"jobId": job.job_id, "imageId": job.image_id, "targetPath": job.target_path, "message": message}
+        return {
+            "jobId": job.job_id,
+            "imageId": job.image_id,
+            "targetPath": job.target_path,
+            "message": message,
+        }
 
     def status(call: Call) -> dict[str, Any]:
         try:
@@ -80,3 +86,21 @@ def http_error(exc: errors.QuantixError) -> HttpError:
     if isinstance(exc, errors.NotFound):
         return HttpError(404, "not_found", str(exc))
     return HttpError(503, "unavailable", str(exc))
+
+
+def listener(reactor: Any, listen: str | None, engine: Any) -> WebListener:
+    """The plain-HTTP listener (``http.listen``) with the download routes."""
+    router = Router()
+    add_routes(router, engine)
+    return WebListener(reactor, listen, router, name="http")
+
+
+def storage_roots(root: str, storage: Any) -> list[str]:
+    """Blocking (libvirt): where downloads may go: the storage root and every active pool with
+    a directory (custom NFS mount points and local paths lie outside the root)."""
+    roots = [root]
+    try:
+        roots += [p.mount_path for p in storage.list_pools() if p.active and p.mount_path]
+    except errors.QuantixError:
+        pass  # libvirt down: the storage root still covers every path the control plane builds
+    return roots
