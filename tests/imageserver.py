@@ -1,7 +1,8 @@
 """A real HTTP image server for download tests: files with Range/If-Range, and faults on demand.
 
 Knobs per path: a redirect, an HTML page, a status code, a connection dropped after N body bytes
-(the first ``drops`` times), a stall after N bytes (the connection stays open, silent), a rate
+(the first ``drops`` times), a stall after N bytes (the first ``stalls`` times; the
+connection stays open, silent), a rate
 limit, a declared Content-Length that is a lie. Every request's path and headers are recorded.
 """
 
@@ -28,6 +29,7 @@ class Entry:
     drop_after: int | None = None
     drops: int = 0
     stall_after: int | None = None
+    stalls: int = 1
     rate: int | None = None  # bytes per second
     declared_length: int | None = None
     ranges: bool = True
@@ -96,38 +98,46 @@ class ImageServer(resource.Resource):
 
 
 class _Sender:
+    """Writes one response body in chunks; faults are decided once, when the response starts."""
+
     def __init__(self, request: Any, entry: Entry, start: int) -> None:
         self.request = request
         self.entry = entry
+        self.data = entry.data  # a file replaced meanwhile does not change a running response
         self.pos = start
         self.sent = 0
         self.gone = False
         request.notifyFinish().addErrback(lambda _: setattr(self, "gone", True))
+        self.drop_at = self.stall_at = None
+        if entry.drop_after is not None and entry.drops > 0:
+            entry.drops -= 1
+            self.drop_at = entry.drop_after
+        if entry.stall_after is not None and entry.stalls > 0:
+            entry.stalls -= 1
+            self.stall_at = entry.stall_after
 
     def go(self) -> None:
         if self.gone:
             return
-        e = self.entry
-        if e.drop_after is not None and e.drops > 0 and self.sent >= e.drop_after:
-            e.drops -= 1
+        if self.drop_at is not None and self.sent >= self.drop_at:
             self.request.channel.transport.abortConnection()
             return
-        if e.stall_after is not None and self.sent >= e.stall_after:
+        if self.stall_at is not None and self.sent >= self.stall_at:
             return  # silent until the client gives up
-        if self.pos >= len(e.data):
+        data = self.data
+        if self.pos >= len(data):
             self.request.finish()
             return
         size = CHUNK
-        if e.drop_after is not None and e.drops > 0:
-            size = min(size, max(e.drop_after - self.sent, 1))
-        if e.stall_after is not None:
-            size = min(size, max(e.stall_after - self.sent, 1))
-        chunk = e.data[self.pos : self.pos + size]
+        for limit in (self.drop_at, self.stall_at):
+            if limit is not None:
+                size = min(size, max(limit - self.sent, 1))
+        chunk = data[self.pos : self.pos + size]
         self.request.write(chunk)
         self.pos += len(chunk)
         self.sent += len(chunk)
-        delay = len(chunk) / e.rate if e.rate else 0
-        reactor.callLater(delay, self.go)
+        rate = self.entry.rate
+        reactor.callLater(len(chunk) / rate if rate else 0, self.go)
 
 
 def sha256(data: bytes) -> str:
