@@ -159,6 +159,17 @@ class ControlPlaneConfig:
     startup_jitter: float = attrs.field(default=5.0, validator=_not_negative)
 
 
+def _optional_address(inst: Any, attribute: attrs.Attribute, value: str | None) -> None:
+    if value is not None:
+        parse_address(value)
+
+
+@attrs.frozen
+class HttpConfig:
+    #: Plain-HTTP listener the control plane dials for image downloads (``None``: off).
+    listen: str | None = attrs.field(default="0.0.0.0:8080", validator=_optional_address)
+
+
 @attrs.frozen
 class OvsConfig:
     #: OVSDB's unix socket (ovsdb-server ``--remote=punix:``).
@@ -189,6 +200,7 @@ class Config:
     events: EventsConfig = attrs.field(factory=EventsConfig)
     control_plane: ControlPlaneConfig = attrs.field(factory=ControlPlaneConfig)
     ovs: OvsConfig = attrs.field(factory=OvsConfig)
+    http: HttpConfig = attrs.field(factory=HttpConfig)
     logging: LoggingConfig = attrs.field(factory=LoggingConfig)
 
 
@@ -381,6 +393,7 @@ for _cls in (
     ServerConfig,
     EventsConfig,
     ControlPlaneConfig,
+    HttpConfig,
     LoggingConfig,
     Config,
 ):
