@@ -8,11 +8,11 @@ from typing import Any, NoReturn
 
 import libvirt
 from twisted.application.service import MultiService
-from twisted.internet import threads
 from twisted.logger import Logger
 
 from quantix import state
 from quantix.agent.manager import AgentManager
+from quantix.bridge import run_in_worker
 from quantix.config import Config
 from quantix.controlplane import sources as cp_sources
 from quantix.controlplane.link import ControlPlaneLink
@@ -145,7 +145,7 @@ class NodeService(MultiService):
     def _domain_state(self, vm_id: str, name: str, state: str | None) -> None:
         if state == mapping.RUNNING:
             self.agents.vm_started(vm_id, domain_name=name)
-            threads.deferToThread(self.network.vm_started, vm_id).addErrback(
+            run_in_worker(self.network.vm_started, vm_id).addErrback(
                 lambda f: log.warn("binding the network ports of {vm_id}: {err}", vm_id=vm_id, err=f.value)
             )
         elif state in (None, mapping.STOPPED, mapping.CRASHED):

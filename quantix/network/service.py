@@ -16,9 +16,9 @@ from typing import Any
 
 import attrs
 import libvirt
-from twisted.internet.threads import blockingCallFromThread
 from twisted.logger import Logger
 
+from quantix.bridge import call_on_reactor
 from quantix.errors import NotFound, Unavailable
 from quantix.hypervisor import vms
 from quantix.network import ports
@@ -64,7 +64,7 @@ class NetworkPorts:
     # -- OVSDB, from a worker thread ---------------------------------------------------------------
 
     def _transact(self, *ops: dict) -> list:
-        return blockingCallFromThread(self._reactor, self.ovsdb.transact, *ops)
+        return call_on_reactor(self._reactor, self.ovsdb.transact, *ops)
 
     def _interfaces(self, where: list) -> list[dict]:
         rows = self._transact(
