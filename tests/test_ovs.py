@@ -16,7 +16,7 @@ import xml.etree.ElementTree as ET
 
 import grpc
 from google.protobuf import empty_pb2
-from twisted.internet import defer, protocol, reactor, threads
+from twisted.internet import defer, protocol, reactor, task, threads
 from twisted.trial import unittest
 
 from quantix.proto import node_pb2 as pb
@@ -156,6 +156,18 @@ class OvsHostTests(unittest.TestCase):
         self.call = self.daemon.call
 
     @defer.inlineCallbacks
+    def port_status_when(self, predicate, timeout: float = 15.0):
+        """GetNetworkPortStatus of p1, asked again until ``predicate`` holds."""
+        waited = 0.0
+        while True:
+            st = yield self.call("GetNetworkPortStatus", pb.GetNetworkPortStatusRequest(port_id="p1"))
+            if predicate(st) or waited >= timeout:
+                self.assertTrue(predicate(st), st)
+                return st
+            yield task.deferLater(reactor, 0.1, lambda: None)
+            waited += 0.1
+
+    @defer.inlineCallbacks
     def test_status_of_a_real_switch(self):
         st = yield self.call("GetOVSStatus", empty_pb2.Empty())
         self.assertTrue(st.available)
@@ -197,10 +209,10 @@ class OvsHostTests(unittest.TestCase):
         self.addCleanup(
             lambda: self.call("ForceStopVM", pb.VMIdRequest(vm_id=vm_id)).addErrback(lambda _: None)
         )
-        # libvirt plugged the tap into the bridge as the OVN port.
-        st = yield self.call("GetNetworkPortStatus", pb.GetNetworkPortStatusRequest(port_id="p1"))
+        # libvirt plugged the tap into the bridge; the node binds it to the OVN port once the
+        # VM's start event arrives.
+        st = yield self.port_status_when(lambda st: st.ovs_port_name)
         tap = st.ovs_port_name
-        self.assertTrue(tap, st)
         self.assertIn(tap, self.host.vsctl("list-ports", BRIDGE).split())
         self.assertIn(st.phase, (pb.NETWORK_PORT_PHASE_BUILDING, pb.NETWORK_PORT_PHASE_DOWN))
 
@@ -221,8 +233,9 @@ class OvsHostTests(unittest.TestCase):
         self.host.vsctl("set", "Interface", tap, "external_ids:ovn-installed=true")
         self.host.vsctl("set", "Interface", tap, "statistics:rx_bytes=1234", "statistics:tx_packets=5")
         st = yield self.call("GetNetworkPortStatus", pb.GetNetworkPortStatusRequest(port_id="p1"))
-        if self.host.vsctl("get", "Interface", tap, "link_state") == "up":
-            self.assertEqual(st.phase, pb.NETWORK_PORT_PHASE_ACTIVE)
+        link = self.host.vsctl("get", "Interface", tap, "link_state")
+        want = pb.NETWORK_PORT_PHASE_ACTIVE if link == "up" else pb.NETWORK_PORT_PHASE_DOWN
+        self.assertEqual(st.phase, want, link)
         stats = self.host.vsctl("get", "Interface", tap, "statistics")
         self.assertIn(f"rx_bytes={st.rx_bytes}", stats)
         self.assertIn(f"tx_packets={st.tx_packets}", stats)
