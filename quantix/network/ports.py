@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from quantix import state
 from quantix.errors import Invalid, ResourceExhausted
 from quantix.hypervisor.domainxml import NicSource, check_text, nic_element, validate_mac
+from quantix.util.files import atomic_write
 
 log = Logger(namespace="quantix.network.ports")
 
@@ -220,7 +221,7 @@ class PortStore:
     def _save(self, ports: dict[str, Binding]) -> None:
         state.ensure_dir(self._dir)
         text = json.dumps({"ports": [_to_json(b) for b in ports.values()]}, indent=1)
-        state.write_atomic(self.path, text + "\n")
+        atomic_write(self.path, text + "\n")
 
     def put(self, binding: Binding) -> None:
         with self._lock:
