@@ -208,6 +208,9 @@ class GrpcServer(Service):
             return None
         self.health.enter_graceful_shutdown()
 
+        # The server's own stop, not a box call, so not through quantix.bridge: grpcio's
+        # ``stop(grace).wait()`` blocks until the calls in flight end, and those may still hop
+        # onto the reactor meanwhile.
         def stop() -> None:
             server.stop(self.grace).wait()
             self.streams.shutdown()
