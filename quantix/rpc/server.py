@@ -21,7 +21,7 @@ from twisted.application.service import Service
 from twisted.internet import threads
 from twisted.logger import Logger
 
-from quantix.config import parse_address
+from quantix.config import ServerConfig, parse_address
 from quantix.proto import node_pb2
 from quantix.rpc import status
 from quantix.rpc.streams import StreamBudget
@@ -46,10 +46,13 @@ def passthrough(serialize: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
 
 
 def build_generic_handler(
-    handlers: Mapping[str, Callable[..., Any]], streams: StreamBudget
+    handlers: Mapping[str, Callable[..., Any]], streams: StreamBudget | None = None
 ) -> grpc.GenericRpcHandler:
     """One grpc method handler per RPC of the service descriptor; unclaimed RPCs are UNIMPLEMENTED.
-    Streaming RPCs run in the stream budget's pool and count against it."""
+    Streaming RPCs run in the stream budget's pool and count against it (the default budget's
+    when none is given)."""
+    if streams is None:
+        streams = StreamBudget(ServerConfig().max_streams)
     unknown = set(handlers) - set(SERVICE.methods_by_name)
     if unknown:
         raise ValueError(f"handlers for RPCs not in the contract: {sorted(unknown)}")
