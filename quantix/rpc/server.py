@@ -46,7 +46,9 @@ def passthrough(serialize: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
 
 
 def build_generic_handler(
-    handlers: Mapping[str, Callable[..., Any]], streams: StreamBudget | None = None
+    handlers: Mapping[str, Callable[..., Any]],
+    observers: status.RpcObservers | None = None,
+    streams: StreamBudget | None = None,
 ) -> grpc.GenericRpcHandler:
     """One grpc method handler per RPC of the service descriptor; unclaimed RPCs are UNIMPLEMENTED.
     Streaming RPCs run in the stream budget's pool and count against it (the default budget's
@@ -64,10 +66,10 @@ def build_generic_handler(
         serializer = response.SerializeToString
         if method.server_streaming:
             factory = grpc.unary_stream_rpc_method_handler
-            wrapped = streams.place(status.stream(method.name, streams.guard(impl)))
+            wrapped = streams.place(status.stream(method.name, streams.guard(impl), observers))
             serializer = passthrough(serializer)
         else:
-            factory, wrapped = grpc.unary_unary_rpc_method_handler, status.unary(method.name, impl)
+            factory, wrapped = grpc.unary_unary_rpc_method_handler, status.unary(method.name, impl, observers)
         methods[method.name] = factory(
             wrapped,
             request_deserializer=status.decoder(request),
@@ -143,6 +145,7 @@ class GrpcServer(Service):
         max_message_bytes: int,
         credentials: grpc.ServerCredentials | None = None,
         extra_options: tuple[tuple[str, Any], ...] = (),
+        observers: status.RpcObservers | None = None,
     ) -> None:
         self.listen = listen
         self._handlers = handlers
@@ -154,6 +157,8 @@ class GrpcServer(Service):
         self._max_message = max_message_bytes
         self._credentials = credentials
         self._extra_options = extra_options
+        #: Told about every finished call (metrics, access log).
+        self.observers = observers if observers is not None else status.RpcObservers()
         self.server: grpc.Server | None = None
         self.health = health.HealthServicer(experimental_non_blocking=True)
         self.port: int | None = None
@@ -175,7 +180,9 @@ class GrpcServer(Service):
         server = grpc.server(
             ThreadPoolExecutor(self._max_workers, thread_name_prefix="grpc"), options=options
         )
-        server.add_generic_rpc_handlers([build_generic_handler(self._handlers(), self.streams)])
+        server.add_generic_rpc_handlers(
+            [build_generic_handler(self._handlers(), self.observers, self.streams)]
+        )
         health_pb2_grpc.add_HealthServicer_to_server(HealthOnItsOwnThread(self.health), server)
         names = (
             SERVICE.full_name,
