@@ -19,6 +19,13 @@ def handler_classes() -> list[type]:
 
 
 def build(node: Any) -> dict[str, Callable[..., Any]]:
+    from quantix.rpc.image_rpcs import ImageRpcs
     from quantix.rpc.network_rpcs import NetworkRpcs
 
-    return collect([*(cls(node) for cls in handler_classes()), NetworkRpcs(node.network)])
+    return collect(
+        [
+            *(cls(node) for cls in handler_classes()),
+            NetworkRpcs(node.network),
+            ImageRpcs(node.downloads, node.reactor, node.bus.closed),
+        ]
+    )
