@@ -31,7 +31,7 @@ from quantix.hypervisor.storage import StorageManager
 from quantix.ops.metrics import NodeCollector
 from quantix.ops.service import Operations
 from quantix.ops.shutdown import stop_in_order
-from quantix.rpc import registry, tls
+from quantix.rpc import registry, status, tls
 from quantix.rpc.agent_rpcs import AgentRpcs
 from quantix.rpc.event_rpcs import EventRpcs
 from quantix.rpc.node_rpcs import NodeRpcs
@@ -91,6 +91,7 @@ class NodeService(MultiService):
                 _fatal(f"control plane {config.control_plane_url}: {exc}")
         elif config.auto_register:
             log.warn("--register given without a control-plane URL: not registering")
+        rpc_observers = status.RpcObservers()
         self.grpc = GrpcServer(
             config.listen_address,
             lambda: self.ops.gate(registry.collect(self.rpc_handlers())),
@@ -99,9 +100,10 @@ class NodeService(MultiService):
             max_message_bytes=config.server.max_message_bytes,
             credentials=tls.server_credentials(config.server),
             extra_options=(("grpc.max_concurrent_streams", config.server.max_streams_per_connection),),
+            observers=rpc_observers,
         )
         collector = NodeCollector(self.host, self.hypervisor, self.bus, self.agents, self.cplink)
-        self.ops = Operations(reactor, config, self.grpc, collector)
+        self.ops = Operations(reactor, config, self.grpc, collector, rpc_observers=rpc_observers)
 
         # First child: starts before gRPC, stops last (metrics and the access log see the drain).
         self.ops.setServiceParent(self)

@@ -33,13 +33,18 @@ class Operations(MultiService):
         grpc: GrpcServer,
         collector: NodeCollector,
         environ: dict[str, str] | None = None,
+        rpc_observers: status.RpcObservers | None = None,
     ) -> None:
         super().__init__()
         self.reactor = reactor
         self.config = config
         self.grpc = grpc
+        #: Where the gRPC server reports finished calls; metrics and the access log listen here.
+        self.rpc_observers = rpc_observers if rpc_observers is not None else status.RpcObservers()
         self.notifier = Notifier(reactor, environ)
-        self.metrics = MetricsService(reactor, config.server.metrics_listen, collector)
+        self.metrics = MetricsService(
+            reactor, config.server.metrics_listen, collector, observers=self.rpc_observers
+        )
         self.metrics.setServiceParent(self)
         #: Set by :meth:`configure_twistd`; handed to twistd when the node joins its application.
         self.log_observer: ILogObserver | None = None
@@ -76,7 +81,7 @@ class Operations(MultiService):
 
     def startService(self) -> None:
         self.drain.reset()
-        status.request_observers.append(self._access)
+        self.rpc_observers.add_with_request(self._access)
         super().startService()
 
     def ready(self) -> None:
@@ -89,8 +94,7 @@ class Operations(MultiService):
         self.drain.start()
 
     def stopService(self) -> Any:
-        if self._access in status.request_observers:
-            status.request_observers.remove(self._access)
+        self.rpc_observers.remove_with_request(self._access)
         d = super().stopService()
         d.addBoth(self._closed)
         return d
