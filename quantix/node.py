@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from quantix import state
 from quantix.agent.facade import WorkerAgents
 from quantix.agent.manager import AgentManager
+from quantix.bridge import run_in_worker
 from quantix.config import Config
 from quantix.controlplane import sources as cp_sources
 from quantix.controlplane.link import ControlPlaneLink
@@ -28,12 +29,16 @@ from quantix.events.watcher import DomainWatcher
 from quantix.hypervisor import hostinfo
 from quantix.hypervisor.connection import Hypervisor
 from quantix.hypervisor.storage import StorageManager
+from quantix.network.ovsdb import OvsdbClient
+from quantix.network.ports import PortStore
+from quantix.network.service import NetworkPorts
 from quantix.ops.metrics import NodeCollector
 from quantix.ops.service import Operations
 from quantix.ops.shutdown import stop_in_order
 from quantix.rpc import registry, status, tls
 from quantix.rpc.agent_rpcs import AgentRpcs
 from quantix.rpc.event_rpcs import EventRpcs
+from quantix.rpc.network_rpcs import NetworkRpcs
 from quantix.rpc.node_rpcs import NodeRpcs
 from quantix.rpc.server import SERVICE, GrpcServer, ListenError
 from quantix.rpc.storage_rpcs import StorageRpcs
@@ -69,6 +74,14 @@ class NodeService(MultiService):
             reactor, hv.uri, event_loop=hv.event_loop, keepalive=(hv.keepalive_interval, hv.keepalive_count)
         )
         self.storage = StorageManager(self.hypervisor.conn, config.storage)
+        ovs = config.ovs
+        self.network = NetworkPorts(
+            reactor,
+            self.hypervisor.conn,
+            OvsdbClient(reactor, ovs.db_socket, timeout=ovs.timeout),
+            PortStore(config.state_dir),
+            default_bridge=ovs.integration_bridge,
+        )
         ev = config.events
         self.bus = EventBus(reactor, buffer_size=ev.buffer_size, subscriber_queue=ev.subscriber_queue)
         self.watcher = DomainWatcher(
@@ -127,7 +140,16 @@ class NodeService(MultiService):
             AgentRpcs(agents, self.hypervisor, self.reactor, self.agents),
             StorageRpcs(self.storage),
             EventRpcs(self.bus, self.hypervisor),
-            VmRpcs(self.config, self.hypervisor, self.storage, agents, self.bus, self.host),
+            VmRpcs(
+                self.config,
+                self.hypervisor,
+                self.storage,
+                agents,
+                self.bus,
+                self.host,
+                bound_nics=self.network.store.sources_for,
+            ),
+            NetworkRpcs(self.network),
         ]
 
     @property
@@ -157,6 +179,10 @@ class NodeService(MultiService):
             self, before={self.grpc: self.ops.drain_calls}, after={self.grpc: self.agents.stop_all}
         )
 
+    def _after_grpc(self) -> Any:
+        self.network.ovsdb.close()
+        return self.agents.stop_all()
+
     def setServiceParent(self, parent) -> None:
         super().setServiceParent(parent)
         self.ops.attach_logging(parent)
@@ -167,6 +193,9 @@ class NodeService(MultiService):
     def _domain_state(self, vm_id: str, name: str, state: str | None) -> None:
         if state == mapping.RUNNING:
             self.agents.vm_started(vm_id, domain_name=name)
+            run_in_worker(self.network.vm_started, vm_id).addErrback(
+                lambda f: log.warn("binding the network ports of {vm_id}: {err}", vm_id=vm_id, err=f.value)
+            )
         elif state in (None, mapping.STOPPED, mapping.CRASHED):
             self.agents.vm_stopped(vm_id)
         if self.cplink is not None:

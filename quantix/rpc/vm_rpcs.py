@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 import grpc
 import libvirt
@@ -21,6 +21,7 @@ from quantix.config import Config
 from quantix.errors import Invalid, QuantixError, Unavailable
 from quantix.facades import EventFeed, GuestAgents, VmHost
 from quantix.hypervisor import consoles, devices, hostinfo, provision, snapshots, vms
+from quantix.hypervisor.domainxml import NicSource
 from quantix.proto import agent_pb2, node_pb2
 from quantix.rpc.registry import rpc
 from quantix.util.locks import KeyedLocks
@@ -46,6 +47,7 @@ class VmRpcs:
         agents: GuestAgents,
         events: EventFeed,
         host: hostinfo.HostBox,
+        bound_nics: Callable[[str], Mapping[str, NicSource]] = lambda vm_id: {},
     ) -> None:
         self.config = config
         self.hypervisor = hypervisor
@@ -53,6 +55,8 @@ class VmRpcs:
         self.agents = agents
         self.events = events
         self.host = host
+        #: The network box's ports bound to a VM's NICs (by MAC), used when defining it.
+        self.bound_nics = bound_nics
         self.sampler = vms.CpuSampler()
         # One lock per VM id, so concurrent CreateVM/DeleteVM of one VM run one after the other.
         self._vm_locks = KeyedLocks()
@@ -67,7 +71,9 @@ class VmRpcs:
 
     def _settings(self) -> provision.HostSettings:
         ident = self.hypervisor.identity
-        return provision.HostSettings.from_config(self.config, ident.name if ident else "")
+        return provision.HostSettings.from_config(
+            self.config, ident.name if ident else "", bound_nics=self.bound_nics
+        )
 
     def _pid_dir(self) -> str | None:
         uri = self.config.hypervisor.uri
