@@ -63,6 +63,9 @@ class Subscription(Protocol):
     def events(self, is_active: Callable[[], bool], poll: float) -> Iterator[node_pb2.NodeEvent]:
         """Worker: blocking iterator over the subscriber's events until ``is_active()`` is false."""
 
+    def cancel(self) -> None:
+        """Any thread: end the subscription (the client went away)."""
+
 
 class EventFeed(Protocol):
     """The event box (:class:`quantix.events.bus.EventBus`) as handlers use it."""

@@ -25,6 +25,7 @@ from quantix.controlplane import sources as cp_sources
 from quantix.controlplane.link import ControlPlaneLink
 from quantix.events import mapping
 from quantix.events.bus import EventBus
+from quantix.events.metrics import MetricsHub, stats_flags
 from quantix.events.watcher import DomainWatcher
 from quantix.hypervisor import hostinfo
 from quantix.hypervisor.connection import Hypervisor
@@ -84,6 +85,8 @@ class NodeService(MultiService):
         )
         ev = config.events
         self.bus = EventBus(reactor, buffer_size=ev.buffer_size, subscriber_queue=ev.subscriber_queue)
+        # StreamMetrics: one sampler per interval for all subscribers.
+        self.metrics_hub = MetricsHub(self.hypervisor.conn, stats_flags(hv.uri))
         self.watcher = DomainWatcher(
             reactor, self.hypervisor, self.bus, reconcile_interval=ev.reconcile_interval
         )
@@ -108,7 +111,8 @@ class NodeService(MultiService):
         self.grpc = GrpcServer(
             config.listen_address,
             lambda: self.ops.gate(registry.collect(self.rpc_handlers())),
-            max_workers=config.server.max_workers,
+            max_workers=config.server.unary_workers(),
+            max_streams=config.server.max_streams,
             grace=config.server.grace_seconds,
             max_message_bytes=config.server.max_message_bytes,
             credentials=tls.server_credentials(config.server),
@@ -125,6 +129,8 @@ class NodeService(MultiService):
         self.hypervisor.listen(self._hypervisor_up, self._hypervisor_down)
         # Stopped before the gRPC server (reverse order), so streams end with UNAVAILABLE.
         self.bus.setServiceParent(self)
+        # Stops (ending StreamMetrics with UNAVAILABLE) before the bus.
+        self.metrics_hub.setServiceParent(self)
         self.watcher.setServiceParent(self)
         # Agent channels follow the VMs: opened when one runs, closed when it stops.
         self.watcher.state_listeners.append(self._domain_state)
@@ -139,7 +145,7 @@ class NodeService(MultiService):
             NodeRpcs(self.host, self.hypervisor),
             AgentRpcs(agents, self.hypervisor, self.reactor, self.agents),
             StorageRpcs(self.storage),
-            EventRpcs(self.bus, self.hypervisor),
+            EventRpcs(self.bus, self.metrics_hub),
             VmRpcs(
                 self.config,
                 self.hypervisor,

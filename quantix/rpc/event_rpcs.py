@@ -7,22 +7,22 @@ behind, and with ``UNAVAILABLE`` at shutdown.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 
 import grpc
-import libvirt
 from google.protobuf import empty_pb2
 
 from quantix import errors
 from quantix.events.bus import RESUME_HEADER
-from quantix.events.metrics import Sampler
-from quantix.facades import EventFeed, VmHost
+from quantix.events.metrics import MetricsHub
+from quantix.facades import EventFeed
 from quantix.proto import node_pb2
 from quantix.rpc.registry import rpc
+from quantix.rpc.streams import on_cancel
 
 MIN_INTERVAL = 1.0
-POLL = 0.5
+#: A backstop only: a cancelled stream is woken by grpc's RPC-done callback at once.
+POLL = 5.0
 
 
 def resume_after(context: grpc.ServicerContext) -> int | None:
@@ -36,40 +36,26 @@ def resume_after(context: grpc.ServicerContext) -> int | None:
 
 
 class EventRpcs:
-    """Streams over the event feed and the hypervisor box; each holds one gRPC worker thread."""
+    """Streams over the event feed and the metrics hub; each holds one gRPC worker thread."""
 
-    def __init__(self, events: EventFeed, hypervisor: VmHost) -> None:
+    def __init__(self, events: EventFeed, metrics: MetricsHub) -> None:
         self.events = events
-        self.hypervisor = hypervisor
+        self.metrics = metrics
 
     @rpc("StreamEvents")
     def stream_events(
         self, request: empty_pb2.Empty, context: grpc.ServicerContext
     ) -> Iterator[node_pb2.NodeEvent]:
         sub = self.events.subscribe(resume_after(context))
+        on_cancel(context, sub.cancel)
         yield from sub.events(context.is_active, POLL)
 
     @rpc("StreamMetrics")
     def stream_metrics(
         self, request: node_pb2.StreamMetricsRequest, context: grpc.ServicerContext
-    ) -> Iterator[node_pb2.NodeMetrics]:
+    ) -> Iterator[bytes]:
+        """Yields ``NodeMetrics`` serialized once for all subscribers (sent as they are)."""
         interval = max(MIN_INTERVAL, float(request.interval_seconds or 0))
-        hv = self.hypervisor
-        flags = 0 if hv.uri.startswith("test:") else libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT
-        sampler = Sampler(hv.conn, flags)
-        closed = self.events.closed
-        due = time.monotonic()
-        while True:
-            if closed.is_set():
-                raise errors.Unavailable("node daemon is shutting down")
-            yield sampler.sample()
-            due += interval
-            # Sleep in short slices so a cancelled client or a shutdown is noticed promptly.
-            while (left := due - time.monotonic()) > 0:
-                if closed.wait(min(left, POLL)):
-                    raise errors.Unavailable("node daemon is shutting down")
-                if not context.is_active():
-                    return
-            if not context.is_active():
-                return
-            due = max(due, time.monotonic() - interval)  # after a stall, do not burst
+        sub = self.metrics.subscribe(interval)
+        on_cancel(context, sub.cancel)
+        yield from sub.samples()
