@@ -30,6 +30,7 @@ from quantix.events.watcher import DomainWatcher
 from quantix.hypervisor import hostinfo
 from quantix.hypervisor.connection import Hypervisor
 from quantix.hypervisor.storage import StorageManager
+from quantix.images.engine import DownloadEngine
 from quantix.network.ovsdb import OvsdbClient
 from quantix.network.ports import PortStore
 from quantix.network.service import NetworkPorts
@@ -44,6 +45,7 @@ from quantix.rpc.node_rpcs import NodeRpcs
 from quantix.rpc.server import SERVICE, GrpcServer, ListenError
 from quantix.rpc.storage_rpcs import StorageRpcs
 from quantix.rpc.vm_rpcs import VmRpcs
+from quantix.web import images as web_images
 
 log = Logger(namespace="quantix.node")
 
@@ -75,6 +77,14 @@ class NodeService(MultiService):
             reactor, hv.uri, event_loop=hv.event_loop, keepalive=(hv.keepalive_interval, hv.keepalive_count)
         )
         self.storage = StorageManager(self.hypervisor.conn, config.storage)
+        self.downloads = DownloadEngine(
+            reactor,
+            config.downloads,
+            config.state_dir,
+            config.storage.cloud_images,
+            roots=lambda: web_images.storage_roots(config.storage.root, self.storage),
+        )
+        self.http = web_images.listener(reactor, config.http.listen, self.downloads)
         ovs = config.ovs
         self.network = NetworkPorts(
             reactor,
@@ -125,6 +135,9 @@ class NodeService(MultiService):
         # First child: starts before gRPC, stops last (metrics and the access log see the drain).
         self.ops.setServiceParent(self)
         self.hypervisor.setServiceParent(self)
+        # Download jobs, and the 8080 listener serving them: stopped after gRPC, jobs last.
+        self.downloads.setServiceParent(self)
+        self.http.setServiceParent(self)
         self.grpc.setServiceParent(self)
         self.hypervisor.listen(self._hypervisor_up, self._hypervisor_down)
         # Stopped before the gRPC server (reverse order), so streams end with UNAVAILABLE.
