@@ -60,6 +60,10 @@ def _one_of(choices: tuple[str, ...]):
     return check
 
 
+def _off_is_none(value: str | None) -> str | None:
+    return None if value is None or str(value).strip().lower() in ("", "off") else value
+
+
 def _not_negative(inst: Any, attribute: attrs.Attribute, value: float) -> None:
     if value < 0:
         raise ValueError("must not be negative")
@@ -117,7 +121,8 @@ class ServerConfig:
     #: gRPC worker threads: streaming RPCs hold one each, so size for subscribers plus unary work.
     max_workers: int = attrs.field(default=256, validator=_positive)
     grace_seconds: float = attrs.field(default=5.0, validator=_positive)
-    metrics_listen: str | None = "0.0.0.0:9091"
+    #: ``host:port`` of the Prometheus endpoint; null, empty or ``off`` turns it off.
+    metrics_listen: str | None = attrs.field(default="0.0.0.0:9091", converter=_off_is_none)
     max_message_bytes: int = attrs.field(default=64 * 1024 * 1024, validator=_positive)
     #: Concurrent streams one client connection may open (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS).
     max_streams_per_connection: int = attrs.field(default=1000, validator=_positive)
@@ -191,6 +196,7 @@ FLAG_KEYS = {
     "state-dir": "state_dir",
     "agent-socket-dir": "agent.socket_dir",
     "log-level": "logging.level",
+    "metrics-listen": "server.metrics_listen",
 }
 
 ENV_PREFIX = "QUANTIX_"

@@ -19,6 +19,7 @@ _PARAMS = [
     ("state-dir", "/var/lib/quantix", "directory for persistent daemon state"),
     ("agent-socket-dir", "/var/run/quantix-kvm/vms", "directory of guest-agent sockets"),
     ("log-level", "info", "debug, info, warn or error"),
+    ("metrics-listen", "0.0.0.0:9091", "Prometheus metrics address host:port, or off"),
 ]
 
 

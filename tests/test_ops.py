@@ -495,14 +495,17 @@ class MetricsTests(unittest.TestCase):
         with self.assertRaises(ListenError) as caught:
             service.startService()
         self.assertEqual(
-            str(caught.exception), f"cannot listen on {address} (metrics): address already in use"
+            str(caught.exception),
+            f"metrics listener: cannot listen on {address}: address already in use"
+            " (choose another with --metrics-listen HOST:PORT or server.metrics_listen; 'off' disables it)",
         )
 
     def test_disabled_binds_nothing(self):
-        service = MetricsService(reactor, None, node=None)
-        service.startService()
-        self.assertIsNone(service.port)
-        service.stopService()
+        for listen in (None, "", "off", "OFF"):
+            service = MetricsService(reactor, listen, node=None)
+            service.startService()
+            self.assertIsNone(service.port)
+            service.stopService()
 
 
 # -- quantix-nodectl --------------------------------------------------------------------------

@@ -52,6 +52,11 @@ RPC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 
 
 _MISSING = object()
 
+#: How to move the metrics endpoint when its port is taken (a second daemon on the same host).
+CHANGE_HINT = "choose another with --metrics-listen HOST:PORT or server.metrics_listen; 'off' disables it"
+#: Values of ``--metrics-listen``/``server.metrics_listen`` that turn the endpoint off.
+OFF = ("", "off")
+
 
 def read(obj: Any, name: str) -> Any:
     """``obj.name``, called when it is a method; ``_MISSING`` when absent or when it fails."""
@@ -206,11 +211,12 @@ def build_registry(node: Any) -> tuple[CollectorRegistry, RpcMetrics]:
 
 
 class MetricsService(Service):
-    """Listen on ``listen`` (``host:port``; ``None`` disables) and count RPCs while running."""
+    """Listen on ``listen`` (``host:port``; ``None``, empty or ``off`` disables) and count RPCs
+    while running."""
 
     def __init__(self, reactor: Any, listen: str | None, node: Any) -> None:
         self.reactor = reactor
-        self.listen = listen or None
+        self.listen = None if listen is None or listen.strip().lower() in OFF else listen
         self.registry, self.rpc = build_registry(node)
         self.port: int | None = None
         self._listening: Any = None
@@ -222,7 +228,8 @@ class MetricsService(Service):
         try:
             host, port = parse_address(self.listen)
         except ValueError as exc:
-            raise ListenError(f"invalid metrics address {self.listen!r}: {exc}") from None
+            reason = f"invalid address: {exc}"
+            raise ListenError.of("metrics", repr(self.listen), reason, CHANGE_HINT) from None
         root = Resource()
         root.putChild(b"metrics", MetricsPage(self.registry))
         site = Site(root)
@@ -231,7 +238,7 @@ class MetricsService(Service):
             self._listening = self.reactor.listenTCP(port, site, interface=host)
         except CannotListenError as exc:
             reason = getattr(exc.socketError, "strerror", None) or str(exc.socketError)
-            raise ListenError(f"cannot listen on {self.listen} (metrics): {reason.lower()}") from None
+            raise ListenError.of("metrics", self.listen, reason.lower(), CHANGE_HINT) from None
         self.port = self._listening.getHost().port
         status.observers.append(self.rpc.observe)
         log.info("metrics on http://{listen}/metrics (port {port})", listen=self.listen, port=self.port)
