@@ -236,6 +236,21 @@ class VmRpcTests(unittest.TestCase):
         status = yield self.call("GetVMStatus", node_pb2.VMIdRequest(vm_id=RUNNING))
         self.assertEqual(status.resource_usage.memory_total_bytes, 262144 * 1024)
 
+    @defer.inlineCallbacks
+    def test_list_and_status_report_the_same_usage(self):
+        """One mapping for both (the test driver has no balloon stats: both fall back to the
+        domain's configured memory); ``quantix-nodectl vms`` showed 0 B where ``vm`` did not."""
+        listed = yield self.call("ListVMs", empty_pb2.Empty())
+        for vm in listed.vms:
+            status = yield self.call("GetVMStatus", node_pb2.VMIdRequest(vm_id=vm.vm_id))
+            mine, theirs = vm.resource_usage, status.resource_usage
+            self.assertGreater(mine.memory_total_bytes, 0, vm.name)
+            self.assertEqual(
+                (mine.memory_total_bytes, mine.memory_used_bytes),
+                (theirs.memory_total_bytes, theirs.memory_used_bytes),
+                vm.name,
+            )
+
     # -- console and logs ---------------------------------------------------------------------
 
     @defer.inlineCallbacks
