@@ -30,6 +30,13 @@ class Options(usage.Options):
     ]
     optFlags = [["register", None, "register with the control plane and send heartbeats"]]
 
+    def opt_version(self) -> None:
+        """Print the daemon's version, proto fingerprint and libvirt version, then exit."""
+        from quantix import versions
+
+        print(versions.text())
+        raise SystemExit(0)
+
     def given(self) -> dict[str, Any]:
         """The flags the user actually passed (never their defaults)."""
         out: dict[str, Any] = {k: v for k, v in self.items() if k in cfg.FLAG_KEYS and v is not None}

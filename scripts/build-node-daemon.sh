@@ -42,5 +42,5 @@ Install on a hypervisor host, as root (an existing node.yaml is kept):
   systemctl daemon-reload
   systemctl enable --now quantix-node
 Check:
-  $R/opt/quantix/bin/quantix-proto --check && $R/opt/quantix/bin/twistd quantix-node --help >/dev/null
+  $R/opt/quantix/bin/quantix-proto --check && $R/opt/quantix/bin/twistd quantix-node --version
 EOT

@@ -560,6 +560,8 @@ class NodectlTests(unittest.TestCase):
         self.assertEqual((code, err), (0, ""))
         self.assertRegex(out, rf"(?m)^node id:\s+{self.daemon.node.node_id}$")
         self.assertIn("2 sockets x 2 cores x 2 threads = 8", out)
+        self.assertRegex(out, r"(?m)^daemon:\s+\d+\.\d+\.\d+$")
+        self.assertRegex(out, r"(?m)^proto:\s+[0-9a-f]{12}$")
         self.assertRegex(out, r"(?m)^DEVICE\s+MOUNT\s+FS\s+SIZE\s+USED\s+AVAIL$")
         self.assertRegex(out, r"(?m)^NIC\s+MAC\s+UP\s+SPEED\s+ADDRESSES$")
 

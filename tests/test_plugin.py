@@ -51,6 +51,20 @@ class PluginTests(unittest.TestCase):
             self.assertIn(flag, result.stdout)
         self.assertIn("0.0.0.0:9090", result.stdout)
 
+    def test_version_names_daemon_proto_and_libvirt(self):
+        import libvirt
+
+        from quantix import __version__
+        from quantix.proto import codegen
+
+        result = twistd("quantix-node", "--version")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        lines = dict(line.split(":", 1) for line in result.stdout.splitlines())
+        self.assertEqual(lines["quantix-node"].strip(), __version__)
+        self.assertEqual(lines["proto fingerprint"].strip(), codegen.fingerprint(codegen.source_root()))
+        major = libvirt.getVersion() // 1_000_000
+        self.assertRegex(lines["libvirt"].strip(), rf"^{major}\.\d+\.\d+$")
+
     def test_only_given_flags(self):
         opts = Options()
         opts.parseOptions(["--listen", "127.0.0.1:1234", "--register"])

@@ -95,8 +95,11 @@ def format_health(r: Any) -> str:
     )
 
 
-def format_info(r: Any) -> str:
+def format_info(r: Any, built: dict[str, str] | None = None) -> str:
+    """``built``: the ``x-quantix-*`` response metadata (daemon version, proto fingerprint,
+    libvirt version), shown when the daemon sent it."""
     cpu, mem, caps = r.cpu, r.memory, r.capabilities
+    built = built or {}
     supports = [
         name
         for name, flag in (
@@ -121,6 +124,7 @@ def format_info(r: Any) -> str:
             ),
             ("memory", f"{human_bytes(mem.used_bytes)} used of {human_bytes(mem.total_bytes)}"),
             ("hypervisor", f"{caps.name} {caps.version}".strip()),
+            *daemon_build(built),
             ("max vcpus", caps.max_vcpus),
             ("supports", ", ".join(supports) or "-"),
         ]
@@ -153,6 +157,18 @@ def format_info(r: Any) -> str:
         ],
     )
     return f"{head}\n\n{storage}\n\n{network}"
+
+
+def daemon_build(built: dict[str, str]) -> list[tuple[str, str]]:
+    from quantix import versions
+
+    if versions.VERSION_KEY not in built:
+        return []
+    return [
+        ("daemon", built[versions.VERSION_KEY]),
+        ("proto", built.get(versions.PROTO_KEY, "-")[:12]),
+        ("libvirt", built.get(versions.LIBVIRT_KEY, "-")),
+    ]
 
 
 def _state(vm: Any, pb: Any) -> str:
@@ -375,7 +391,9 @@ class _Ctl:
         return EXIT_OK if reply.healthy else EXIT_UNHEALTHY
 
     def info(self) -> int:
-        self.emit(self.stub.GetNodeInfo(self.empty(), timeout=self.args.timeout), format_info)
+        reply, call = self.stub.GetNodeInfo.with_call(self.empty(), timeout=self.args.timeout)
+        built = {k: v for k, v in call.initial_metadata() or () if isinstance(v, str)}
+        self.emit(reply, lambda r: format_info(r, built))
         return EXIT_OK
 
     def vms(self) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from quantix import __version__
+from quantix import __version__, versions
 from quantix.hypervisor import hostinfo
 from quantix.proto import node_pb2
 from quantix.rpc.registry import rpc
@@ -84,4 +84,18 @@ class NodeRpcs:
     def get_node_info(self, request: Any, context: Any) -> Any:
         hv = self.node.hypervisor
         facts = self.node.host_facts(hv.conn())
+        context.send_initial_metadata(build_metadata(hv.identity.libvirt_version))
         return node_info_message(self.node.node_id, facts, hv.identity.name, hv.identity.version)
+
+
+def build_metadata(libvirt_version: str) -> tuple[tuple[str, str], ...]:
+    """What the daemon is built from, as ``GetNodeInfo`` response metadata: the contract's
+    ``NodeInfoResponse`` has no field for it (``capabilities.version`` is the hypervisor's)."""
+    return (
+        (versions.VERSION_KEY, __version__),
+        (versions.PROTO_KEY, _FINGERPRINT),
+        (versions.LIBVIRT_KEY, libvirt_version),
+    )
+
+
+_FINGERPRINT = versions.proto_fingerprint()
