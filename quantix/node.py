@@ -23,7 +23,7 @@ from quantix.hypervisor.connection import Hypervisor
 from quantix.hypervisor.storage import StorageManager
 from quantix.ops.service import Operations
 from quantix.ops.shutdown import stop_in_order
-from quantix.rpc import handlers, tls
+from quantix.rpc import handlers, status, tls
 from quantix.rpc.server import SERVICE, GrpcServer, ListenError
 
 log = Logger(namespace="quantix.node")
@@ -50,7 +50,8 @@ class NodeService(MultiService):
         #: The control-plane link (``.registered``, ``.node_id``), when registering.
         self.cplink: ControlPlaneLink | None = None
         # First child: starts before gRPC, stops last (children stop one by one, last added first).
-        self.ops = Operations(self)
+        rpc_observers = status.RpcObservers()
+        self.ops = Operations(self, rpc_observers=rpc_observers)
         self.ops.setServiceParent(self)
         hv = config.hypervisor
         self.hypervisor = Hypervisor(
@@ -66,6 +67,7 @@ class NodeService(MultiService):
             max_message_bytes=config.server.max_message_bytes,
             credentials=tls.server_credentials(config.server),
             extra_options=(("grpc.max_concurrent_streams", config.server.max_streams_per_connection),),
+            observers=rpc_observers,
         )
         self.grpc.setServiceParent(self)
         self.hypervisor.listen(self._hypervisor_up, self._hypervisor_down)
