@@ -70,6 +70,9 @@ def make_service(options: Options):
     log = Logger(namespace="quantix")
     for warning in warnings:
         log.warn("{warning}", warning=warning)
+    from quantix.ops import shutdown
+
+    shutdown.install_fast_exit()  # before the heavy imports below (see its docstring)
     try:
         from quantix.node import NodeService
         from quantix.rpc.tls import TLSConfigError
