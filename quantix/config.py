@@ -115,8 +115,11 @@ class AgentConfig:
 
 @attrs.frozen
 class ServerConfig:
-    #: gRPC worker threads: streaming RPCs hold one each, so size for subscribers plus unary work.
-    max_workers: int = spec.integer(256, min=1, max=10_000)
+    #: Worker threads for unary calls (0: sized to the host, see :meth:`unary_workers`).
+    max_workers: int = spec.integer(0, min=0, max=10_000)
+    #: Streams (StreamEvents, StreamMetrics, reflection) open at once; each holds a thread of a
+    #: pool of its own, so open streams never take the unary workers. Over it: RESOURCE_EXHAUSTED.
+    max_streams: int = spec.integer(128, min=1, max=100_000)
     grace_seconds: float = spec.number(5.0, min=0, max=3600, above_min=True)
     #: ``host:port`` of the Prometheus endpoint; null, empty or ``off`` turns it off.
     metrics_listen: str | None = spec.address("0.0.0.0:9091", optional=True)
@@ -132,6 +135,13 @@ class ServerConfig:
     #: Python's GIL switch interval in milliseconds (0: leave the interpreter's 5 ms). Shorter lets
     #: the reactor and woken stream threads take the GIL sooner from busy gRPC threads.
     switch_interval_ms: float = spec.number(0.0, min=0, max=1000)
+
+    def unary_workers(self) -> int:
+        """``max_workers``, or for 0 a pool sized to the host: more runnable threads than that
+        only queue for the GIL (and delay the reactor) instead of adding throughput."""
+        if self.max_workers:
+            return self.max_workers
+        return min(32, 4 * (os.cpu_count() or 1) + 4)
 
     def __attrs_post_init__(self) -> None:
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -165,6 +175,23 @@ class HttpConfig:
 
 
 @attrs.frozen
+class DownloadsConfig:
+    #: Transfers running at once; further jobs wait as ``pending``.
+    max_concurrent: int = spec.integer(2, min=1, max=64)
+    connect_timeout: float = spec.number(30.0, min=0, max=3600, above_min=True)
+    #: Seconds without a byte from the server before the attempt is dropped and resumed.
+    idle_timeout: float = spec.number(60.0, min=0, max=DAY, above_min=True)
+    #: Consecutive failed attempts without progress before a job fails.
+    retries: int = spec.integer(5, min=0, max=1000)
+    retry_initial_delay: float = spec.number(1.0, min=0, max=3600, above_min=True)
+    retry_max_delay: float = spec.number(60.0, min=0, max=DAY, above_min=True)
+    #: Ended jobs stay answerable (GET, GetDownloadStatus) this long, across restarts.
+    keep_finished_hours: float = spec.number(24.0, min=0, max=24 * 365, above_min=True)
+    #: Without a checksum in the request, look for SHA256SUMS/SHA512SUMS/CHECKSUM beside the URL.
+    verify_sums: bool = spec.boolean(True)
+
+
+@attrs.frozen
 class OvsConfig:
     #: OVSDB's unix socket (ovsdb-server ``--remote=punix:``).
     db_socket: str = spec.path("/run/openvswitch/db.sock")
@@ -195,6 +222,7 @@ class Config:
     control_plane: ControlPlaneConfig = attrs.field(factory=ControlPlaneConfig)
     ovs: OvsConfig = attrs.field(factory=OvsConfig)
     http: HttpConfig = attrs.field(factory=HttpConfig)
+    downloads: DownloadsConfig = attrs.field(factory=DownloadsConfig)
     logging: LoggingConfig = attrs.field(factory=LoggingConfig)
 
 
