@@ -23,6 +23,7 @@ from quantix.agent.quiesce import Quiesce
 from quantix.bridge import run_in_worker
 from quantix.config import Config
 from quantix.controlplane import sources as cp_sources
+from quantix.controlplane.images import ImageReporter
 from quantix.controlplane.link import ControlPlaneLink
 from quantix.events import mapping
 from quantix.events.bus import EventBus
@@ -112,6 +113,7 @@ class NodeService(MultiService):
         self.quiesce = Quiesce(self.agents.request, reactor)
         #: The control-plane link (``.registered``, ``.node_id``), when registering.
         self.cplink: ControlPlaneLink | None = None
+        self.image_reports: ImageReporter | None = None
         if config.auto_register and config.control_plane_url:
             try:
                 self.cplink = cp_sources.make_link(reactor, config, self.host, self.hypervisor, self.storage)
@@ -154,6 +156,9 @@ class NodeService(MultiService):
         # Last child: it stops first, before the gRPC server and libvirt go away.
         if self.cplink is not None:
             self.cplink.setServiceParent(self)
+            # Local images go to the control plane after each registration (stops first).
+            self.image_reports = cp_sources.make_image_reporter(reactor, config, self.cplink)
+            self.image_reports.setServiceParent(self)
 
     def rpc_handlers(self) -> list[object]:
         """One handler object per box, each given exactly the facades it uses."""
