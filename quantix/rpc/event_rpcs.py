@@ -37,7 +37,8 @@ class EventRpcs:
     def stream_events(self, request: Any, context: Any) -> Any:
         sub = self.node.bus.subscribe(resume_after(context))
         on_cancel(context, sub.cancel)
-        yield from sub.events(context.is_active, POLL)
+        for item in sub.events(context.is_active, POLL):
+            yield item.wire
 
     @rpc("StreamMetrics")
     def stream_metrics(self, request: Any, context: Any) -> Any:
