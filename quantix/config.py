@@ -150,7 +150,10 @@ class ServerConfig:
 @attrs.frozen
 class EventsConfig:
     buffer_size: int = attrs.field(default=10_000, validator=_positive)
-    subscriber_queue: int = attrs.field(default=1_000, validator=_positive)
+    #: Events queued per subscriber before it is cut off. Queued events are shared objects (a
+    #: reference each), so the default matches the resume buffer: a subscriber is cut off only
+    #: when it could not have resumed either.
+    subscriber_queue: int = attrs.field(default=10_000, validator=_positive)
     reconcile_interval: float = attrs.field(default=300.0, validator=_positive)
 
 

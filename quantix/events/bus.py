@@ -47,7 +47,7 @@ class Published:
     sends the event (off the reactor), and shared by every other subscriber: grpc would otherwise
     serialize the message again for each stream. Reads like the ``NodeEvent`` it carries."""
 
-    __slots__ = ("event", "_wire")
+    __slots__ = ("_wire", "event")
 
     def __init__(self, event: Any) -> None:
         self.event = event
