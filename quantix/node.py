@@ -22,6 +22,7 @@ from quantix.events.metrics import MetricsHub, stats_flags
 from quantix.events.watcher import DomainWatcher
 from quantix.hypervisor import hostinfo
 from quantix.hypervisor.connection import Hypervisor
+from quantix.hypervisor.statuscache import DomainCache
 from quantix.hypervisor.storage import StorageManager
 from quantix.network.ovsdb import OvsdbClient
 from quantix.network.ports import PortStore
@@ -102,6 +103,9 @@ class NodeService(MultiService):
             telemetry_interval=config.agent.telemetry_interval,
             on_event=self._agent_event,
         )
+        # GetVMStatus's per-domain cache of what the XML says, dropped when libvirt says it changed.
+        self.domain_cache = DomainCache()
+        self.watcher.xml_listeners.append(self.domain_cache.forget)
         # Agent channels follow the VMs: opened when one runs, closed when it stops.
         self.watcher.state_listeners.append(self._domain_state)
         # Last child: it stops first, before the gRPC server and libvirt go away.
@@ -175,5 +179,6 @@ class NodeService(MultiService):
                 self.cplink.start_registration()
 
     def _hypervisor_down(self) -> None:
+        self.domain_cache.clear()  # events missed while away could have changed any domain
         if self.grpc.server is not None:
             self.grpc.set_serving(SERVICE.full_name, False)

@@ -24,6 +24,10 @@ from quantix.events.bus import EventBus
 log = Logger(namespace="quantix.events")
 
 
+#: Lifecycle events after which the domain's XML is what it was (pausing changes no device).
+_XML_KEPT = frozenset((libvirt.VIR_DOMAIN_EVENT_SUSPENDED, libvirt.VIR_DOMAIN_EVENT_RESUMED))
+
+
 class Domain(NamedTuple):
     """What a callback needs of a ``virDomain``, read once in libvirt's calling thread."""
 
@@ -64,6 +68,9 @@ class DomainWatcher(Service):
         #: state changes (``state`` None: gone); the baseline counts as a change, so a listener
         #: also learns what was already running when the daemon started.
         self.state_listeners: list[Callable[[str, str, str | None], None]] = []
+        #: Called on the reactor as ``listener(uuid)`` when what a domain's XML says may have
+        #: changed: defined, undefined, started, stopped, a device added or removed.
+        self.xml_listeners: list[Callable[[str], None]] = []
         hypervisor.listen(self._connected, self._disconnected)
 
     # -- connection lifecycle -----------------------------------------------------------------
@@ -142,6 +149,8 @@ class DomainWatcher(Service):
         if conn is not self._conn:
             return
         uuid, name = dom
+        if event not in _XML_KEPT:
+            self._xml_changed(uuid)
         before = self.known.get(uuid)
         before_state = before[1] if before else None
         if not mapping.redundant(event, before_state):
@@ -162,13 +171,22 @@ class DomainWatcher(Service):
             except Exception:
                 log.failure("domain state listener failed")
 
+    def _xml_changed(self, uuid: str) -> None:
+        for listener in self.xml_listeners:
+            try:
+                listener(uuid)
+            except Exception:
+                log.failure("domain XML listener failed")
+
     def _on_reboot(self, conn: Any, dom: Domain, opaque: Any = None) -> None:
         self._emit(dom, mapping.reboot(dom.name))
 
     def _on_device_added(self, conn: Any, dom: Domain, alias: str, opaque: Any = None) -> None:
+        self._xml_changed(dom.uuid)
         self._emit(dom, mapping.device(dom.name, alias, True))
 
     def _on_device_removed(self, conn: Any, dom: Domain, alias: str, opaque: Any = None) -> None:
+        self._xml_changed(dom.uuid)
         self._emit(dom, mapping.device(dom.name, alias, False))
 
     def _on_io_error(

@@ -69,6 +69,11 @@ class VmRpcs:
         return self.config.node.management_ip or hostinfo.management_ip()
 
     def _publish(self, event_type: int, vm_id: str, message: str, **metadata: str) -> None:
+        """After a change made here: also drop GetVMStatus's cached XML of the VM at once (the
+        libvirt event that does it too reaches the reactor a moment later)."""
+        cache = getattr(self.node, "domain_cache", None)
+        if cache is not None:
+            cache.forget(vm_id)
         bus = getattr(self.node, "bus", None)
         if bus is not None:
             bus.publish_from_thread(event_type, vm_id, message, metadata)
@@ -127,7 +132,8 @@ class VmRpcs:
     @rpc("GetVMStatus")
     def get_vm_status(self, request: Any, context: Any) -> Any:
         conn = self._conn()
-        msg = vms.vm_status(conn, vms.lookup(conn, request.vm_id), self.sampler, self._pid_dir())
+        entry = self.node.domain_cache.entry(conn, request.vm_id, vms.lookup)
+        msg = vms.status_of(conn, entry, self.sampler, self._pid_dir())
         agent = self._guest_agent(msg.vm_id)
         if agent is not None:
             msg.guest_agent.CopyFrom(agent)
@@ -238,8 +244,11 @@ class VmRpcs:
     ) -> None:
         """Device events for a stopped VM only: for a running one the event box already
         reports libvirt's DEVICE_ADDED/DEVICE_REMOVED, and twice would mislead a consumer."""
-        if not was_running:
-            self._publish(event_type, dom.UUIDString(), text, **metadata)
+        vm_id = dom.UUIDString()
+        if was_running:
+            self.node.domain_cache.forget(vm_id)
+        else:
+            self._publish(event_type, vm_id, text, **metadata)
 
     @rpc("AttachNIC")
     def attach_nic(self, request: Any, context: Any) -> Any:
@@ -310,4 +319,5 @@ class VmRpcs:
     def change_media(self, request: Any, context: Any) -> Any:
         dom = self._dom(request.vm_id)
         devices.change_media(dom, request.device, request.iso_path, self.config.storage.iso_images)
+        self.node.domain_cache.forget(dom.UUIDString())
         return _EMPTY
