@@ -337,7 +337,7 @@ def main() -> None:
     parser.add_argument("--queue", type=int, default=10000, help="events.subscriber_queue (daemon default)")
     parser.add_argument("--pace", type=float, default=0.02, help="seconds between paced state changes")
     parser.add_argument("--runs", type=int, default=5, help="repeat everything; min/median/max")
-    parser.add_argument("--switch-interval-ms", type=float, default=1.0, help="server.switch_interval_ms")
+    parser.add_argument("--switch-interval-ms", type=float, default=0.0, help="server.switch_interval_ms")
     args = parser.parse_args()
     from quantix.node import NodeService
 

@@ -160,7 +160,7 @@ def main() -> None:
     parser.add_argument("--storm-rate", type=float, default=2000.0, help="libvirt state changes per second")
     parser.add_argument("--runs", type=int, default=5, help="loaded windows (min/median/max of their p99)")
     parser.add_argument("--max-workers", type=int, default=0, help="server.max_workers (0: by host)")
-    parser.add_argument("--switch-interval-ms", type=float, default=1.0, help="server.switch_interval_ms")
+    parser.add_argument("--switch-interval-ms", type=float, default=0.0, help="server.switch_interval_ms")
     args = parser.parse_args()
     task.react(lambda _reactor: run(args))
 

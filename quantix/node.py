@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import libvirt
 from twisted.application.service import MultiService
@@ -14,8 +14,6 @@ from quantix import state
 from quantix.agent.manager import AgentManager
 from quantix.bridge import run_in_worker
 from quantix.config import Config
-from quantix.controlplane import sources as cp_sources
-from quantix.controlplane.link import ControlPlaneLink
 from quantix.events import mapping
 from quantix.events.bus import EventBus
 from quantix.events.metrics import MetricsHub, stats_flags
@@ -31,6 +29,9 @@ from quantix.ops.service import Operations
 from quantix.ops.shutdown import stop_in_order
 from quantix.rpc import handlers, status, tls
 from quantix.rpc.server import SERVICE, GrpcServer, ListenError
+
+if TYPE_CHECKING:
+    from quantix.controlplane.link import ControlPlaneLink
 
 log = Logger(namespace="quantix.node")
 
@@ -110,6 +111,9 @@ class NodeService(MultiService):
         self.watcher.state_listeners.append(self._domain_state)
         # Last child: it stops first, before the gRPC server and libvirt go away.
         if config.auto_register and config.control_plane_url:
+            # Imported only when registering: the HTTP client stack is most of its weight.
+            from quantix.controlplane import sources as cp_sources
+
             try:
                 self.cplink = cp_sources.make_link(self)
             except OSError as exc:
@@ -163,6 +167,8 @@ class NodeService(MultiService):
             self.agents.vm_stopped(vm_id)
         if self.cplink is not None:
             # Best effort (today's control plane answers unimplemented; the heartbeat sync repairs).
+            from quantix.controlplane import sources as cp_sources
+
             self.cplink.notify_vm_change(*cp_sources.vm_change(vm_id, name, state))
 
     def host_facts(self, conn: libvirt.virConnect) -> hostinfo.HostFacts:

@@ -15,7 +15,6 @@ from twisted.logger import ILogObserver
 
 from quantix.ops import access, logs, shutdown
 from quantix.ops.drain import Drain
-from quantix.ops.metrics import MetricsService
 from quantix.ops.notify import Notifier
 from quantix.rpc import status
 
@@ -32,10 +31,16 @@ class Operations(MultiService):
         #: Where the gRPC server reports finished calls; metrics and the access log listen here.
         self.rpc_observers = rpc_observers if rpc_observers is not None else status.RpcObservers()
         self.notifier = Notifier(node.reactor, environ)
-        self.metrics = MetricsService(
-            node.reactor, node.config.server.metrics_listen, node, observers=self.rpc_observers
-        )
-        self.metrics.setServiceParent(self)
+        #: The Prometheus endpoint; None when ``server.metrics_listen`` is off (prometheus_client
+        #: and twisted.web are then never imported: idle memory).
+        self.metrics: Any = None
+        if node.config.server.metrics_listen:
+            from quantix.ops.metrics import MetricsService
+
+            self.metrics = MetricsService(
+                node.reactor, node.config.server.metrics_listen, node, observers=self.rpc_observers
+            )
+            self.metrics.setServiceParent(self)
         #: Set by :meth:`configure_twistd`; handed to twistd when the node joins its application.
         self.log_observer: ILogObserver | None = None
         #: In front of every RPC handler (see :meth:`gate`); refuses new calls once stopping.
