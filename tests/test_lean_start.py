@@ -19,8 +19,9 @@ from tests.support import HERE
 
 ROOT = os.path.dirname(HERE)
 
-#: Used only by what a plain start does not configure: the cloud-init ISO builder (CreateVM with
-#: cloud-init), the control-plane client (--register), the metrics endpoint (server.metrics_listen).
+#: Used only by what a plain start does not configure or do: the cloud-init ISO builder (CreateVM
+#: with cloud-init), the control-plane client (--register), the metrics endpoint
+#: (server.metrics_listen), the HTTP client of image downloads (the first download).
 UNUSED = (
     "pycdlib",
     "treq",
@@ -28,7 +29,6 @@ UNUSED = (
     "quantix.controlplane.connect",
     "quantix.controlplane.sources",
     "prometheus_client",
-    "twisted.web.server",
 )
 
 CHILD = """
