@@ -29,6 +29,11 @@ class ConfigError(Exception):
     """A configuration value is unusable; the message names where it came from."""
 
 
+class ListenError(Exception):
+    """A configured listen address (gRPC, metrics, HTTP) cannot be bound; the message is one
+    line naming it."""
+
+
 def parse_address(value: str, default_port: int | None = None) -> tuple[str, int]:
     """Split ``host:port`` (IPv6 as ``[::1]:9090``); raises ValueError on anything else."""
     if not isinstance(value, str) or not value:

@@ -21,7 +21,7 @@ from twisted.application.service import Service
 from twisted.internet import threads
 from twisted.logger import Logger
 
-from quantix.config import ServerConfig, parse_address
+from quantix.config import ListenError, ServerConfig, parse_address
 from quantix.proto import node_pb2
 from quantix.rpc import status
 from quantix.rpc.streams import StreamBudget
@@ -29,10 +29,6 @@ from quantix.rpc.streams import StreamBudget
 log = Logger(namespace="quantix.rpc")
 
 SERVICE = node_pb2.DESCRIPTOR.services_by_name["NodeDaemonService"]
-
-
-class ListenError(Exception):
-    """The gRPC address cannot be bound; the message is one line naming it."""
 
 
 def passthrough(serialize: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
