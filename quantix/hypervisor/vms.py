@@ -21,7 +21,7 @@ import psutil
 from twisted.logger import Logger
 
 from quantix import errors
-from quantix.hypervisor import domaininfo
+from quantix.hypervisor import domaininfo, statuscache
 from quantix.proto import node_pb2
 
 log = Logger(namespace="quantix.hypervisor.vms")
@@ -241,6 +241,19 @@ def _fill_usage(usage: Any, stats: Mapping[str, Any], cpu_percent: float) -> Non
         usage.network_tx_bytes = _sum(stats, "net", "net.count", "tx.bytes")
 
 
+def _fill_from_info(usage: Any, dom: libvirt.virDomain) -> None:
+    """Memory and CPU time from ``virDomainGetInfo`` for drivers whose bulk stats carry no balloon
+    figures (the test driver): they still know the configured and current memory. One call per
+    such domain; drivers that report balloon stats (QEMU, running or not) never pay it."""
+    try:
+        _, max_kib, cur_kib, _, cpu_ns = dom.info()
+    except libvirt.libvirtError:  # undefined meanwhile: leave what the stats said
+        return
+    usage.memory_total_bytes = usage.memory_total_bytes or max_kib * 1024
+    usage.memory_used_bytes = usage.memory_used_bytes or cur_kib * 1024
+    usage.cpu_time_ns = usage.cpu_time_ns or cpu_ns
+
+
 def started_at(pid_dir: str | None, name: str) -> float | None:
     """When the VM's QEMU process started (epoch seconds), from libvirt's pid file; None if unknown.
 
@@ -294,11 +307,16 @@ _LIVE = frozenset((libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_BLOCKED, libvi
 
 
 def _fill_status(
-    msg: Any, dom: libvirt.virDomain, stats: Mapping[str, Any], sampler: CpuSampler, pid_dir: str | None
+    msg: Any,
+    dom: libvirt.virDomain,
+    vm_id: str,
+    name: str,
+    stats: Mapping[str, Any],
+    sampler: CpuSampler,
+    pid_dir: str | None,
 ) -> str:
-    """Write one VM's ``VMStatusResponse`` fields into ``msg``; returns the VM id."""
-    vm_id = dom.UUIDString()
-    name = dom.name()
+    """Write one VM's ``VMStatusResponse`` fields into ``msg``; returns the VM id. The caller
+    passes the domain's uuid and name (each libvirt-python call re-takes the GIL)."""
     state = int(stats.get("state.state", libvirt.VIR_DOMAIN_NOSTATE))
     running = state in _LIVE
     percent = 0.0
@@ -309,19 +327,13 @@ def _fill_status(
     msg.state = _POWER.get(state, node_pb2.POWER_STATE_UNKNOWN)
     msg.resource_usage.SetInParent()  # present even when every figure is zero
     _fill_usage(msg.resource_usage, stats, percent)
+    if "balloon.maximum" not in stats:
+        _fill_from_info(msg.resource_usage, dom)
     if running or state == libvirt.VIR_DOMAIN_SHUTDOWN:
         since = started_at(pid_dir, name)
         if since is not None:
             msg.started_at.FromNanoseconds(int(since * 1e9))
     return vm_id
-
-
-def _vm_status(
-    dom: libvirt.virDomain, stats: Mapping[str, Any], sampler: CpuSampler, pid_dir: str | None
-) -> Any:
-    msg = node_pb2.VMStatusResponse()
-    _fill_status(msg, dom, stats, sampler, pid_dir)
-    return msg
 
 
 def list_response(conn: libvirt.virConnect, sampler: CpuSampler, pid_dir: str | None = None) -> Any:
@@ -330,7 +342,7 @@ def list_response(conn: libvirt.virConnect, sampler: CpuSampler, pid_dir: str | 
     out = node_pb2.ListVMsOnNodeResponse()
     add = out.vms.add
     seen = [
-        _fill_status(add(), dom, stats, sampler, pid_dir)
+        _fill_status(add(), dom, dom.UUIDString(), dom.name(), stats, sampler, pid_dir)
         for dom, stats in conn.getAllDomainStats(STATS, NOWAIT)
     ]
     sampler.forget(seen)
@@ -346,19 +358,27 @@ def vm_status(
     conn: libvirt.virConnect, dom: libvirt.virDomain, sampler: CpuSampler, pid_dir: str | None = None
 ) -> Any:
     """One VM: bulk stats for that domain plus the disks from its live XML."""
-    found = conn.domainListGetStats([dom], STATS, NOWAIT)
+    name, info = dom.name(), domaininfo.parse_domain(dom.XMLDesc(0))
+    return status_of(conn, statuscache.Entry(conn, dom, dom.UUIDString(), name, info), sampler, pid_dir)
+
+
+def status_of(
+    conn: libvirt.virConnect, entry: statuscache.Entry, sampler: CpuSampler, pid_dir: str | None
+) -> Any:
+    """One VM from one bulk stats query for its domain; uuid, name and disks come from
+    ``entry`` (see :mod:`quantix.hypervisor.statuscache`)."""
+    try:
+        found = conn.domainListGetStats([entry.dom], STATS, NOWAIT)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            raise errors.VMNotFound(entry.uuid) from None
+        raise
     if not found:  # undefined since the lookup
-        raise errors.VMNotFound(dom.UUIDString())
+        raise errors.VMNotFound(entry.uuid)
     stats = found[0][1]
-    msg = _vm_status(dom, stats, sampler, pid_dir)
-    if not msg.resource_usage.memory_total_bytes:
-        # Drivers without balloon stats (the test driver) still know the configured memory.
-        _, max_kib, cur_kib, _, cpu_ns = dom.info()
-        msg.resource_usage.memory_total_bytes = max_kib * 1024
-        msg.resource_usage.memory_used_bytes = msg.resource_usage.memory_used_bytes or cur_kib * 1024
-        msg.resource_usage.cpu_time_ns = msg.resource_usage.cpu_time_ns or cpu_ns
-    info = domaininfo.parse_domain(dom.XMLDesc(0))
-    msg.disks.extend(disk_specs(info, _capacities(stats)))
+    msg = node_pb2.VMStatusResponse()
+    _fill_status(msg, entry.dom, entry.uuid, entry.name, stats, sampler, pid_dir)
+    msg.disks.extend(disk_specs(entry.info, _capacities(stats)))
     return msg
 
 

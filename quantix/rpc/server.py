@@ -31,6 +31,10 @@ log = Logger(namespace="quantix.rpc")
 SERVICE = node_pb2.DESCRIPTOR.services_by_name["NodeDaemonService"]
 
 
+#: How to move the gRPC endpoint when its port is taken.
+CHANGE_HINT = "choose another with --listen HOST:PORT or listen_address"
+
+
 def passthrough(serialize: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
     """A response serializer that sends bytes as they are: a streamed message serialized once
     (a metrics sample for every subscriber) is not serialized again per stream."""
@@ -93,20 +97,20 @@ def check_bindable(address: str) -> None:
     try:
         host, port = parse_address(address)
     except ValueError as exc:
-        raise ListenError(f"invalid listen address {address!r}: {exc}") from None
+        raise ListenError.of("gRPC", repr(address), f"invalid address: {exc}", CHANGE_HINT) from None
     if port == 0:
         return
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        raise ListenError(f"cannot listen on {address}: {exc.strerror}") from None
+        raise ListenError.of("gRPC", address, exc.strerror, CHANGE_HINT) from None
     family, kind, proto, _, sockaddr = infos[0]
     with socket.socket(family, kind, proto) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(sockaddr)
         except OSError as exc:
-            raise ListenError(f"cannot listen on {address}: {exc.strerror.lower()}") from None
+            raise ListenError.of("gRPC", address, exc.strerror.lower(), CHANGE_HINT) from None
 
 
 class HealthOnItsOwnThread:
@@ -192,7 +196,8 @@ class GrpcServer(Service):
             else:
                 self.port = server.add_insecure_port(self.listen)
         except RuntimeError:
-            raise ListenError(f"cannot listen on {self.listen}: address unavailable or in use") from None
+            reason = "address unavailable or in use"
+            raise ListenError.of("gRPC", self.listen, reason, CHANGE_HINT) from None
         server.start()
         self.server = server
         self.set_serving(SERVICE.full_name, False)
