@@ -8,7 +8,6 @@ exceptions or ``libvirtError``; :mod:`quantix.rpc.status` maps both.
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -17,6 +16,7 @@ from google.protobuf import empty_pb2
 from twisted.internet.threads import blockingCallFromThread
 from twisted.logger import Logger
 
+from quantix.agent import sockets
 from quantix.agent.guestinfo import to_proto
 from quantix.errors import Invalid, QuantixError, Unavailable
 from quantix.hypervisor import consoles, devices, hostinfo, provision, snapshots, vms
@@ -104,7 +104,7 @@ class VmRpcs:
     @rpc("StartVM")
     def start_vm(self, request: Any, context: Any) -> Any:
         dom = self._dom(request.vm_id)
-        os.makedirs(self.config.agent.socket_dir, exist_ok=True)  # QEMU binds the agent socket there
+        sockets.ensure_socket_dir(self.config.agent.socket_dir)  # QEMU binds the agent socket there
         vms.start(dom)
         return _EMPTY
 
