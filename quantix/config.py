@@ -159,6 +159,17 @@ class ControlPlaneConfig:
     startup_jitter: float = attrs.field(default=5.0, validator=_not_negative)
 
 
+def _optional_address(inst: Any, attribute: attrs.Attribute, value: str | None) -> None:
+    if value is not None:
+        parse_address(value)
+
+
+@attrs.frozen
+class HttpConfig:
+    #: Plain-HTTP listener the control plane dials for image downloads (``None``: off).
+    listen: str | None = attrs.field(default="0.0.0.0:8080", validator=_optional_address)
+
+
 @attrs.frozen
 class LoggingConfig:
     level: str = attrs.field(default="info", validator=_one_of(LOG_LEVELS))
@@ -178,6 +189,7 @@ class Config:
     server: ServerConfig = attrs.field(factory=ServerConfig)
     events: EventsConfig = attrs.field(factory=EventsConfig)
     control_plane: ControlPlaneConfig = attrs.field(factory=ControlPlaneConfig)
+    http: HttpConfig = attrs.field(factory=HttpConfig)
     logging: LoggingConfig = attrs.field(factory=LoggingConfig)
 
 
@@ -370,6 +382,7 @@ for _cls in (
     ServerConfig,
     EventsConfig,
     ControlPlaneConfig,
+    HttpConfig,
     LoggingConfig,
     Config,
 ):

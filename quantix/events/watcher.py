@@ -12,9 +12,10 @@ from typing import Any
 
 import libvirt
 from twisted.application.service import Service
-from twisted.internet import defer, task, threads
+from twisted.internet import defer, task
 from twisted.logger import Logger
 
+from quantix import bridge
 from quantix.events import mapping, reconcile
 from quantix.events.bus import EventBus
 
@@ -89,7 +90,7 @@ class DomainWatcher(Service):
             self._callback_ids = ids
             return self.reconcile()
 
-        d = threads.deferToThread(register).addCallback(registered)
+        d = bridge.run_in_worker(register).addCallback(registered)
         d.addErrback(lambda f: log.failure("cannot watch libvirt domain events", f))
         return d
 
@@ -189,7 +190,7 @@ class DomainWatcher(Service):
             return defer.fail(exc)
         moved: set[str] = set()
         self._moved = moved
-        d = threads.deferToThread(reconcile.inventory, conn)
+        d = bridge.run_in_worker(reconcile.inventory, conn)
 
         def apply(current: dict[str, tuple[str, str]]) -> list:
             known = {u: v for u, v in self.known.items() if u not in moved}
