@@ -54,6 +54,16 @@ class Expect:
 
 OK = Expect(C.OK)
 INVALID = Expect(C.INVALID_ARGUMENT, bool, "a message")
+CONTROL = Expect(C.INVALID_ARGUMENT, lambda d: "character (U+" in d, "names the control character")
+
+
+def over_limit(field: str, limit: int) -> Expect:
+    """INVALID_ARGUMENT naming the field and its limit, checked before any work."""
+    return Expect(
+        C.INVALID_ARGUMENT, lambda d: field in d and f"the limit is {limit}" in d, f"{field} .. {limit}"
+    )
+
+
 WRONG_STATE = Expect(C.FAILED_PRECONDITION, bool, "a message")
 NO_AGENT = Expect(C.UNAVAILABLE, lambda d: "agent" in d, "mentions the agent")
 
@@ -96,6 +106,8 @@ def vm_id_rows(rpc: str, make: Callable[[str], Any], empty: Expect = INVALID) ->
         Row(rpc, "XML vm_id", make(b.XML), vm_missing(b.XML)),
         Row(rpc, "'..' vm_id", make(b.DOTS), vm_missing(b.DOTS)),
         Row(rpc, "absolute-path vm_id", make(b.ABS), vm_missing(b.ABS)),
+        Row(rpc, "NUL in vm_id", make(b.NUL), CONTROL),
+        Row(rpc, "control characters in vm_id", make(b.CTRL), CONTROL),
     ]
 
 
@@ -225,6 +237,65 @@ def _rows() -> list[Row]:
                 create(cloud_init=pb.CloudInitConfig(user_data=b.XML, meta_data=b.XML)),
                 OK,
             ),
+            Row(
+                cr,
+                "100,000 labels",
+                create(labels={f"k{i}": "v" for i in range(100_000)}),
+                over_limit("labels", 64),
+            ),
+            Row(
+                cr,
+                "5,000 disks",
+                create(disks=[disk(id=f"d{i}") for i in range(5000)]),
+                over_limit("disks", 64),
+            ),
+            Row(
+                cr,
+                "5,000 NICs",
+                create(nics=[pb.NicSpec(id=f"n{i}") for i in range(5000)]),
+                over_limit("nics", 32),
+            ),
+            Row(
+                cr,
+                "100 CD-ROMs",
+                create(cdroms=[pb.CdromSpec(id=f"c{i}") for i in range(100)]),
+                over_limit("cdroms", 8),
+            ),
+            Row(
+                cr,
+                "2 MiB cloud-init user-data",
+                create(cloud_init=pb.CloudInitConfig(user_data="#cloud-config\n" + "x" * (2 << 20))),
+                over_limit("user_data", 1 << 20),
+            ),
+            Row(
+                cr,
+                "NUL in cloud-init user-data",
+                create(cloud_init=pb.CloudInitConfig(user_data=b.NUL)),
+                CONTROL,
+            ),
+            Row(
+                cr,
+                "tabs and newlines in cloud-init",
+                create(cloud_init=pb.CloudInitConfig(user_data="#cloud-config\r\nruncmd:\n\t- [true]\n")),
+                OK,
+            ),
+            Row(cr, "NUL in name", create(name=b.NUL), CONTROL),
+            Row(cr, "control characters in name", create(name=b.CTRL), CONTROL),
+            Row(cr, "NUL in a label key", create(labels={b.NUL: "v"}), CONTROL),
+            Row(cr, "newline in a label value", create(labels={"k": b.CTRL}), CONTROL),
+            Row(cr, "NUL in a disk path", create(disks=[disk(path="/" + b.NUL)]), CONTROL),
+            Row(
+                cr,
+                "NUL in an ISO path",
+                create(cdroms=[pb.CdromSpec(id="c0", iso_path="/" + b.NUL)]),
+                CONTROL,
+            ),
+            Row(
+                cr,
+                "control character in a bridge",
+                create(nics=[pb.NicSpec(id="n0", bridge=b.CTRL)]),
+                CONTROL,
+            ),
         ]
     )
 
@@ -274,6 +345,19 @@ def _rows() -> list[Row]:
                 INVALID,
             ),
             Row(cs, "XML description", pb.CreateSnapshotRequest(vm_id=S, name="s2", description=b.XML), OK),
+            Row(cs, "NUL in name", pb.CreateSnapshotRequest(vm_id=S, name=b.NUL), CONTROL),
+            Row(
+                cs,
+                "NUL in description",
+                pb.CreateSnapshotRequest(vm_id=S, name="s4", description=b.NUL),
+                CONTROL,
+            ),
+            Row(
+                cs,
+                "multi-line description",
+                pb.CreateSnapshotRequest(vm_id=S, name="s5", description="line 1\n\tline 2\r\n"),
+                OK,
+            ),
             Row(
                 cs,
                 "quiesce without an agent",
@@ -406,6 +490,31 @@ def _rows() -> list[Row]:
                 "ExecuteInGuest", "1 MiB command", pb.ExecuteInGuestRequest(vm_id=R, command=b.BIG), NO_AGENT
             ),
             Row("ReadGuestFile", "empty path", pb.ReadGuestFileRequest(vm_id=R), INVALID),
+            Row("ReadGuestFile", "NUL in path", pb.ReadGuestFileRequest(vm_id=R, path="/" + b.NUL), CONTROL),
+            Row(
+                "ExecuteInGuest",
+                "NUL in an argument",
+                pb.ExecuteInGuestRequest(vm_id=R, command="echo", args=[b.NUL]),
+                CONTROL,
+            ),
+            Row(
+                "ExecuteInGuest",
+                "escape sequences in arguments reach the guest",
+                pb.ExecuteInGuestRequest(vm_id=R, command="printf", args=[b.CTRL]),
+                NO_AGENT,
+            ),
+            Row(
+                "ExecuteInGuest",
+                "2,000 arguments",
+                pb.ExecuteInGuestRequest(vm_id=R, command="echo", args=["a"] * 2000),
+                over_limit("args", 1024),
+            ),
+            Row(
+                "ExecuteInGuest",
+                "newline in an environment name",
+                pb.ExecuteInGuestRequest(vm_id=R, command="env", environment={b.CTRL: "v"}),
+                CONTROL,
+            ),
             Row("WriteGuestFile", "empty path", pb.WriteGuestFileRequest(vm_id=R), INVALID),
         ]
     )
@@ -465,6 +574,8 @@ def _rows() -> list[Row]:
             Row(ip, "reserved pool_id", local_pool("default"), INVALID),
             Row(ip, "XML pool_id", local_pool(b.XML), OK),
             Row(ip, "relative path", local_pool(b.MARK + "r", b.DOTS), INVALID),
+            Row(ip, "NUL in pool_id", local_pool(b.NUL), CONTROL),
+            Row(ip, "NUL in path", local_pool(b.MARK + "n", "/tmp/" + b.NUL), CONTROL),
             Row(ip, "1 MiB path", local_pool(b.MARK + "b", "/" + b.BIG), INVALID),
             Row(ip, "unknown type", pb.InitStoragePoolRequest(pool_id=b.MARK, type=b.BAD_ENUM), INVALID),
             Row(ip, "LVM (no backend)", pb.InitStoragePoolRequest(pool_id=b.MARK, type=2), INVALID),
