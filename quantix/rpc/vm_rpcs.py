@@ -18,7 +18,7 @@ from quantix import bridge
 from quantix.agent import sockets
 from quantix.agent.guestinfo import to_proto
 from quantix.errors import Invalid, QuantixError, Unavailable
-from quantix.hypervisor import consoles, devices, hostinfo, provision, snapshots, vms
+from quantix.hypervisor import consoles, devices, domainxml, hostinfo, provision, snapshots, vms
 from quantix.proto import agent_pb2, node_pb2
 from quantix.rpc.registry import rpc
 from quantix.util.locks import KeyedLocks
@@ -77,48 +77,68 @@ class VmRpcs:
 
     @rpc("CreateVM")
     def create_vm(self, request: Any, context: Any) -> Any:
-        with self._vm_locks.hold(request.vm_id.lower()):
+        # Per id (a retry of the same create; the key is the UUID every other VM operation uses)
+        # and per name (two ids wanting one name): provision.create_vm checks, then defines.
+        # Id first, then name, always.
+        vm_id = domainxml.validate_vm_id(request.vm_id)
+        with self._vm_locks.hold(vm_id), self._vm_locks.hold(("name", request.name or vm_id)):
             vm_id, created = provision.create_vm(self._conn(), request, self._settings(), self._store)
         message = "VM created successfully" if created else "VM already exists with this spec"
         return node_pb2.CreateVMOnNodeResponse(vm_id=vm_id, created=True, message=message)
 
+    @contextlib.contextmanager
+    def _serialised(self, vm_id: str) -> Iterator[Any]:
+        """The VM's domain with its lock held: power operations check the state, then act, and
+        two at once on one VM would each act on a state the other is changing (Start on a VM
+        another Start is booting would fail "already running" instead of being the no-op it is).
+        Keyed by the domain's UUID, so a VM named by id or by name is one VM."""
+        dom = self._dom(vm_id)
+        with self._vm_locks.hold(dom.UUIDString()):
+            yield dom
+
     @rpc("StartVM")
     def start_vm(self, request: Any, context: Any) -> Any:
-        dom = self._dom(request.vm_id)
-        sockets.ensure_socket_dir(self.config.agent.socket_dir)  # QEMU binds the agent socket there
-        vms.start(dom)
+        with self._serialised(request.vm_id) as dom:
+            sockets.ensure_socket_dir(self.config.agent.socket_dir)  # QEMU binds the agent socket there
+            vms.start(dom)
         return _EMPTY
 
     @rpc("StopVM")
     def stop_vm(self, request: Any, context: Any) -> Any:
         timeout = request.timeout_seconds or self.config.hypervisor.stop_timeout
-        vms.stop(self._dom(request.vm_id), timeout)
+        with self._serialised(request.vm_id) as dom:
+            asked = vms.request_shutdown(dom)
+        if asked:  # the wait holds no lock: a ForceStop must be able to cut it short
+            vms.wait_until_off(dom, timeout)
         return _EMPTY
 
     @rpc("ForceStopVM")
     def force_stop_vm(self, request: Any, context: Any) -> Any:
-        vms.force_stop(self._dom(request.vm_id))
+        with self._serialised(request.vm_id) as dom:
+            vms.force_stop(dom)
         return _EMPTY
 
     @rpc("RebootVM")
     def reboot_vm(self, request: Any, context: Any) -> Any:
-        vms.reboot(self._dom(request.vm_id))
+        with self._serialised(request.vm_id) as dom:
+            vms.reboot(dom)
         return _EMPTY
 
     @rpc("PauseVM")
     def pause_vm(self, request: Any, context: Any) -> Any:
-        vms.pause(self._dom(request.vm_id))
+        with self._serialised(request.vm_id) as dom:
+            vms.pause(dom)
         return _EMPTY
 
     @rpc("ResumeVM")
     def resume_vm(self, request: Any, context: Any) -> Any:
-        vms.resume(self._dom(request.vm_id))
+        with self._serialised(request.vm_id) as dom:
+            vms.resume(dom)
         return _EMPTY
 
     @rpc("DeleteVM")
     def delete_vm(self, request: Any, context: Any) -> Any:
-        with self._vm_locks.hold(request.vm_id.lower()):
-            dom = self._dom(request.vm_id)
+        with self._serialised(request.vm_id) as dom:
             vms.delete(dom, lambda path: provision.remove_file(self._store, path))
         return _EMPTY
 
