@@ -18,6 +18,7 @@ from typing import Any
 
 import attrs
 from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
 
 from quantix.errors import Invalid
 
@@ -70,7 +71,8 @@ REPEATED_LIMITS: dict[str, int] = {
 
 def check(request: Any) -> None:
     """Raise :class:`Invalid` when any field of ``request`` is over its limit or badly formed."""
-    _message(request, "")
+    if isinstance(request, Message):
+        _message(request, "")
 
 
 def _message(msg: Any, prefix: str) -> None:
