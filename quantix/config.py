@@ -96,12 +96,21 @@ class HypervisorConfig:
     log_dir: str = "/var/log/libvirt/qemu"
 
 
+def _absolute_paths(inst: Any, attribute: attrs.Attribute, value: tuple[str, ...]) -> None:
+    for path in value:
+        if not path.startswith("/"):
+            raise ValueError(f"{attribute.name}: {path!r} is not an absolute path")
+
+
 @attrs.frozen
 class StorageConfig:
     root: str = "/var/lib/limiquantix"
     vm_images: str = "/var/lib/limiquantix/vms"
     cloud_images: str = "/var/lib/limiquantix/cloud-images"
     iso_images: str = "/var/lib/limiquantix/isos"
+    #: More places request paths (disk images, backing files, ISOs, block devices) may point,
+    #: beside the directories above and active pools; a YAML list, or ":"-separated in the env.
+    allowed_paths: tuple[str, ...] = attrs.field(default=(), validator=_absolute_paths)
 
 
 @attrs.frozen
@@ -288,6 +297,12 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
             return float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if text.startswith("tuple"):
+        if isinstance(value, str):
+            value = [v for v in value.split(":") if v]
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: expected a list of strings")
+        return tuple(value)
     if text.startswith("dict"):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where}: expected a mapping")

@@ -27,7 +27,7 @@ from quantix.events.bus import RESUME_HEADER
 from quantix.proto import node_pb2 as pb
 from quantix.rpc.server import SERVICE
 from tests import badinput as b
-from tests.support import Daemon
+from tests.support import Daemon, storage_dir
 
 C = grpc.StatusCode
 
@@ -54,6 +54,12 @@ class Expect:
 
 OK = Expect(C.OK)
 INVALID = Expect(C.INVALID_ARGUMENT, bool, "a message")
+#: A path outside the node's storage locations: refused without saying whether anything is there.
+OUTSIDE = Expect(
+    C.INVALID_ARGUMENT,
+    lambda d: "outside the storage locations" in d and "not found" not in d and "exist" not in d,
+    "outside the storage locations, nothing about existence",
+)
 CONTROL = Expect(C.INVALID_ARGUMENT, lambda d: "character (U+" in d, "names the control character")
 
 
@@ -207,11 +213,13 @@ def _rows() -> list[Row]:
             Row(cr, "'..' disk id", create(disks=[disk(id=b.DOTS)]), INVALID),
             Row(cr, "'..' backing file", create(disks=[disk(backing_file=b.DOTS)]), INVALID),
             Row(
-                cr,
-                "absolute backing file that does not exist",
-                create(disks=[disk(backing_file=b.ABS)]),
-                not_found(),
+                cr, "absolute backing file outside storage", create(disks=[disk(backing_file=b.ABS)]), OUTSIDE
             ),
+            Row(cr, "/etc/passwd as backing file", create(disks=[disk(backing_file="/etc/passwd")]), OUTSIDE),
+            Row(cr, "/etc/shadow as disk", create(disks=[disk(path="/etc/shadow")]), OUTSIDE),
+            Row(cr, "/dev/sda as disk", create(disks=[disk(path="/dev/sda")]), OUTSIDE),
+            Row(cr, "/dev/zero as disk", create(disks=[disk(path="/dev/zero")]), OUTSIDE),
+            Row(cr, "missing disk outside storage", create(disks=[disk(path=b.ABS)]), OUTSIDE),
             Row(cr, "bad MAC", create(nics=[pb.NicSpec(id="n0", mac_address=b.XML)]), INVALID),
             Row(
                 cr,
@@ -224,7 +232,20 @@ def _rows() -> list[Row]:
             Row(cr, "1 MiB bridge name", create(nics=[pb.NicSpec(id="n0", bridge=b.BIG)]), INVALID),
             Row(cr, "'..' ISO path", create(cdroms=[pb.CdromSpec(id="c0", iso_path=b.DOTS)]), INVALID),
             # Not checked at define time: libvirt refuses to start the VM instead.
-            Row(cr, "missing ISO", create(cdroms=[pb.CdromSpec(id="c0", iso_path=b.ABS)]), OK),
+            Row(cr, "ISO outside storage", create(cdroms=[pb.CdromSpec(id="c0", iso_path=b.ABS)]), OUTSIDE),
+            Row(
+                cr,
+                "/etc/shadow as ISO",
+                create(cdroms=[pb.CdromSpec(id="c0", iso_path="/etc/shadow")]),
+                OUTSIDE,
+            ),
+            # Not checked at define time: libvirt refuses to start the VM instead.
+            Row(
+                cr,
+                "missing ISO in the ISO directory",
+                create(cdroms=[pb.CdromSpec(id="c0", iso_path=b.MARK + ".iso")]),
+                OK,
+            ),
             Row(
                 cr,
                 "uint32-max VNC port",
@@ -446,7 +467,8 @@ def _rows() -> list[Row]:
     add(
         [
             Row(cm, "'..' ISO path", media(b.DOTS), INVALID, setup=has_cd),
-            Row(cm, "missing absolute ISO", media(b.ABS), not_found("ISO not found"), setup=has_cd),
+            Row(cm, "absolute ISO outside storage", media(b.ABS), OUTSIDE, setup=has_cd),
+            Row(cm, "/etc/shadow as ISO", media("/etc/shadow"), OUTSIDE, setup=has_cd),
             Row(cm, "XML ISO name", media(b.XML), not_found("ISO not found"), setup=has_cd),
             Row(cm, "1 MiB ISO path", media("/" + b.BIG), INVALID, setup=has_cd),
             Row(cm, "unknown device", media("", device=b.XML), OK, setup=has_cd, driver_limit=True),
@@ -564,6 +586,15 @@ def _rows() -> list[Row]:
             config=pb.StoragePoolConfig(local=pb.LocalDirPoolConfig(path=path)),
         )
 
+    def ceph_pool(keyring: str) -> Any:
+        return pb.InitStoragePoolRequest(
+            pool_id=b.MARK + "ceph",
+            type=4,
+            config=pb.StoragePoolConfig(
+                ceph=pb.CephPoolConfig(pool_name="p", monitors=["m"], keyring_path=keyring)
+            ),
+        )
+
     ip = "InitStoragePool"
     add(
         [
@@ -575,6 +606,24 @@ def _rows() -> list[Row]:
             Row(ip, "XML pool_id", local_pool(b.XML), OK),
             Row(ip, "relative path", local_pool(b.MARK + "r", b.DOTS), INVALID),
             Row(ip, "NUL in pool_id", local_pool(b.NUL), CONTROL),
+            Row(ip, "pool at /", local_pool(b.MARK + "root", "/"), INVALID),
+            Row(ip, "pool at /etc", local_pool(b.MARK + "etc", "/etc"), INVALID),
+            Row(ip, "pool under /usr", local_pool(b.MARK + "usr", f"/usr/lib/{b.MARK}"), INVALID),
+            Row(ip, "pool at /var/lib", local_pool(b.MARK + "vl", "/var/lib"), INVALID),
+            Row(
+                ip,
+                "NFS mounted on /boot",
+                pb.InitStoragePoolRequest(
+                    pool_id=b.MARK + "nfs",
+                    type=3,
+                    config=pb.StoragePoolConfig(
+                        nfs=pb.NfsPoolConfig(server="192.0.2.1", export_path="/x", mount_point="/boot")
+                    ),
+                ),
+                INVALID,
+            ),
+            Row(ip, "/dev/zero as Ceph keyring", ceph_pool("/dev/zero"), OUTSIDE),
+            Row(ip, "/etc/shadow as Ceph keyring", ceph_pool("/etc/shadow"), OUTSIDE),
             Row(ip, "NUL in path", local_pool(b.MARK + "n", "/tmp/" + b.NUL), CONTROL),
             Row(ip, "1 MiB path", local_pool(b.MARK + "b", "/" + b.BIG), INVALID),
             Row(ip, "unknown type", pb.InitStoragePoolRequest(pool_id=b.MARK, type=b.BAD_ENUM), INVALID),
@@ -1004,7 +1053,7 @@ class QemuFallbackTests(unittest.TestCase):
         self.addCleanup(virsh, "undefine", name, "--nvram")
         images = []
         for n in range(2):
-            path = os.path.join(daemon.tmp, f"d{n}.qcow2")
+            path = os.path.join(storage_dir(daemon), f"d{n}.qcow2")
             subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", path, "1M"], check=True)
             images.append(path)
         nic = pb.NicSpec(id="n0", bridge="qtxnobr0", model=b.BAD_ENUM)

@@ -405,7 +405,7 @@ class SystemStorageTests(_SystemBase):
     @defer.inlineCallbacks
     def test_ceph_unreachable(self):
         pid = f"{self.prefix}-ceph"
-        keyring = os.path.join(self.daemon.tmp, "ceph.keyring")
+        keyring = os.path.join(self.daemon.config.storage.root, "ceph.keyring")
         _write(keyring, b"[client.admin]\n  key = QUJDREVGR0hJSktMTU5PUA==\n")
         config = node_pb2.StoragePoolConfig(
             ceph=node_pb2.CephPoolConfig(pool_name="rbd", monitors=["127.0.0.1:1"], keyring_path=keyring)

@@ -87,6 +87,7 @@ class ConcurrentPowerTests(unittest.TestCase):
     def test_mixed_power_ops_never_fail_internal(self):
         """Start, Pause, Resume, ForceStop and Reboot at once: each may find the wrong state, none
         may fail INTERNAL. (A graceful Stop of a VM another caller paused waits for its timeout.)"""
+
         def scenario():
             vm_id = self.create()
             req = node_pb2.VMIdRequest(vm_id=vm_id)

@@ -329,5 +329,7 @@ class VmRpcs:
     @rpc("ChangeMedia")
     def change_media(self, request: Any, context: Any) -> Any:
         dom = self._dom(request.vm_id)
-        devices.change_media(dom, request.device, request.iso_path, self.config.storage.iso_images)
+        devices.change_media(
+            dom, request.device, request.iso_path, self.config.storage.iso_images, self._store.confine
+        )
         return _EMPTY

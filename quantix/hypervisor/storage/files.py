@@ -15,6 +15,7 @@ import attrs
 from twisted.logger import Logger
 
 from quantix import errors
+from quantix.hypervisor.storage.paths import open_checked, within
 
 log = Logger(namespace="quantix.storage")
 
@@ -23,9 +24,16 @@ MAX_SCAN_DEPTH = 8
 
 
 def sniff_format(path: str) -> str:
-    """Disk format from the first bytes: qcow2, vmdk, iso (ISO 9660), else raw. Cheap: two reads."""
+    """Disk format from the first bytes: qcow2, vmdk, iso (ISO 9660), else raw. Cheap: two reads.
+
+    Opened without blocking (see :func:`~quantix.hypervisor.storage.paths.open_checked`): what
+    is not a regular file or block device, or cannot be read, counts as raw."""
     try:
-        with open(path, "rb") as fh:
+        fd = open_checked("image", path, block_ok=True)
+    except (OSError, errors.Invalid):
+        return "raw"
+    try:
+        with os.fdopen(fd, "rb") as fh:
             head = fh.read(4)
             if head == b"QFI\xfb":
                 return "qcow2"
@@ -37,11 +45,6 @@ def sniff_format(path: str) -> str:
     except OSError:
         return "raw"
     return "raw"
-
-
-def within(path: str, root: str) -> bool:
-    """Is the (already resolved) ``path`` ``root`` itself or below it?"""
-    return path == root or path.startswith(root.rstrip("/") + "/")
 
 
 def rfc3339(ts: float) -> str:
@@ -227,8 +230,9 @@ def _scan(
 
 
 def virtual_size(path: str) -> int:
-    """Guest-visible size: the qcow2 header's size field, else the file size."""
-    with open(path, "rb") as fh:
+    """Guest-visible size: the qcow2 header's size field, else the file size (Invalid when it is
+    not a regular file; opened without blocking)."""
+    with os.fdopen(open_checked("image", path), "rb") as fh:
         head = fh.read(32)
         if head[:4] == b"QFI\xfb" and len(head) == 32:
             return int.from_bytes(head[24:32], "big")

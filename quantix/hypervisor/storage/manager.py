@@ -23,7 +23,7 @@ import libvirt
 
 from quantix import errors
 from quantix.hypervisor.errors import translate
-from quantix.hypervisor.storage import files
+from quantix.hypervisor.storage import files, paths
 from quantix.hypervisor.storage import xml as sxml
 from quantix.util.locks import KeyedLocks
 
@@ -41,6 +41,8 @@ FILE_KINDS = frozenset({"dir", "fs", "netfs"})
 REMOTE_KINDS = frozenset({"netfs", "rbd", "iscsi"})
 VOLUME_EXTENSIONS = (".qcow2", ".raw", ".img")
 DEFAULT_POOL_IDS = frozenset({"", "default"})
+#: Ceph's own configuration directory: keyrings live there whatever the storage roots are.
+CEPH_DIR = "/etc/ceph"
 SECRET_NAMESPACE = uuidlib.UUID("5b0c7bd4-3a6e-4f7c-9f5e-6a1d0c9e2b11")
 SNAPSHOT_SEP = "@"
 
@@ -265,14 +267,27 @@ def snapshot_name(volume_name_: str, snapshot_id: str) -> str:
 
 def _domain_disks(xml: str) -> Iterator[tuple[str, str]]:
     """(source path, target dev) of a domain's disks."""
+    for path, dev, _ in _domain_disk_modes(xml):
+        yield path, dev
+
+
+def _domain_disk_modes(xml: str) -> Iterator[tuple[str, str, str]]:
+    """(source path, target dev, "rw" | "ro" | "shared") of a domain's disks."""
     for disk in ET.fromstring(xml).iter("disk"):
         source = disk.find("source")
         target = disk.find("target")
         if source is None:
             continue
         path = source.get("file") or source.get("dev") or source.get("name") or ""
-        if path:
-            yield path, target.get("dev", "") if target is not None else ""
+        if not path:
+            continue
+        if disk.find("shareable") is not None:
+            mode = "shared"
+        elif disk.find("readonly") is not None or disk.get("device") == "cdrom":
+            mode = "ro"
+        else:
+            mode = "rw"
+        yield path, target.get("dev", "") if target is not None else "", mode
 
 
 def _reason(exc: libvirt.libvirtError) -> str:
@@ -333,12 +348,58 @@ class StorageManager:
         return self._pool_locks.hold(pool_id)
 
     def _under_root(self, path: str) -> bool:
-        return bool(path) and files.within(os.path.realpath(path), os.path.realpath(self.root))
+        return bool(path) and paths.within(os.path.realpath(path), os.path.realpath(self.root))
+
+    def allowed_roots(self) -> list[str]:
+        """Where a path in a request may point: the storage directories, ``allowed_paths``, and
+        the directory of every active file pool (one in a system directory excepted)."""
+        c = self.config
+        roots = [c.root, c.vm_images, c.cloud_images, c.iso_images, *getattr(c, "allowed_paths", ())]
+        try:
+            pools = self._conn().listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE)
+        except libvirt.libvirtError:
+            return roots
+        for pool in pools:
+            try:
+                d = sxml.parse_pool(pool.XMLDesc(0))
+            except libvirt.libvirtError:
+                continue  # undefined meanwhile
+            if d.kind in FILE_KINDS and d.target_path and paths.system_dir(d.target_path) is None:
+                roots.append(d.target_path)
+        return roots
+
+    def confine(self, what: str, path: str) -> str:
+        """``path`` when it lies in :meth:`allowed_roots`; else Invalid, revealing nothing."""
+        return paths.confine(what, path, self.allowed_roots())
+
+    def check_unshared(self, path: str, readonly: bool, vm_id: str) -> None:
+        """Refuse a disk image another defined domain uses, unless neither side writes to it
+        or the other side marked it shareable: two VMs writing one image corrupt it."""
+        real = os.path.realpath(path)
+        with _libvirt_errors():
+            domains = self._conn().listAllDomains(0)
+        for dom in domains:
+            try:
+                if dom.UUIDString() == vm_id:
+                    continue
+                xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+            except libvirt.libvirtError:
+                continue  # undefined meanwhile
+            for other, _, mode in _domain_disk_modes(xml):
+                if os.path.realpath(other) != real or mode == "shared" or (mode == "ro" and readonly):
+                    continue
+                raise errors.WrongState(
+                    f"disk {path} is already used {'read-write' if mode == 'rw' else 'read-only'} by VM "
+                    f"{dom.UUIDString()}; a disk can be written by one VM at a time"
+                )
 
     # -- pools --------------------------------------------------------------------------------
 
     def init_pool(self, req: PoolRequest) -> PoolInfo:
         """Define, build, start and autostart a pool; an existing one is started and refreshed."""
+        for what, where in (("pool path", req.local_path), ("NFS mount point", req.nfs_mount_point)):
+            if where and os.path.isabs(where):
+                paths.check_pool_dir(what, os.path.normpath(where))
         keyring = self._read_keyring(req) if req.type == CEPH_RBD else None
         plan = plan_pool(req, self.root, keyring)
         with self._locked(req.pool_id):
@@ -423,16 +484,21 @@ class StorageManager:
         if req.ceph_secret_uuid:
             return None
         user = req.ceph_user or "admin"
-        path = req.ceph_keyring or f"/etc/ceph/ceph.client.{user}.keyring"
+        path = req.ceph_keyring or f"{CEPH_DIR}/ceph.client.{user}.keyring"
+        if req.ceph_keyring:
+            paths.confine("keyring_path", path, [*self.allowed_roots(), CEPH_DIR])
         try:
-            with open(path, encoding="utf-8") as fh:
-                text = fh.read()
+            data = paths.read_bounded("keyring", path, paths.KEYRING_MAX_BYTES)
         except FileNotFoundError:
             if req.ceph_keyring:
                 raise errors.Invalid(f"keyring not found: {path}") from None
             return None  # no keyring anywhere: a cluster without cephx
         except OSError as exc:
             raise errors.Invalid(f"cannot read keyring {path}: {exc.strerror}") from None
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise errors.Invalid(f"keyring {path} is not text") from None
         return keyring_key(text, user)
 
     def _ensure_secret(self, conn: libvirt.virConnect, plan: SecretPlan | None) -> bool:
@@ -683,6 +749,10 @@ class StorageManager:
     def _create_file(self, pool, name: str, size_bytes: int, fmt: str, backing: str | None):
         backing_fmt = None
         if backing:
+            try:
+                paths.check_kind("backing file", backing)
+            except FileNotFoundError:
+                raise errors.NotFound(f"backing file not found: {backing}") from None
             backing_fmt = files.sniff_format(backing)
             backing_fmt = "raw" if backing_fmt == "iso" else backing_fmt
             try:
@@ -716,7 +786,7 @@ class StorageManager:
         roots = self.image_roots()
         if source_id.startswith("/"):
             real = os.path.realpath(source_id)
-            if not any(files.within(real, os.path.realpath(r)) for r in roots) or not os.path.isfile(real):
+            if not any(paths.within(real, os.path.realpath(r)) for r in roots) or not os.path.isfile(real):
                 raise errors.NotFound(f"image not found: {source_id}")
             return real
         for image in files.scan_images(roots):
@@ -781,9 +851,12 @@ class StorageManager:
         fmt = sxml.parse_volume(src.XMLDesc(0)).format or "raw"
         return self._volume_info(pool.name(), self._copy(pool, src, name, fmt), {})
 
-    def attach_info(self, pool_id: str, volume_id: str) -> AttachInfo:
+    def attach_info(self, pool_id: str, volume_id: str, *, exact: bool = False) -> AttachInfo:
+        """Where a volume is and how a domain attaches it. In the VM-disk pool an id may match a
+        name loosely (``<vm>-<disk>.qcow2`` by its disk id) unless ``exact``: a disk named in a
+        VM spec must be exactly that volume, never another VM's."""
         pool = self._pool(pool_id, active=True)
-        vol = self.find_volume(pool, volume_id, fuzzy=pool_id in DEFAULT_POOL_IDS)
+        vol = self.find_volume(pool, volume_id, fuzzy=pool_id in DEFAULT_POOL_IDS and not exact)
         with _libvirt_errors():
             pdef = sxml.parse_pool(pool.XMLDesc(0))
             vdef = sxml.parse_volume(vol.XMLDesc(0))
@@ -867,6 +940,10 @@ class StorageManager:
             active = pool.isActive()
         if d.kind not in FILE_KINDS or not d.target_path:
             raise errors.WrongState(f"storage pool {pool_id} has no mount path ({d.kind})")
+        if paths.system_dir(d.target_path) is not None:
+            raise errors.WrongState(
+                f"storage pool {pool_id} is in a system directory; its files are not listed"
+            )
         if not active:
             raise errors.WrongState(f"storage pool {pool_id} is not active (no mount path)")
         return files.list_dir(d.target_path, path)
