@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import uuid
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from typing import Any
 
 import libvirt
