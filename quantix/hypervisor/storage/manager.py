@@ -43,6 +43,8 @@ VOLUME_EXTENSIONS = (".qcow2", ".raw", ".img")
 DEFAULT_POOL_IDS = frozenset({"", "default"})
 #: Ceph's own configuration directory: keyrings live there whatever the storage roots are.
 CEPH_DIR = "/etc/ceph"
+#: strerror(ENOSPC) as libvirt quotes it, and libvirt's own refusal when its figures say so
+NO_SPACE = ("No space left on device", "Not enough free space in pool")
 SECRET_NAMESPACE = uuidlib.UUID("5b0c7bd4-3a6e-4f7c-9f5e-6a1d0c9e2b11")
 SNAPSHOT_SEP = "@"
 
@@ -290,6 +292,12 @@ def _domain_disk_modes(xml: str) -> Iterator[tuple[str, str, str]]:
         yield path, target.get("dev", "") if target is not None else "", mode
 
 
+def _upfront(fmt: str, size_bytes: int) -> int:
+    """Bytes a new volume takes at creation: libvirt allocates a raw volume whole (no
+    ``<allocation>`` in our XML), a qcow2 one grows as the guest writes."""
+    return size_bytes if fmt == "raw" else 0
+
+
 def _reason(exc: libvirt.libvirtError) -> str:
     """libvirt's message on one line, without the generic "internal error:" prefix."""
     message = exc.get_error_message() or str(exc)
@@ -392,6 +400,41 @@ class StorageManager:
                     f"disk {path} is already used {'read-write' if mode == 'rw' else 'read-only'} by VM "
                     f"{dom.UUIDString()}; a disk can be written by one VM at a time"
                 )
+
+    def _create(
+        self, pool: libvirt.virStoragePool, xml: str, needed: int, src: libvirt.virStorageVol | None = None
+    ) -> libvirt.virStorageVol:
+        """Create a volume (a copy of ``src`` when given). ``needed`` is what the new file takes
+        at once (a raw volume is allocated whole, a copy takes its source's allocation; a qcow2
+        starts near empty): more than the pool has free is refused before anything is written,
+        and an ENOSPC that happens anyway (the space went meanwhile) is reported the same way."""
+        if needed:
+            with _libvirt_errors():
+                _, capacity, _, available = pool.info()
+            if needed > available:
+                raise self._out_of_space(pool, needed, (capacity, available))
+        try:
+            return pool.createXMLFrom(xml, src, 0) if src is not None else pool.createXML(xml, 0)
+        except libvirt.libvirtError as exc:
+            if any(text in (exc.get_error_message() or "") for text in NO_SPACE):
+                raise self._out_of_space(pool, needed) from None
+            raise _storage_error(exc) from None
+
+    @staticmethod
+    def _out_of_space(
+        pool: libvirt.virStoragePool, needed: int, sizes: tuple[int, int] | None = None
+    ) -> errors.ResourceExhausted:
+        if sizes is None:
+            with contextlib.suppress(libvirt.libvirtError):
+                pool.refresh(0)  # libvirt's figures are as of its last look
+            try:
+                _, capacity, _, available = pool.info()
+                sizes = (capacity, available)
+            except libvirt.libvirtError:
+                sizes = None
+        wanted = f"{needed} bytes needed" if needed else "no space left"
+        free = f", {sizes[1]} of {sizes[0]} bytes free" if sizes else ""
+        return errors.ResourceExhausted(f"storage pool {pool.name()} is out of space: {wanted}{free}")
 
     # -- pools --------------------------------------------------------------------------------
 
@@ -730,8 +773,7 @@ class StorageManager:
         if source == "empty":
             if size_bytes <= 0:
                 raise errors.Invalid("size_bytes must be positive for an empty volume")
-            with _libvirt_errors():
-                vol = pool.createXML(sxml.volume_xml(name, size_bytes, fmt), 0)
+            vol = self._create(pool, sxml.volume_xml(name, size_bytes, fmt), _upfront(fmt, size_bytes))
         elif source in ("clone", "snapshot"):
             if not source_id:
                 raise errors.Invalid(f"source_id is required for a {source} volume")
@@ -763,14 +805,14 @@ class StorageManager:
         if size_bytes <= 0:
             raise errors.Invalid("size_bytes must be positive")
         xml = sxml.volume_xml(name, size_bytes, fmt, backing_path=backing, backing_format=backing_fmt)
-        with _libvirt_errors():
-            return pool.createXML(xml, 0)
+        return self._create(pool, xml, _upfront(fmt, size_bytes))
 
     def _copy(self, pool, src: libvirt.virStorageVol, name: str, fmt: str, size_bytes: int = 0):
         with _libvirt_errors():
             d = sxml.parse_volume(src.XMLDesc(0))
-            xml = sxml.volume_xml(name, max(size_bytes, d.capacity), d.format or fmt)
-            return pool.createXMLFrom(xml, src, 0)
+            allocation = src.info()[2]
+        xml = sxml.volume_xml(name, max(size_bytes, d.capacity), d.format or fmt)
+        return self._create(pool, xml, allocation, src)
 
     def _snapshot(self, pool, snapshot_id: str) -> libvirt.virStorageVol:
         check_name("snapshot_id", snapshot_id)
@@ -886,8 +928,7 @@ class StorageManager:
         else:
             if size_bytes <= 0:
                 raise errors.Invalid("size_bytes must be positive")
-            with _libvirt_errors():
-                vol = pool.createXML(sxml.volume_xml(name, size_bytes, fmt), 0)
+            vol = self._create(pool, sxml.volume_xml(name, size_bytes, fmt), _upfront(fmt, size_bytes))
         with _libvirt_errors():
             return vol.path()
 
