@@ -124,10 +124,12 @@ def resolve_nic_source(conn: libvirt.virConnect, nic: Any, default: str = "defau
 # Disks
 
 
-def request_file(what: str, given: str, base: str, store: DiskStore, *, block_ok: bool = False) -> str | None:
-    """The path of a file a request names (absolute, or relative to ``base``), confined to the
-    node's storage locations and, when something is there, a regular file (or an allowed block
-    device); None when nothing is there. Refusals do not say whether the file exists."""
+def request_file(
+    what: str, given: str, base: str, store: DiskStore, *, block_ok: bool = False
+) -> tuple[str, bool]:
+    """(path, whether something is there) for a file a request names, absolute or relative to
+    ``base``: confined to the node's storage locations (refusals do not say whether the file
+    exists) and, when present, a regular file (or an allowed block device)."""
     if not os.path.isabs(given) and ".." in given.split("/"):
         raise errors.Invalid(f"{what} must not contain '..': {given[:200]!r}")
     path = given if os.path.isabs(given) else os.path.join(base, given)
@@ -135,14 +137,14 @@ def request_file(what: str, given: str, base: str, store: DiskStore, *, block_ok
     try:
         storage_paths.check_kind(what, path, block_ok=block_ok)
     except FileNotFoundError:
-        return None
-    return path
+        return path, False
+    return path, True
 
 
 def _backing(settings: HostSettings, backing_file: str, store: DiskStore) -> str:
     """An absolute path, or a name inside the cloud-image directory (never above it)."""
-    path = request_file("backing_file", backing_file, settings.cloud_images, store)
-    if path is None:
+    path, present = request_file("backing_file", backing_file, settings.cloud_images, store)
+    if not present:
         raise errors.NotFound(f"backing file not found: {backing_file}")
     return path
 
@@ -185,10 +187,9 @@ def iso_path(given: str, settings: HostSettings, store: DiskStore) -> str | None
     path. A missing ISO inside the allowed locations is accepted (libvirt refuses the start)."""
     if not given:
         return None
-    request_file("iso_path", given, settings.iso_images or settings.cloud_images, store, block_ok=True)
-    return (
-        given if os.path.isabs(given) else os.path.join(settings.iso_images or settings.cloud_images, given)
-    )
+    return request_file(
+        "iso_path", given, settings.iso_images or settings.cloud_images, store, block_ok=True
+    )[0]
 
 
 # ---------------------------------------------------------------------------------------------
