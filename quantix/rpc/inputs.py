@@ -96,7 +96,10 @@ def _count(field: FieldDescriptor, value: Any, path: str) -> None:
 
 def _map(field: FieldDescriptor, value: Any, path: str) -> None:
     _count(field, value, path)
-    value_field = field.message_type.fields_by_name["value"]
+    entry = field.message_type
+    if entry is None:  # pragma: no cover - a map field always has its entry type
+        return
+    value_field = entry.fields_by_name["value"]
     for key, item in value.items():
         if isinstance(key, str):
             _string(MAP_KEY, key, f"{path} key")
@@ -108,7 +111,8 @@ def _map(field: FieldDescriptor, value: Any, path: str) -> None:
 
 def _value(field: FieldDescriptor, value: Any, path: str) -> None:
     if field.type == FieldDescriptor.TYPE_MESSAGE:
-        if not field.message_type.full_name.startswith("google.protobuf."):
+        kind = field.message_type
+        if kind is not None and not kind.full_name.startswith("google.protobuf."):
             _message(value, path + ".")
     elif field.type == FieldDescriptor.TYPE_STRING:
         _string(STRING_RULES.get(field.full_name, STRICT), value, path)
