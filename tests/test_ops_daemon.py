@@ -133,6 +133,7 @@ class DaemonShutdownTests(unittest.TestCase):
             json.dump(  # YAML is a superset of JSON
                 {
                     "server": {"grace_seconds": GRACE, "metrics_listen": None},
+                    "http": {"listen": None},  # 8080 may be taken by another run on this host
                     "logging": {"level": "debug", "format": "json"},
                 },
                 fh,
@@ -264,7 +265,12 @@ class FifoShutdownTests(unittest.TestCase):
         config = os.path.join(tmp, "node.yaml")
         with open(config, "w") as fh:
             json.dump(
-                {"server": {"grace_seconds": GRACE, "metrics_listen": None}, "storage": {"root": storage}}, fh
+                {
+                    "server": {"grace_seconds": GRACE, "metrics_listen": None},
+                    "http": {"listen": None},
+                    "storage": {"root": storage},
+                },
+                fh,
             )
         port = free_port()
         env = dict(os.environ, PYTHONPATH=ROOT)
