@@ -226,21 +226,10 @@ class BusGaugeTests(unittest.TestCase):
         self.assertEqual(bus.lag_seconds(), 0.0)
 
 
-class _Dom:
-    def __init__(self, uuid: str, name: str) -> None:
-        self._uuid, self._name = uuid, name
-
-    def UUIDString(self) -> str:
-        return self._uuid
-
-    def name(self) -> str:
-        return self._name
-
-
 class WatcherMemoryTests(unittest.TestCase):
     def test_nothing_is_kept_for_a_domain_once_it_is_gone(self):
         """Churn (define, start, stop, undefine) leaves no per-domain entry behind."""
-        from quantix.events.watcher import DomainWatcher
+        from quantix.events.watcher import Domain, DomainWatcher
 
         class Hypervisor:
             def listen(self, *callbacks):
@@ -250,7 +239,7 @@ class WatcherMemoryTests(unittest.TestCase):
         conn = watcher._conn = object()
         uuids = [f"00000000-0000-0000-0000-{n:012d}" for n in range(500)]
         for uuid in uuids:
-            dom = _Dom(uuid, f"vm-{uuid[-4:]}")
+            dom = Domain(uuid, f"vm-{uuid[-4:]}")
             for event, detail in (
                 (libvirt.VIR_DOMAIN_EVENT_DEFINED, libvirt.VIR_DOMAIN_EVENT_DEFINED_ADDED),
                 (libvirt.VIR_DOMAIN_EVENT_STARTED, libvirt.VIR_DOMAIN_EVENT_STARTED_BOOTED),
