@@ -49,6 +49,8 @@ def parse_address(value: str, default_port: int | None = None) -> tuple[str, int
 
 
 def _address(inst: Any, attribute: attrs.Attribute, value: str) -> None:
+    if isinstance(value, str) and value.startswith("unix:") and len(value) > len("unix:"):
+        return  # a local socket path: grpc listens on it as given
     parse_address(value)
 
 
@@ -159,6 +161,27 @@ class ControlPlaneConfig:
     startup_jitter: float = attrs.field(default=5.0, validator=_not_negative)
 
 
+def _host_template(inst: Any, attribute: attrs.Attribute, value: str) -> None:
+    if "{host}" not in value or "://" not in value:
+        raise ValueError(f"must be a libvirt URI containing {{host}}, not {value!r}")
+
+
+@attrs.frozen
+class MigrationConfig:
+    #: libvirt URI of a target given as a bare host; ``qemu+tcp://{host}/system`` or
+    #: ``qemu+ssh://root@{host}/system`` where TLS certificates are not set up.
+    uri_template: str = attrs.field(default="qemu+tls://{host}/system", validator=_host_template)
+    #: Migration bandwidth limit in MiB/s (0: unlimited).
+    bandwidth_mib: int = attrs.field(default=0, validator=_not_negative)
+    #: Encrypt QEMU's data channel with TLS too (needs QEMU's own certificates on both hosts).
+    tls: bool = False
+    #: Directories mounted at the same path on every node (cluster file systems); disks there
+    #: move without a copy, like those in NFS, Ceph and other network pools.
+    shared_paths: tuple[str, ...] = ()
+    #: Seconds between progress messages of a MigrateVM stream.
+    progress_interval: float = attrs.field(default=1.0, validator=_positive)
+
+
 @attrs.frozen
 class LoggingConfig:
     level: str = attrs.field(default="info", validator=_one_of(LOG_LEVELS))
@@ -178,6 +201,7 @@ class Config:
     server: ServerConfig = attrs.field(factory=ServerConfig)
     events: EventsConfig = attrs.field(factory=EventsConfig)
     control_plane: ControlPlaneConfig = attrs.field(factory=ControlPlaneConfig)
+    migration: MigrationConfig = attrs.field(factory=MigrationConfig)
     logging: LoggingConfig = attrs.field(factory=LoggingConfig)
 
 
@@ -255,6 +279,12 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
             return float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if text.startswith("tuple"):
+        if isinstance(value, str):  # environment and flags: comma-separated
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, (list, tuple)) or any(isinstance(v, (dict, list)) for v in value):
+            raise ConfigError(f"{where}: expected a list of values")
+        return tuple(str(v) for v in value)
     if text.startswith("dict"):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where}: expected a mapping")
@@ -370,6 +400,7 @@ for _cls in (
     ServerConfig,
     EventsConfig,
     ControlPlaneConfig,
+    MigrationConfig,
     LoggingConfig,
     Config,
 ):

@@ -61,11 +61,9 @@ class NodeRpcTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_unclaimed_rpc_is_unimplemented(self):
-        code, details = yield rpc_error(
-            self.daemon.call("PrepareMigration", node_pb2.PrepareMigrationRequest(vm_id="x"))
-        )
+        code, details = yield rpc_error(self.daemon.call("GetOVSStatus", empty_pb2.Empty()))
         self.assertEqual(code, grpc.StatusCode.UNIMPLEMENTED)
-        self.assertIn("PrepareMigration", details)
+        self.assertIn("GetOVSStatus", details)
 
     @defer.inlineCallbacks
     def test_health_service(self):

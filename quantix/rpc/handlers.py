@@ -11,11 +11,12 @@ from quantix.rpc.registry import collect
 def handler_classes() -> list[type]:
     from quantix.rpc.agent_rpcs import AgentRpcs
     from quantix.rpc.event_rpcs import EventRpcs
+    from quantix.rpc.migration_rpcs import MigrationRpcs
     from quantix.rpc.node_rpcs import NodeRpcs
     from quantix.rpc.storage_rpcs import StorageRpcs
     from quantix.rpc.vm_rpcs import VmRpcs
 
-    return [NodeRpcs, AgentRpcs, StorageRpcs, EventRpcs, VmRpcs]
+    return [NodeRpcs, AgentRpcs, StorageRpcs, EventRpcs, VmRpcs, MigrationRpcs]
 
 
 def build(node: Any) -> dict[str, Callable[..., Any]]:
