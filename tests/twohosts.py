@@ -165,7 +165,7 @@ class Host:
             # The system daemon's QEMU capabilities (same binaries): spares a probe per start.
             shutil.copytree(seed, cache)
 
-    def start_libvirtd(self, timeout: float = 60.0) -> None:
+    def start_libvirtd(self) -> None:
         if os.path.exists(self.socket):
             os.unlink(self.socket)
         self.libvirtd = subprocess.Popen(
@@ -183,6 +183,8 @@ class Host:
             stdout=subprocess.DEVNULL,
             stderr=open(os.path.join(self.dir, "libvirtd.out"), "w"),
         )
+
+    def wait_libvirtd(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.libvirtd.poll() is not None:
@@ -210,7 +212,8 @@ class Host:
 
     # -- node daemon --------------------------------------------------------------------------
 
-    def start_daemon(self, top: str, overrides: dict, timeout: float = 90.0) -> None:
+    def start_daemon(self, top: str, overrides: dict) -> None:
+        """Start this host's daemon; :meth:`wait_daemon` waits for it (both hosts start at once)."""
         config = {
             "listen_address": self.grpc_address,
             "state_dir": os.path.join(self.dir, "state"),
@@ -256,8 +259,12 @@ class Host:
             stdout=open(os.path.join(self.dir, "daemon.log"), "w"),
             stderr=subprocess.STDOUT,
         )
-        self.channel = grpc.insecure_channel(self.grpc_address)
+        # Retry the socket every 0.1 s while the daemon starts, not after grpc's growing backoff.
+        options = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 100)]
+        self.channel = grpc.insecure_channel(self.grpc_address, options=options)
         self.stub = node_grpc.NodeDaemonServiceStub(self.channel)
+
+    def wait_daemon(self, timeout: float = 90.0) -> None:
         from quantix.proto import node_pb2
 
         deadline = time.monotonic() + timeout
@@ -388,7 +395,11 @@ class TwoHosts:
             for host in self.hosts:
                 host.start_libvirtd()
             for host in self.hosts:
+                host.wait_libvirtd()
+            for host in self.hosts:
                 host.start_daemon(self.dir, daemon_overrides)
+            for host in self.hosts:
+                host.wait_daemon()
         except BaseException:
             self.stop()
             raise
