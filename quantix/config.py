@@ -182,6 +182,17 @@ class MigrationConfig:
     progress_interval: float = attrs.field(default=1.0, validator=_positive)
 
 
+def _optional_address(inst: Any, attribute: attrs.Attribute, value: str | None) -> None:
+    if value is not None:
+        parse_address(value)
+
+
+@attrs.frozen
+class HttpConfig:
+    #: Plain-HTTP listener the control plane dials for image downloads (``None``: off).
+    listen: str | None = attrs.field(default="0.0.0.0:8080", validator=_optional_address)
+
+
 @attrs.frozen
 class LoggingConfig:
     level: str = attrs.field(default="info", validator=_one_of(LOG_LEVELS))
@@ -202,6 +213,7 @@ class Config:
     events: EventsConfig = attrs.field(factory=EventsConfig)
     control_plane: ControlPlaneConfig = attrs.field(factory=ControlPlaneConfig)
     migration: MigrationConfig = attrs.field(factory=MigrationConfig)
+    http: HttpConfig = attrs.field(factory=HttpConfig)
     logging: LoggingConfig = attrs.field(factory=LoggingConfig)
 
 
@@ -401,6 +413,7 @@ for _cls in (
     EventsConfig,
     ControlPlaneConfig,
     MigrationConfig,
+    HttpConfig,
     LoggingConfig,
     Config,
 ):

@@ -227,6 +227,7 @@ class Host:
             },
             "agent": {"socket_dir": os.path.join(top, "agents")},
             "server": {"metrics_listen": None, "grace_seconds": 1, "max_workers": 16},
+            "http": {"listen": None},
             "migration": {
                 "uri_template": "qemu+tcp://{host}/system",
                 "shared_paths": [os.path.join(top, "shared")],

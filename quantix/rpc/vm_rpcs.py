@@ -9,19 +9,19 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 from collections.abc import Iterator
 from typing import Any
 
 from google.protobuf import empty_pb2
-from twisted.internet.threads import blockingCallFromThread
 from twisted.logger import Logger
 
+from quantix import bridge
 from quantix.agent.guestinfo import to_proto
 from quantix.errors import Invalid, QuantixError, Unavailable
 from quantix.hypervisor import consoles, devices, hostinfo, provision, snapshots, vms
 from quantix.proto import agent_pb2, node_pb2
 from quantix.rpc.registry import rpc
+from quantix.util.locks import KeyedLocks
 
 log = Logger(namespace="quantix.rpc.vm")
 
@@ -32,28 +32,6 @@ SYSTEM_PID_DIR = "/run/libvirt/qemu"
 QUIESCE_SECONDS = 60
 
 
-class _KeyedLocks:
-    """One lock per VM id, so concurrent CreateVM/DeleteVM of one VM run one after the other."""
-
-    def __init__(self) -> None:
-        self._guard = threading.Lock()
-        self._locks: dict[str, list] = {}  # id -> [lock, users]
-
-    @contextlib.contextmanager
-    def hold(self, key: str):
-        with self._guard:
-            entry = self._locks.setdefault(key, [threading.Lock(), 0])
-            entry[1] += 1
-        try:
-            with entry[0]:
-                yield
-        finally:
-            with self._guard:
-                entry[1] -= 1
-                if not entry[1]:
-                    del self._locks[key]
-
-
 class VmRpcs:
     """Handlers; the node supplies ``config``, ``hypervisor``, ``storage``, ``agents`` and, once
     wired, ``bus`` (events)."""
@@ -62,7 +40,8 @@ class VmRpcs:
         self.node = node
         self.config = node.config
         self.sampler = vms.CpuSampler()
-        self._vm_locks = _KeyedLocks()
+        # One lock per VM id, so concurrent CreateVM/DeleteVM of one VM run one after the other.
+        self._vm_locks = KeyedLocks()
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -207,7 +186,7 @@ class VmRpcs:
             return
         reactor = self.node.reactor
         freeze = agent_pb2.QuiesceFilesystemsRequest(timeout_seconds=QUIESCE_SECONDS)
-        frozen = blockingCallFromThread(reactor, agents.request, vm_id, freeze, QUIESCE_SECONDS + 10)
+        frozen = bridge.call_on_reactor(reactor, agents.request, vm_id, freeze, QUIESCE_SECONDS + 10)
         if not frozen.success:
             raise Unavailable(f"cannot quiesce VM {vm_id}: {frozen.error or 'the guest agent refused'}")
         try:
@@ -215,7 +194,7 @@ class VmRpcs:
         finally:
             thaw = agent_pb2.ThawFilesystemsRequest(quiesce_token=frozen.quiesce_token)
             try:
-                thawed = blockingCallFromThread(reactor, agents.request, vm_id, thaw, QUIESCE_SECONDS)
+                thawed = bridge.call_on_reactor(reactor, agents.request, vm_id, thaw, QUIESCE_SECONDS)
                 if not thawed.success:
                     log.warn("thaw of {vm} failed: {err}", vm=vm_id, err=thawed.error)
             except QuantixError as exc:
