@@ -77,8 +77,10 @@ def make_disk(path: str, size_mib: int = 1) -> None:
     os.unlink(raw)
 
 
-def domain_xml(name: str, vm_uuid: str, disk: str, serial: str, memory_mib: int = 64) -> str:
-    """TCG, no devices beyond the disk and the serial file; the serial file is appended to."""
+def domain_xml(
+    name: str, vm_uuid: str, disk: str, serial: str, memory_mib: int = 64, cdrom: str | None = None
+) -> str:
+    """TCG, no devices beyond the disk, an optional CD-ROM and the serial file (appended to)."""
     dom = ET.Element("domain", type="qemu")
     ET.SubElement(dom, "name").text = name
     ET.SubElement(dom, "uuid").text = vm_uuid
@@ -92,6 +94,12 @@ def domain_xml(name: str, vm_uuid: str, disk: str, serial: str, memory_mib: int 
     ET.SubElement(disk_el, "driver", name="qemu", type="qcow2", cache="none")
     ET.SubElement(disk_el, "source", file=disk)
     ET.SubElement(disk_el, "target", dev="hda", bus="ide")
+    if cdrom is not None:
+        cd = ET.SubElement(devices, "disk", type="file", device="cdrom")
+        ET.SubElement(cd, "driver", name="qemu", type="raw")
+        ET.SubElement(cd, "source", file=cdrom)
+        ET.SubElement(cd, "target", dev="hdc", bus="ide")
+        ET.SubElement(cd, "readonly")
     serial_el = ET.SubElement(devices, "serial", type="file")
     ET.SubElement(serial_el, "source", path=serial, append="on")
     ET.SubElement(serial_el, "target", port="0")

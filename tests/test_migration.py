@@ -8,6 +8,7 @@ cancelled migration and an unreachable target leave it running where it was.
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import threading
@@ -19,6 +20,7 @@ from google.protobuf import empty_pb2
 from twisted.internet import threads
 from twisted.trial import unittest
 
+from quantix.ops import nodectl
 from quantix.proto import node_pb2 as pb
 from tests import counterguest
 from tests.twohosts import Host, TwoHosts
@@ -78,23 +80,34 @@ class Events:
 class Guest:
     """The counting guest, defined and started on ``host``."""
 
-    def __init__(self, hosts: TwoHosts, *, shared: bool, disk_mib: int = 1, memory_mib: int = 64) -> None:
+    def __init__(
+        self, hosts: TwoHosts, *, shared: bool, disk_mib: int = 1, cdrom: bool = False
+    ) -> None:
         self.hosts = hosts
         self.id = str(uuid.uuid4())
         self.name = f"qtx-mig-{self.id[:8]}"
         directory = hosts.shared if shared else hosts.local
         self.disk = os.path.join(directory, f"{self.name}.qcow2")
         self.serial = os.path.join(hosts.local, f"{self.name}.serial")
-        self.memory_mib = memory_mib
         self.disk_mib = disk_mib
+        #: A read-only image in the hosts' VM-disk directory, like the cloud-init CD-ROM.
+        self.cdrom = os.path.join(hosts.local, "vms", f"{self.id}-cloud-init.iso") if cdrom else None
 
     def start_on(self, host: Host, *, run: bool = True) -> None:
         # The disk is written from outside the namespaces: host a's private "local" directory.
         path = self.disk if self.disk.startswith(self.hosts.shared) else self.on(host, self.disk)
         counterguest.make_disk(path, size_mib=self.disk_mib)
+        if self.cdrom is not None:
+            os.makedirs(os.path.dirname(self.on(host, self.cdrom)), exist_ok=True)
+            with open(self.on(host, self.cdrom), "wb") as fh:
+                fh.write(os.urandom(64 * 1024))
+            # The daemon's VM-disk pool, as CreateVM would have defined it.
+            pool_dir = os.path.dirname(self.cdrom)
+            virsh(host, "pool-create-as", f"qtx-vms-{self.id[:8]}", "dir", "--target", pool_dir)
         xml_path = os.path.join(host.dir, f"{self.name}.xml")
         with open(xml_path, "w") as fh:
-            fh.write(counterguest.domain_xml(self.name, self.id, self.disk, self.serial, self.memory_mib))
+            xml = counterguest.domain_xml(self.name, self.id, self.disk, self.serial, cdrom=self.cdrom)
+            fh.write(xml)
         virsh(host, "define", xml_path)
         if run:
             virsh(host, "start", self.name)
@@ -208,7 +221,7 @@ class StorageCopyTests(TwoHostTestCase):
     def test_storage_copy_and_back(self):
         def run():
             a, b = self.hosts.a, self.hosts.b
-            guest = Guest(self.hosts, shared=False)
+            guest = Guest(self.hosts, shared=False, cdrom=True)
             guest.start_on(a)
             code, details = error_of(migrate, a, guest.id, b.address)
             self.assertEqual(code, grpc.StatusCode.FAILED_PRECONDITION)
@@ -221,6 +234,8 @@ class StorageCopyTests(TwoHostTestCase):
             )
             self.assertEqual(token.vm_id, guest.id)
             self.assertTrue(os.path.exists(guest.on(b, guest.disk)))
+            with open(guest.on(a, guest.cdrom), "rb") as src, open(guest.on(b, guest.cdrom), "rb") as copy:
+                self.assertEqual(src.read(), copy.read())  # the CD-ROM image, copied from a's pool
             self.assertGreater(token.expires_at.seconds, time.time() + 500)
             b.stub.ReceiveMigration(token, timeout=10)
             code, _ = error_of(b.stub.ReceiveMigration, token, timeout=10)
@@ -232,13 +247,14 @@ class StorageCopyTests(TwoHostTestCase):
             # The copy holds the program: b's disk starts with the boot sector.
             self.assertEqual(_first_sector(guest.on(b, guest.disk)), counterguest.BOOT_SECTOR)
 
-            # Back to a, whose old copy of the disk is still there (prepare creates nothing).
-            token = a.stub.PrepareMigration(
-                pb.PrepareMigrationRequest(vm_id=guest.id, source_node_uri=b.address), timeout=60
-            )
-            a.stub.ReceiveMigration(token, timeout=10)
-            progress = migrate(b, guest.id, a.address, live=False, storage=True)
-            self.assert_migrated(progress, guest.id)
+            # Back to a with quantix-nodectl, which prepares a first (a's old copy of the disk is
+            # still there: nothing to create), then shows a progress bar. Paused, not live.
+            out, err = io.StringIO(), io.StringIO()
+            argv = ["--address", b.grpc_address, "migrate", guest.id, "--to", a.address, "--storage"]
+            code = nodectl.main([*argv, "--offline", "--target-daemon", a.grpc_address], out, err)
+            self.assertEqual(code, 0, err.getvalue())
+            self.assertEqual(out.getvalue(), f"VM {guest.id} migrated to {a.address}\n")
+            self.assertIn("100%", err.getvalue())
             self.assert_moved(guest, b, a)
 
         return self.in_thread(run)

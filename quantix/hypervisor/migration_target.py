@@ -17,6 +17,7 @@ import secrets
 import subprocess
 import threading
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable
 
 import attrs
@@ -125,6 +126,7 @@ def _copy_from(source: migration.Target, path: str) -> str:
         raise errors.Unavailable(f"source {source.uri}: {exc.get_error_message()}") from None
     part = f"{path}.part"
     try:
+        _refresh_pools_over(sconn, path)
         try:
             vol = sconn.storageVolLookupByPath(path)
         except libvirt.libvirtError:
@@ -143,6 +145,17 @@ def _copy_from(source: migration.Target, path: str) -> str:
             os.unlink(part)
         sconn.close()
     return path
+
+
+def _refresh_pools_over(conn: libvirt.virConnect, path: str) -> None:
+    """A directory pool lists files as of its last refresh: refresh those holding ``path``."""
+    for pool in conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE):
+        try:
+            target = ET.fromstring(pool.XMLDesc(0)).findtext("target/path")
+            if target and files.within(path, os.path.normpath(target)):
+                pool.refresh(0)
+        except libvirt.libvirtError:
+            continue  # stopped or undefined meanwhile
 
 
 # ---------------------------------------------------------------------------------------------

@@ -343,11 +343,14 @@ def build_parser(out: IO[str], err: IO[str]) -> argparse.ArgumentParser:
     metrics.add_argument("--interval", type=int, default=1, help="seconds between samples [%(default)s]")
     metrics.add_argument("--follow", action="store_true", help="keep printing samples")
     metrics.add_argument("--count", type=int, metavar="N", help="with --follow: stop after N samples")
+    from quantix.ops import nodectl_migrate
+
+    nodectl_migrate.add_parser(sub)
     return parser
 
 
 class _Ctl:
-    def __init__(self, args: argparse.Namespace, out: IO[str]) -> None:
+    def __init__(self, args: argparse.Namespace, out: IO[str], err: IO[str] | None = None) -> None:
         import grpc
         from google.protobuf import empty_pb2, json_format
 
@@ -355,6 +358,7 @@ class _Ctl:
 
         self.args = args
         self.out = out
+        self.err = err if err is not None else sys.stderr
         self.pb = node_pb2
         self.empty = empty_pb2.Empty
         self.json_format = json_format
@@ -402,6 +406,11 @@ class _Ctl:
             return self._follow(call, format_metrics, 1)
         return self._follow(self.stub.StreamMetrics(request), format_metrics_line, self.args.count)
 
+    def migrate(self) -> int:
+        from quantix.ops import nodectl_migrate
+
+        return nodectl_migrate.run(self, self.err)
+
     def _follow(
         self, call: Any, render: Callable[[Any], str], count: int | None, header: str | None = None
     ) -> int:
@@ -432,7 +441,7 @@ def main(
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     import grpc
 
-    ctl = _Ctl(args, out)
+    ctl = _Ctl(args, out, err)
     try:
         return getattr(ctl, args.command)()
     except grpc.RpcError as exc:
