@@ -80,9 +80,7 @@ class Events:
 class Guest:
     """The counting guest, defined and started on ``host``."""
 
-    def __init__(
-        self, hosts: TwoHosts, *, shared: bool, disk_mib: int = 1, cdrom: bool = False
-    ) -> None:
+    def __init__(self, hosts: TwoHosts, *, shared: bool, disk_mib: int = 1, cdrom: bool = False) -> None:
         self.hosts = hosts
         self.id = str(uuid.uuid4())
         self.name = f"qtx-mig-{self.id[:8]}"
