@@ -203,6 +203,10 @@ class SharedStorageTests(TwoHostTestCase):
             # A stopped VM moves offline (on the same two hosts: each pair takes seconds to build).
             guest = Guest(self.hosts, shared=True)
             guest.start_on(a, run=False)
+            token = b.stub.PrepareMigration(
+                pb.PrepareMigrationRequest(vm_id=guest.id, source_node_uri=a.address)
+            )
+            b.stub.ReceiveMigration(token)
             self.assertEqual(
                 error_of(migrate, a, guest.id, b.address, storage=True)[0], grpc.StatusCode.INVALID_ARGUMENT
             )
@@ -211,6 +215,7 @@ class SharedStorageTests(TwoHostTestCase):
             self.assertEqual(guest.state(b), pb.PowerState.Value("POWER_STATE_STOPPED"))
             self.assertIsNone(guest.state(a))
             events_a.wait_for(ET.Value("EVENT_TYPE_VM_MIGRATED_OUT"), guest.id)
+            events_b.wait_for(ET.Value("EVENT_TYPE_VM_MIGRATED_IN"), guest.id)  # announced by the token
 
         return self.in_thread(run)
 

@@ -34,6 +34,19 @@ class MigrationRpcs:
         self.tokens = migration_target.Tokens()
         self._jobs: dict[str, migration.MigrationJob] = {}
         self._jobs_lock = threading.Lock()
+        watcher = getattr(node, "watcher", None)
+        if watcher is not None:
+            watcher.state_listeners.append(self._arrived)
+
+    def _arrived(self, vm_id: str, name: str, state: str | None) -> None:
+        """Reactor: a VM announced by ReceiveMigration appeared. A live arrival has its libvirt
+        event (started, migrated); an offline one only shows up as defined, so say it here."""
+        if state is None or self.tokens.expected.pop(vm_id, None) is None:
+            return
+        if state == mapping.STOPPED:
+            self.node.bus.publish(
+                mapping.VM_MIGRATED_IN, vm_id, f"VM {name} migrated in (offline)", {"vm_name": name}
+            )
 
     def _own(self) -> set[str]:
         node = self.config.node
