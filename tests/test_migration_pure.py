@@ -148,6 +148,17 @@ class PlanTests(unittest.TestCase):
             self.plan(dom)
         self.assertIn("host devices", str(caught.exception))
 
+    def test_a_job_cancelled_before_it_starts_never_runs(self):
+        dom = _domain(self.conn, "early", _disk("/shared/e.qcow2", "vda"))
+        dom.create()
+        job = m.MigrationJob(dom, self.plan(dom))
+        job.cancel()
+        job.start()
+        self.assertTrue(job.done.is_set())
+        self.assertEqual(job.final().phase, m.FAILED)
+        self.assertIn("cancelled", job.final().error)
+        self.assertEqual(dom.state()[0], libvirt.VIR_DOMAIN_RUNNING)
+
 
 class ProgressTests(unittest.TestCase):
     def test_phases_from_job_stats(self):

@@ -384,16 +384,21 @@ class MigrationJob:
         self.done = threading.Event()
         self.error: str | None = None
         self.cancelled = False
+        self._started = False
+        self._lock = threading.Lock()
         self._last = Progress(PREPARING)
         self._thread = threading.Thread(target=self._run, name=f"migrate-{plan_.vm_id[:8]}", daemon=True)
 
     def start(self) -> None:
+        """Run the migration in its thread (nothing, when it was cancelled before)."""
+        with self._lock:
+            if self.done.is_set():
+                return
+            self._started = True
         self._thread.start()
 
     def _run(self) -> None:
         try:
-            if self.cancelled:
-                raise libvirt.libvirtError("migration cancelled by the client before it started")
             self.dom.migrateToURI3(self.plan.target.uri, self.plan.params, self.plan.flags)
         except libvirt.libvirtError as exc:
             self.error = describe_failure(exc, self.plan.target)
@@ -419,18 +424,21 @@ class MigrationJob:
         """The closing message: COMPLETE, or FAILED with libvirt's reason."""
         if self.error is not None:
             return attrs.evolve(self._last, phase=FAILED, error=self.error)
-        return Progress(
-            COMPLETE, 100, max(self._last.transferred, self._last.transferred + self._last.remaining), 0
-        )
+        return Progress(COMPLETE, 100, self._last.transferred + self._last.remaining, 0)
 
     def cancel(self) -> None:
         """Abort the libvirt job; the VM keeps running on the source. No-op once finished.
 
-        Safe to call again: a job that had not started yet when first asked is aborted by a
-        later call (the progress loop repeats it each interval)."""
+        Before :meth:`start` it ends the job at once (FAILED, never run). Safe to call again: a
+        libvirt job that did not exist yet when first asked is aborted by a later call (the
+        progress loop repeats it each interval)."""
         self.cancelled = True
-        if self.done.is_set():
-            return
+        with self._lock:
+            if not self._started and not self.done.is_set():
+                self.error = "migration cancelled by the client before it started"
+                self.done.set()  # never started: nothing to abort, and no longer claims the VM
+            if self.done.is_set():
+                return
         try:
             self.dom.abortJob()
         except libvirt.libvirtError:
