@@ -61,9 +61,10 @@ class NodeRpcTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_unclaimed_rpc_is_unimplemented(self):
-        code, details = yield rpc_error(self.daemon.call("GetOVSStatus", empty_pb2.Empty()))
+        request = node_pb2.GetDownloadStatusRequest(job_id="x")
+        code, details = yield rpc_error(self.daemon.call("GetDownloadStatus", request))
         self.assertEqual(code, grpc.StatusCode.UNIMPLEMENTED)
-        self.assertIn("GetOVSStatus", details)
+        self.assertIn("GetDownloadStatus", details)
 
     @defer.inlineCallbacks
     def test_health_service(self):
