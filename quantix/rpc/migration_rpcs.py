@@ -21,6 +21,7 @@ from quantix.events import mapping
 from quantix.hypervisor import migration, migration_target, vms
 from quantix.proto import node_pb2
 from quantix.rpc.registry import rpc
+from quantix.rpc.streams import on_cancel
 
 log = Logger(namespace="quantix.rpc.migration")
 
@@ -85,8 +86,7 @@ class MigrationRpcs:
             dconn.close()
         job = migration.MigrationJob(dom, plan)
         self._claim(vm_id, job)
-        if context is not None:
-            context.add_callback(job.cancel)  # also runs after a normal end, when it does nothing
+        on_cancel(context, job.cancel)  # also runs after a normal end, when it does nothing
         log.info(
             "migrating VM {vm_id} to {uri} (flags {flags:#x}, disks copied: {disks})",
             vm_id=vm_id,
