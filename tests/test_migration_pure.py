@@ -179,6 +179,15 @@ class ProgressTests(unittest.TestCase):
         self.assertEqual(m.progress_from_stats(disks_first).phase, m.TRANSFERRING)
 
 
+class FailureTests(unittest.TestCase):
+    def test_cpu_incompatibility_says_so(self):
+        libvirt.virResetLastError()
+        exc = libvirt.libvirtError("the CPU is incompatible with host CPU: Host CPU does not provide avx512f")
+        text = m.describe_failure(exc, m.parse_target("10.0.0.2", TEMPLATE))
+        self.assertIn("avx512f", text)
+        self.assertIn("identical CPUs", text)
+
+
 class TokenTests(unittest.TestCase):
     def setUp(self):
         self.now = 1000.0
