@@ -24,6 +24,7 @@ import attrs
 import libvirt
 
 from quantix import errors
+from quantix.events import mapping
 from quantix.hypervisor import domaininfo, migration
 from quantix.hypervisor.storage import files
 
@@ -206,3 +207,11 @@ class Tokens:
                 raise errors.WrongState("migration token already used")
             entry.used = True
             self.expected[entry.vm_id] = self._clock()
+
+    def arrived(self, vm_id: str, state: str | None) -> bool:
+        """Reactor: ``vm_id`` appeared in ``state``. True for an announced VM that arrived
+        stopped: an offline migration, which no libvirt event calls one (a live arrival has its
+        own "started, migrated" event)."""
+        if state is None or self.expected.pop(vm_id, None) is None:
+            return False
+        return state == mapping.STOPPED

@@ -17,7 +17,9 @@ from google.protobuf import empty_pb2, timestamp_pb2
 from twisted.logger import Logger
 
 from quantix import errors
+from quantix.config import Config
 from quantix.events import mapping
+from quantix.facades import EventFeed, VmHost
 from quantix.hypervisor import migration, migration_target, vms
 from quantix.proto import node_pb2
 from quantix.rpc.registry import rpc
@@ -27,27 +29,19 @@ log = Logger(namespace="quantix.rpc.migration")
 
 
 class MigrationRpcs:
-    """Handlers; the node supplies ``config``, ``hypervisor`` and ``bus``."""
+    """Handlers. ``tokens`` outlives a handler object (the node keeps one store, so a restart
+    of the gRPC server keeps what PrepareMigration handed out, and the node announces arrivals
+    with it)."""
 
-    def __init__(self, node: Any) -> None:
-        self.node = node
-        self.config = node.config
-        self.tokens = migration_target.Tokens()
+    def __init__(
+        self, config: Config, hypervisor: VmHost, events: EventFeed, tokens: migration_target.Tokens
+    ) -> None:
+        self.config = config
+        self.hypervisor = hypervisor
+        self.events = events
+        self.tokens = tokens
         self._jobs: dict[str, migration.MigrationJob] = {}
         self._jobs_lock = threading.Lock()
-        watcher = getattr(node, "watcher", None)
-        if watcher is not None:
-            watcher.state_listeners.append(self._arrived)
-
-    def _arrived(self, vm_id: str, name: str, state: str | None) -> None:
-        """Reactor: a VM announced by ReceiveMigration appeared. A live arrival has its libvirt
-        event (started, migrated); an offline one only shows up as defined, so say it here."""
-        if state is None or self.tokens.expected.pop(vm_id, None) is None:
-            return
-        if state == mapping.STOPPED:
-            self.node.bus.publish(
-                mapping.VM_MIGRATED_IN, vm_id, f"VM {name} migrated in (offline)", {"vm_name": name}
-            )
 
     def _own(self) -> set[str]:
         node = self.config.node
@@ -65,7 +59,7 @@ class MigrationRpcs:
     def migrate_vm(self, request: Any, context: Any) -> Iterator[Any]:
         cfg = self.config.migration
         target = migration.parse_target(request.target_node_uri, cfg.uri_template)
-        conn = self.node.hypervisor.conn()
+        conn = self.hypervisor.conn()
         dom = vms.lookup(conn, request.vm_id)
         vm_id = dom.UUIDString()
         migration.refuse_self(target, self._own())
@@ -111,9 +105,7 @@ class MigrationRpcs:
         yield self._message(vm_id, final)
 
     def _publish(self, vm_id: str, message: str, target: str) -> None:
-        bus = getattr(self.node, "bus", None)
-        if bus is not None:
-            bus.publish_from_thread(mapping.VM_MIGRATED_OUT, vm_id, message, {"target": target})
+        self.events.publish_from_thread(mapping.VM_MIGRATED_OUT, vm_id, message, {"target": target})
 
     @staticmethod
     def _message(vm_id: str, progress: migration.Progress) -> Any:
@@ -134,7 +126,7 @@ class MigrationRpcs:
         migration.refuse_self(source, self._own(), what="source_node_uri")
         storage = self.config.storage
         prepared = migration_target.prepare(
-            self.node.hypervisor.conn(),
+            self.hypervisor.conn(),
             vm_id,
             source,
             shared_dirs=cfg.shared_paths,
