@@ -42,6 +42,7 @@ from quantix.ops.shutdown import stop_in_order
 from quantix.rpc import registry, status, tls
 from quantix.rpc.agent_rpcs import AgentRpcs
 from quantix.rpc.event_rpcs import EventRpcs
+from quantix.rpc.image_rpcs import ImageRpcs
 from quantix.rpc.migration_rpcs import MigrationRpcs
 from quantix.rpc.network_rpcs import NetworkRpcs
 from quantix.rpc.node_rpcs import NodeRpcs
@@ -178,6 +179,7 @@ class NodeService(MultiService):
             ),
             NetworkRpcs(self.network),
             MigrationRpcs(self.config, self.hypervisor, self.bus, self.migration_tokens),
+            ImageRpcs(self.downloads, self.reactor, self.bus.closed),
         ]
 
     @property
