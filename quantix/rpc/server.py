@@ -98,7 +98,7 @@ def check_bindable(address: str) -> None:
     if address.startswith("unix:"):
         path = address[len("unix:") :].removeprefix("//")
         if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            raise ListenError(f"cannot listen on {address}: no such directory")
+            raise ListenError.of("gRPC", repr(address), "no such directory", CHANGE_HINT)
         return
     try:
         host, port = parse_address(address)
