@@ -12,7 +12,7 @@ run() {
     name="$1"
     shift
     echo
-    echo "=== $name $* ($(date -u +%H:%M:%S) UTC)"
+    echo "=== $name $* ($(date -u +%H:%M:%S) UTC, load average $(cut -d' ' -f1-3 /proc/loadavg))"
     start=$(date +%s)
     if "$PY" "bench/$name" "$@"; then
         echo "--- $name took $(($(date +%s) - start)) s"
