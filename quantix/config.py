@@ -113,6 +113,13 @@ class StorageConfig:
     vm_images: str = spec.path("/var/lib/limiquantix/vms")
     cloud_images: str = spec.path("/var/lib/limiquantix/cloud-images")
     iso_images: str = spec.path("/var/lib/limiquantix/isos")
+    #: More places request paths (disk images, backing files, ISOs, block devices) may point,
+    #: beside the directories above and active pools.
+    allowed_paths: list[str] = spec.items(
+        [],
+        spec.String(max_len=4096, pattern=r"/.*", shape="an absolute path", bad_sample="relative"),
+        max_items=256,
+    )
 
 
 @attrs.frozen
