@@ -12,6 +12,7 @@ directories.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
@@ -32,15 +33,8 @@ from tests.support import Daemon, storage_dir
 
 C = grpc.StatusCode
 
-#: RPCs no box implements (migration, image download): the only ones that may answer
-#: UNIMPLEMENTED.
-NOT_IMPLEMENTED = frozenset(
-    {
-        "MigrateVM",
-        "PrepareMigration",
-        "ReceiveMigration",
-    }
-)
+#: RPCs no box implements: the only ones that may answer UNIMPLEMENTED (none left).
+NOT_IMPLEMENTED: frozenset[str] = frozenset()
 
 
 @attrs.frozen
@@ -873,6 +867,53 @@ def _rows() -> list[Row]:
         ]
     )
 
+    # -- migration (nothing here reaches a network: each is refused before the target is dialled) --
+    far = "192.0.2.1"  # TEST-NET-1: never dialled, every row fails earlier
+
+    def migrate(vm_id: str = R, target: str = far, **kw: Any) -> Any:
+        return pb.MigrateVMRequest(vm_id=vm_id, target_node_uri=target, **kw)
+
+    def target_rows(rpc: str, make: Callable[[str], Any]) -> list[Row]:
+        """Targets (or sources) that name no other node."""
+        bad = {
+            "empty": "",
+            "blank": "   ",
+            "malformed URI": "qemu+tcp://[::1/system",
+            "not a host": "bad host!",
+            "1 MiB": b.BIG,
+            "XML": b.XML,
+            "local qemu:///": "qemu:///system",
+            "unix socket": "qemu+unix:///system",
+            "test driver": "test:///default",
+            "session URI": f"qemu+tcp://{far}/session",
+            "own loopback": "127.0.0.1",
+            "own name": socket.gethostname(),
+            "own address with port": "127.0.0.1:9090",
+            "own URI": "qemu+tls://localhost/system",
+        }
+        return [Row(rpc, f"{label} target", make(value), INVALID) for label, value in bad.items()]
+
+    add(vm_id_rows("MigrateVM", lambda v: migrate(v)))
+    add(target_rows("MigrateVM", lambda t: migrate(target=t)))
+    add(
+        [
+            Row("MigrateVM", "storage copy of a stopped VM", migrate(S, storage=True), INVALID),
+            Row("PrepareMigration", "empty vm_id", pb.PrepareMigrationRequest(source_node_uri=far), INVALID),
+            Row("PrepareMigration", "non-UUID vm_id", pb.PrepareMigrationRequest(vm_id=b.BIG), INVALID),
+            Row(
+                "PrepareMigration",
+                "VM already here",
+                pb.PrepareMigrationRequest(vm_id=R, source_node_uri=far),
+                Expect(C.ALREADY_EXISTS, lambda d: R in d, "names the VM"),
+            ),
+            Row("ReceiveMigration", "empty token", pb.MigrationToken(vm_id=R), INVALID),
+            Row("ReceiveMigration", "unknown token", pb.MigrationToken(token=b.XML, vm_id=R), not_found()),
+            Row("ReceiveMigration", "1 MiB token", pb.MigrationToken(token=b.BIG), not_found()),
+        ]
+    )
+    prepare = lambda t: pb.PrepareMigrationRequest(vm_id=b.UNKNOWN, source_node_uri=t)  # noqa: E731
+    add(target_rows("PrepareMigration", prepare))
+
     # -- image downloads (no row reaches a server: every one fails before the transfer) -----------
     dl = pb.DownloadImageOnNodeRequest
     url = "http://127.0.0.1:9/x.img"
@@ -906,13 +947,6 @@ def _rows() -> list[Row]:
         ]
     )
 
-    # -- not implemented -------------------------------------------------------------------------
-    no = {
-        "MigrateVM": pb.MigrateVMRequest(vm_id=b.UNKNOWN, target_node_uri=b.XML),
-        "PrepareMigration": pb.PrepareMigrationRequest(vm_id=b.BIG),
-        "ReceiveMigration": pb.MigrationToken(token=b.XML, vm_id=b.DOTS),
-    }
-    add([Row(rpc, "bad input", req, unimplemented(rpc)) for rpc, req in no.items()])
     return rows
 
 
