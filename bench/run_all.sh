@@ -36,6 +36,12 @@ else
     echo
     echo "=== bench_eventloop.py skipped: qemu:///system does not answer"
 fi
+if [ "$(id -u)" = 0 ] && unshare --net --mount --uts true 2>/dev/null; then
+    run bench_migration.py --runs 3
+else
+    echo
+    echo "=== bench_migration.py skipped: needs root and namespaces"
+fi
 
 echo
 if [ -n "$failed" ]; then
