@@ -1,5 +1,5 @@
 #!/bin/sh
-# Run every benchmark in bench/ with modest settings and print each table (about 2 minutes).
+# Run every benchmark in bench/ with modest settings and print each table (about 12 minutes).
 # usage: bench/run_all.sh            (PYTHON=/path/to/python to pick the interpreter)
 # bench_eventloop.py needs the real libvirtd at qemu:///system; it is skipped when that does not answer.
 set -u
@@ -12,7 +12,7 @@ run() {
     name="$1"
     shift
     echo
-    echo "=== $name $* ($(date -u +%H:%M:%S) UTC)"
+    echo "=== $name $* ($(date -u +%H:%M:%S) UTC, load average $(cut -d' ' -f1-3 /proc/loadavg))"
     start=$(date +%s)
     if "$PY" "bench/$name" "$@"; then
         echo "--- $name took $(($(date +%s) - start)) s"
