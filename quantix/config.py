@@ -110,6 +110,8 @@ class AgentConfig:
     timeout: float = attrs.field(default=30.0, validator=_positive)
     #: How often guests send telemetry; three missed intervals mark the agent disconnected.
     telemetry_interval: float = attrs.field(default=5.0, validator=_positive)
+    #: Linux agent binary that ``agent/install`` copies into guests through the QEMU guest agent.
+    binary_path: str | None = None
 
 
 @attrs.frozen
@@ -159,6 +161,48 @@ class ControlPlaneConfig:
     startup_jitter: float = attrs.field(default=5.0, validator=_not_negative)
 
 
+def _optional_address(inst: Any, attribute: attrs.Attribute, value: str | None) -> None:
+    if value is not None:
+        parse_address(value)
+
+
+def _cidrs(inst: Any, attribute: attrs.Attribute, value: list[str]) -> None:
+    for text in value:
+        try:
+            ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            raise ValueError(f"not an address or CIDR: {text!r}") from None
+
+
+@attrs.frozen
+class HttpsConfig:
+    """The TLS side API on 8443 (VM logs, guest agents, execute, updates, registration)."""
+
+    #: ``host:port``; None turns the listener off.
+    listen: str | None = attrs.field(default="0.0.0.0:8443", validator=_optional_address)
+    #: PEM certificate and key; when unset a self-signed one is generated into the state dir.
+    cert: str | None = None
+    key: str | None = None
+    #: Addresses or CIDRs allowed besides loopback and the control plane's resolved addresses.
+    allowed_clients: list[str] = attrs.field(factory=list, validator=_cidrs)
+    #: Serve the read-only routes (logs, pings, updates status) to any client.
+    open_read_only: bool = False
+    #: When set, guarded and read-only routes also need ``Authorization: Bearer <token>``.
+    token: str | None = None
+    #: PEM CA bundle: when set, guarded and read-only routes need a client certificate it signed.
+    client_ca: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if bool(self.cert) != bool(self.key):
+            raise ValueError("https.cert and https.key must be set together")
+
+
+@attrs.frozen
+class UpdatesConfig:
+    #: Update channel reported to the control plane; no update source is built in.
+    channel: str = "stable"
+
+
 @attrs.frozen
 class LoggingConfig:
     level: str = attrs.field(default="info", validator=_one_of(LOG_LEVELS))
@@ -178,6 +222,8 @@ class Config:
     server: ServerConfig = attrs.field(factory=ServerConfig)
     events: EventsConfig = attrs.field(factory=EventsConfig)
     control_plane: ControlPlaneConfig = attrs.field(factory=ControlPlaneConfig)
+    https: HttpsConfig = attrs.field(factory=HttpsConfig)
+    updates: UpdatesConfig = attrs.field(factory=UpdatesConfig)
     logging: LoggingConfig = attrs.field(factory=LoggingConfig)
 
 
@@ -255,6 +301,12 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
             return float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if text.startswith("list"):
+        if isinstance(value, str):  # environment and flags: comma-separated
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, list) or any(isinstance(v, (dict, list)) for v in value):
+            raise ConfigError(f"{where}: expected a list")
+        return [str(v) for v in value]
     if text.startswith("dict"):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where}: expected a mapping")
@@ -370,6 +422,8 @@ for _cls in (
     ServerConfig,
     EventsConfig,
     ControlPlaneConfig,
+    HttpsConfig,
+    UpdatesConfig,
     LoggingConfig,
     Config,
 ):
