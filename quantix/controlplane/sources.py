@@ -30,10 +30,10 @@ from typing import Any
 
 import libvirt
 import psutil
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.logger import Logger
 
-from quantix import errors
+from quantix import bridge, errors
 from quantix.controlplane import facts as cf
 from quantix.controlplane.connect import ConnectClient
 from quantix.controlplane.link import ControlPlaneLink
@@ -350,7 +350,7 @@ class DaemonSources:
         psutil.cpu_percent(interval=None)  # the first reading only sets the baseline
 
     def _in_thread(self, func: Callable[..., Any], *args: Any) -> defer.Deferred:
-        return threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(), func, *args)
+        return bridge.run_in_worker(func, *args, reactor=self._reactor)
 
     # RegisterNode
     def facts(self) -> defer.Deferred:

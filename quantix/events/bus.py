@@ -21,7 +21,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from twisted.application.service import Service
 from twisted.logger import Logger
 
-from quantix import errors
+from quantix import bridge, errors
 from quantix.proto import node_pb2
 
 log = Logger(namespace="quantix.events")
@@ -157,7 +157,7 @@ class EventBus(Service):
         self, event_type: int, vm_id: str, message: str, metadata: dict | None = None
     ) -> None:
         """From a non-reactor thread: publish on the reactor, in order with libvirt events."""
-        self.reactor.callFromThread(self.publish, event_type, vm_id, message, metadata)
+        bridge.post_to_reactor(self.reactor, self.publish, event_type, vm_id, message, metadata)
 
     # -- subscribing --------------------------------------------------------------------------
 

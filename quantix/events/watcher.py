@@ -12,9 +12,10 @@ from typing import Any
 
 import libvirt
 from twisted.application.service import Service
-from twisted.internet import defer, task, threads
+from twisted.internet import defer, task
 from twisted.logger import Logger
 
+from quantix import bridge
 from quantix.events import mapping, reconcile
 from quantix.events.bus import EventBus
 
@@ -86,7 +87,7 @@ class DomainWatcher(Service):
             self._callback_ids = ids
             return self.reconcile()
 
-        d = threads.deferToThread(register).addCallback(registered)
+        d = bridge.run_in_worker(register).addCallback(registered)
         d.addErrback(lambda f: log.failure("cannot watch libvirt domain events", f))
         return d
 
@@ -184,7 +185,7 @@ class DomainWatcher(Service):
         except Exception as exc:
             return defer.fail(exc)
         generations = dict(self._generation)
-        d = threads.deferToThread(reconcile.inventory, conn)
+        d = bridge.run_in_worker(reconcile.inventory, conn)
 
         def apply(current: dict[str, tuple[str, str]]) -> list:
             moved = {u for u, g in self._generation.items() if generations.get(u) != g}

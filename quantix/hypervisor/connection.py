@@ -14,10 +14,9 @@ from typing import Any
 import attrs
 import libvirt
 from twisted.application.service import Service
-from twisted.internet import threads
 from twisted.logger import Logger
 
-from quantix import errors
+from quantix import bridge, errors
 from quantix.hypervisor import eventloop
 
 log = Logger(namespace="quantix.hypervisor")
@@ -127,7 +126,7 @@ class Hypervisor(Service):
         conn, self._conn = self._conn, None
         if conn is None:
             return None
-        return threads.deferToThread(self._close, conn)
+        return bridge.run_in_worker(self._close, conn)
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -136,14 +135,14 @@ class Hypervisor(Service):
         if not self.running or self._opening:
             return
         self._opening = True
-        d = threads.deferToThread(_open, self.uri, self.keepalive)
+        d = bridge.run_in_worker(_open, self.uri, self.keepalive)
         d.addCallbacks(self._opened, self._open_failed)
 
     def _opened(self, result: tuple[libvirt.virConnect, HypervisorIdentity]) -> None:
         self._opening = False
         conn, ident = result
         if not self.running:
-            threads.deferToThread(self._close, conn)
+            bridge.run_in_worker(self._close, conn)
             return
         if self.identity is not None:
             self.reconnects += 1
@@ -187,7 +186,7 @@ class Hypervisor(Service):
                     on_disconnect()
                 except Exception:
                     log.failure("disconnect listener failed")
-        threads.deferToThread(self._close, conn)
+        bridge.run_in_worker(self._close, conn)
         self._schedule()
 
     @staticmethod

@@ -22,6 +22,10 @@ on a later reactor turn, never inside a remove; timers are periodic, 0 means eve
 iteration and -1 disabled; one reactor descriptor per fd carries all watches on it, and a
 hang-up or error the reactor reports reaches libvirt as ``HANGUP|ERROR``.
 
+This module keeps its own thread plumbing (``callFromThread`` and the ``thread`` loop's daemon
+thread) instead of going through :mod:`quantix.bridge`: libvirt calls into it from its own
+threads while holding its locks, so these hops follow libvirt's rules, not a box facade's.
+
 File descriptor reuse: libvirt may close an fd right after removing its watch, before the
 reactor has processed the removal, and the number may then belong to another socket that the
 reactor already tracks (the reactor keys its tables by fd number). So each registration

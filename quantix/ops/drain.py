@@ -16,9 +16,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from twisted.internet import threads
-
-from quantix import errors
+from quantix import bridge, errors
 
 SHUTTING_DOWN = "node daemon is shutting down"
 #: Seconds without any call starting, ending or being refused before the server may stop
@@ -69,7 +67,7 @@ class Drain:
 
     def wait_idle_in_thread(self, grace: float):
         """:meth:`wait_idle` off the reactor; a Deferred firing with the seconds left."""
-        return threads.deferToThread(self.wait_idle, grace)
+        return bridge.run_in_worker(self.wait_idle, grace)
 
     def _enter(self) -> None:
         with self._idle:

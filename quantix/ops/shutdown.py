@@ -19,6 +19,8 @@ from twisted.internet import defer
 from twisted.internet.error import ReactorNotRunning
 from twisted.logger import Logger
 
+from quantix import bridge
+
 log = Logger(namespace="quantix.ops.shutdown")
 
 
@@ -61,6 +63,6 @@ def exit_zero_on_sigterm(reactor: Any) -> None:
             pass
 
     def handler(signum: int, frame: Any) -> None:
-        reactor.callFromThread(stop)  # signal-safe: only wakes the reactor
+        bridge.post_to_reactor(reactor, stop)  # signal-safe: only wakes the reactor
 
     signal.signal(signal.SIGTERM, handler)

@@ -1,7 +1,7 @@
 """gRPC handlers of the guest agent RPCs.
 
 They run in gRPC worker threads and hop onto the reactor for every agent round trip
-(``blockingCallFromThread``), so the channel state is only ever touched by the reactor. Every
+(:func:`quantix.bridge.call_on_reactor`), so the channel state is only ever touched by the reactor. Every
 request field is passed on to the agent. No channel: ``Unavailable``; no answer in time:
 ``Timeout``; the agent reporting a failure: a normal response with ``success=false`` and its text.
 """
@@ -16,9 +16,9 @@ from typing import Any
 from google.protobuf.message import Message
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.threads import blockingCallFromThread
 from twisted.logger import Logger
 
+from quantix import bridge
 from quantix.agent.protocol import AgentError, ConnectionLost, set_timestamp
 from quantix.errors import HypervisorDown, Invalid, Unavailable
 from quantix.hypervisor import vms
@@ -68,7 +68,7 @@ class AgentRpcs:
         if not vm_id:
             raise Invalid("vm_id is required")
         try:
-            return blockingCallFromThread(self.reactor, self.agents.request, vm_id, payload, timeout)
+            return bridge.call_on_reactor(self.reactor, self.agents.request, vm_id, payload, timeout)
         except Unavailable as exc:
             if not isinstance(exc, ConnectionLost):
                 self._require_vm(vm_id)
@@ -222,7 +222,7 @@ class AgentRpcs:
             timeout_seconds=seconds,
             run_pre_freeze_scripts=request.run_pre_freeze_scripts,
         )
-        if blockingCallFromThread(self.reactor, self._freezes.__contains__, request.vm_id):
+        if bridge.call_on_reactor(self.reactor, self._freezes.__contains__, request.vm_id):
             return node_pb2.QuiesceFilesystemsResponse(success=False, error="filesystems are already frozen")
         try:
             r = self._call(request.vm_id, req, seconds + QUIESCE_GRACE)
@@ -240,7 +240,7 @@ class AgentRpcs:
         if r.success:
             token = r.quiesce_token or str(uuid.uuid4())
             mounts = [f.mount_point for f in r.frozen] or list(request.mount_points)
-            blockingCallFromThread(
+            bridge.call_on_reactor(
                 self.reactor, self._remember, request.vm_id, token, r.quiesce_token, mounts, seconds
             )
             out.quiesce_token = token
@@ -283,7 +283,7 @@ class AgentRpcs:
     ) -> node_pb2.ThawFilesystemsResponse:
         if not request.vm_id:
             raise Invalid("vm_id is required")
-        f = blockingCallFromThread(self.reactor, self._claim, request.vm_id, request.quiesce_token)
+        f = bridge.call_on_reactor(self.reactor, self._claim, request.vm_id, request.quiesce_token)
         # A freeze we do not know (daemon restarted) is passed on: the agent checks its own token.
         agent_token = f.agent_token if f is not None else request.quiesce_token
         req = agent_pb2.ThawFilesystemsRequest(

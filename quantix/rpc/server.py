@@ -154,4 +154,7 @@ class GrpcServer(Service):
         if server is None:
             return None
         self.health.enter_graceful_shutdown()
+        # The server's own stop, not a box call, so not through quantix.bridge: grpcio's
+        # ``stop(grace).wait()`` blocks until the calls in flight end, and those may still hop
+        # onto the reactor meanwhile.
         return threads.deferToThread(lambda: server.stop(self.grace).wait())

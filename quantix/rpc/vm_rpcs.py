@@ -14,9 +14,9 @@ from collections.abc import Iterator
 from typing import Any
 
 from google.protobuf import empty_pb2
-from twisted.internet.threads import blockingCallFromThread
 from twisted.logger import Logger
 
+from quantix import bridge
 from quantix.agent.guestinfo import to_proto
 from quantix.errors import Invalid, QuantixError, Unavailable
 from quantix.hypervisor import consoles, devices, hostinfo, provision, snapshots, vms
@@ -207,7 +207,7 @@ class VmRpcs:
             return
         reactor = self.node.reactor
         freeze = agent_pb2.QuiesceFilesystemsRequest(timeout_seconds=QUIESCE_SECONDS)
-        frozen = blockingCallFromThread(reactor, agents.request, vm_id, freeze, QUIESCE_SECONDS + 10)
+        frozen = bridge.call_on_reactor(reactor, agents.request, vm_id, freeze, QUIESCE_SECONDS + 10)
         if not frozen.success:
             raise Unavailable(f"cannot quiesce VM {vm_id}: {frozen.error or 'the guest agent refused'}")
         try:
@@ -215,7 +215,7 @@ class VmRpcs:
         finally:
             thaw = agent_pb2.ThawFilesystemsRequest(quiesce_token=frozen.quiesce_token)
             try:
-                thawed = blockingCallFromThread(reactor, agents.request, vm_id, thaw, QUIESCE_SECONDS)
+                thawed = bridge.call_on_reactor(reactor, agents.request, vm_id, thaw, QUIESCE_SECONDS)
                 if not thawed.success:
                     log.warn("thaw of {vm} failed: {err}", vm=vm_id, err=thawed.error)
             except QuantixError as exc:
