@@ -166,6 +166,12 @@ def _optional_address(inst: Any, attribute: attrs.Attribute, value: str | None) 
         parse_address(value)
 
 
+@attrs.frozen
+class HttpConfig:
+    #: Plain-HTTP listener the control plane dials for image downloads (``None``: off).
+    listen: str | None = attrs.field(default="0.0.0.0:8080", validator=_optional_address)
+
+
 def _cidrs(inst: Any, attribute: attrs.Attribute, value: list[str]) -> None:
     for text in value:
         try:
@@ -222,6 +228,7 @@ class Config:
     server: ServerConfig = attrs.field(factory=ServerConfig)
     events: EventsConfig = attrs.field(factory=EventsConfig)
     control_plane: ControlPlaneConfig = attrs.field(factory=ControlPlaneConfig)
+    http: HttpConfig = attrs.field(factory=HttpConfig)
     https: HttpsConfig = attrs.field(factory=HttpsConfig)
     updates: UpdatesConfig = attrs.field(factory=UpdatesConfig)
     logging: LoggingConfig = attrs.field(factory=LoggingConfig)
@@ -422,6 +429,7 @@ for _cls in (
     ServerConfig,
     EventsConfig,
     ControlPlaneConfig,
+    HttpConfig,
     HttpsConfig,
     UpdatesConfig,
     LoggingConfig,

@@ -1,0 +1,105 @@
+"""A twisted.web listener as a service of the node: on at start, off at stop, ``None`` = off.
+
+It tracks open connections, so a stop does not leave keep-alive clients attached to a site
+that is gone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.error import CannotListenError
+from twisted.logger import Logger
+from twisted.protocols.policies import WrappingFactory
+
+from quantix import bridge
+from quantix.config import parse_address
+from quantix.rpc.server import ListenError
+from quantix.web.allow import ClientAllowList, resolve_host
+from quantix.web.request import MAX_BODY, JsonSite
+
+log = Logger(namespace="quantix.web")
+
+
+class WebListener(Service):
+    """Serve ``resource`` on ``listen`` (``host:port``; ``None`` disables).
+
+    ``allow`` is the client policy; when it is a restricting :class:`ClientAllowList` and
+    ``control_plane_url`` is given, the control plane's addresses are resolved (in a thread)
+    at start and added. ``tls`` is an ``IOpenSSLServerConnectionCreator``/context factory for
+    HTTPS; without it the listener is plain HTTP.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        listen: str | None,
+        resource: Any,
+        *,
+        name: str = "http",
+        allow: Any = None,
+        control_plane_url: str | None = None,
+        tls: Any = None,
+        max_body: int = MAX_BODY,
+    ) -> None:
+        self.reactor = reactor
+        self.listen = listen or None
+        self.name = name
+        self.tls = tls
+        self.control_plane_url = control_plane_url
+        self.site = JsonSite(resource, reactor=reactor, max_body=max_body, allow=allow)
+        # Tracks open connections, so a stop can close keep-alive clients too.
+        self._factory = WrappingFactory(self.site)
+        self.port: int | None = None
+        self._listening: Any = None
+
+    def startService(self) -> None:
+        if self.listen is None:
+            log.info("{name} listener off", name=self.name)
+            super().startService()
+            return
+        try:
+            host, port = parse_address(self.listen)
+        except ValueError as exc:
+            raise ListenError(f"invalid {self.name} address {self.listen!r}: {exc}") from None
+        try:
+            if self.tls is not None:
+                self._listening = self.reactor.listenSSL(port, self._factory, self.tls, interface=host)
+            else:
+                self._listening = self.reactor.listenTCP(port, self._factory, interface=host)
+        except CannotListenError as exc:
+            reason = getattr(exc.socketError, "strerror", None) or str(exc.socketError)
+            raise ListenError(f"cannot listen on {self.listen} ({self.name}): {reason.lower()}") from None
+        self.port = self._listening.getHost().port
+        self._resolve_control_plane()
+        scheme = "https" if self.tls is not None else "http"
+        log.info(
+            "{name} on {scheme}://{listen} (port {port})",
+            name=self.name,
+            scheme=scheme,
+            listen=self.listen,
+            port=self.port,
+        )
+        super().startService()
+
+    def _resolve_control_plane(self) -> None:
+        policy = self.site.allow
+        if not isinstance(policy, ClientAllowList) or policy.networks is None or not self.control_plane_url:
+            return
+
+        def resolved(addresses: list[str]) -> None:
+            if self.site.allow is policy:
+                self.site.allow = policy.with_addresses(addresses)
+
+        bridge.run_in_worker(resolve_host, self.control_plane_url, reactor=self.reactor).addCallback(resolved)
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        super().stopService()
+        listening, self._listening = self._listening, None
+        if listening is not None:
+            yield listening.stopListening()
+        for connection in list(self._factory.protocols):
+            connection.loseConnection()
