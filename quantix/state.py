@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 import uuid
 from pathlib import Path
+
+from quantix.util.files import atomic_write
 
 
 def ensure_dir(path: str) -> Path:
@@ -13,20 +13,6 @@ def ensure_dir(path: str) -> Path:
     p = Path(path)
     p.mkdir(mode=0o700, parents=True, exist_ok=True)
     return p
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write via a temp file and rename, so a crash never leaves a torn file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def read_text(path: Path) -> str | None:
@@ -46,5 +32,5 @@ def node_id(state_dir: str, override: str | None = None) -> str:
     if existing:
         return existing
     new = str(uuid.uuid4())
-    write_atomic(path, new + "\n")
+    atomic_write(path, new + "\n")
     return new

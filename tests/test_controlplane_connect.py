@@ -12,7 +12,6 @@ from pathlib import Path
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
-from quantix.controlplane.backoff import Backoff
 from quantix.controlplane.connect import (
     ConnectClient,
     ConnectError,
@@ -98,21 +97,6 @@ class ErrorMapping(unittest.TestCase):
             datetime.datetime.fromtimestamp(now + 30, tz=datetime.UTC), usegmt=True
         )
         self.assertTrue(29 <= parse_retry_after(when, now=now) <= 31)
-
-
-class BackoffTests(unittest.TestCase):
-    def test_grows_to_cap_and_resets(self) -> None:
-        b = Backoff(rand=lambda: 0.0)
-        self.assertEqual([b.next() for _ in range(9)], [1, 2, 4, 8, 16, 32, 60, 60, 60])
-        b.reset()
-        self.assertEqual(b.next(), 1)
-
-    def test_jitter_only_shortens(self) -> None:
-        b = Backoff(rand=lambda: 1.0)
-        delays = [b.next() for _ in range(10)]
-        self.assertAlmostEqual(delays[0], 0.9)
-        self.assertAlmostEqual(delays[-1], 54.0)
-        self.assertTrue(all(d <= 60 for d in delays))
 
 
 class Transport(unittest.TestCase):

@@ -15,13 +15,14 @@ from twisted.trial import unittest
 from quantix import errors
 from quantix.hypervisor import eventloop
 from quantix.hypervisor.connection import Hypervisor
+from quantix.util.backoff import Backoff
 from tests.support import TEST_NODE_XML, wait_for
 
 
 class SupervisionTests(unittest.TestCase):
     def make(self, uri: str) -> tuple[Hypervisor, Clock]:
         clock = Clock()
-        hv = Hypervisor(clock, uri)
+        hv = Hypervisor(clock, uri, backoff=Backoff(0.5, 30.0, rand=lambda: 0.0))
         hv.loop = eventloop.install("thread", reactor)
         libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
         Service.startService(hv)  # running, without opening yet
@@ -48,7 +49,7 @@ class SupervisionTests(unittest.TestCase):
         hv.uri = f"test://{TEST_NODE_XML}"
         clock.advance((yield self.next_retry(clock)))
         yield wait_for(lambda: hv.connected)
-        self.assertEqual(hv._delay, 0.5)
+        self.assertEqual(hv._backoff.attempts, 0)
 
     @defer.inlineCallbacks
     def test_listeners_run_again_after_reconnect(self):

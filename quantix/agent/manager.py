@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 
 from google.protobuf.message import Message
-from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.internet import ClientService
 from twisted.internet import defer
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.error import ConnectError
@@ -25,6 +25,7 @@ from quantix.agent.guestinfo import EventSink, GuestInfo, GuestInfoCache
 from quantix.agent.protocol import AgentProtocol
 from quantix.errors import Unavailable
 from quantix.proto import agent_pb2
+from quantix.util.backoff import retry_policy
 
 CHANNEL_NAMES = ("org.quantix.agent.0", "org.limiquantix.agent.0")
 CHANNEL_ROOTS = ("/run/libvirt/qemu/channel", "/var/lib/libvirt/qemu/channel/target")
@@ -110,7 +111,7 @@ class AgentManager:
         self.socket_dir = socket_dir
         self.channel_roots = tuple(channel_roots)
         self.guests = GuestInfoCache(self.clock, telemetry_interval, on_event=on_event)
-        self._retry = backoffPolicy(initialDelay=initial_backoff, maxDelay=max_backoff)
+        self._retry = retry_policy(initial_backoff, max_backoff, factor=1.5)
         self._connect_timeout = connect_timeout
         self._vms: dict[str, _VM] = {}
 

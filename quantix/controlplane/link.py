@@ -18,10 +18,10 @@ from twisted.internet import defer
 from twisted.logger import Logger, LogLevel
 
 from quantix.controlplane import messages, state
-from quantix.controlplane.backoff import Backoff
 from quantix.controlplane.connect import ConnectError
 from quantix.controlplane.facts import HeartbeatSample, HostFacts, PoolReport, VMFacts
 from quantix.proto import compute_pb2, storage_pb2
+from quantix.util.backoff import Backoff
 
 NODE_SERVICE = "limiquantix.compute.v1.NodeService"
 POOL_SERVICE = "limiquantix.storage.v1.StoragePoolService"

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import attrs
+
+from quantix.util.files import atomic_write
 
 FILENAME = "controlplane.json"
 
@@ -38,24 +38,8 @@ def load(state_dir: str | Path, control_plane: str) -> LinkState:
 
 def save(state_dir: str | Path, state: LinkState) -> None:
     """Replace the state file atomically: a crash leaves the old file or the new one, never half."""
-    directory = Path(state_dir)
-    directory.mkdir(parents=True, exist_ok=True)
     body = json.dumps(
         {"control_plane": state.control_plane, "node_id": state.node_id, "pools": list(state.pools)},
         indent=2,
     )
-    fd, tmp = tempfile.mkstemp(prefix=FILENAME + ".", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(body + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, directory / FILENAME)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    atomic_write(Path(state_dir) / FILENAME, body + "\n")

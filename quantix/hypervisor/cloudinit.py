@@ -8,15 +8,14 @@ half-written seed. Call it from a thread, not the reactor.
 from __future__ import annotations
 
 import io
-import os
 import re
-import tempfile
 from collections.abc import Mapping
 
 import pycdlib
 import yaml
 
 from quantix.errors import Invalid
+from quantix.util.files import atomic_write
 
 VOLUME_LABEL = "cidata"
 MAX_FILE_BYTES = 16 * 1024 * 1024
@@ -102,26 +101,5 @@ def write_nocloud_iso(path: str, vm_id: str, name: str, cfg, *, mode: int = 0o60
     The mode is private by default: user-data often carries credentials, and libvirt's DAC
     driver hands the file to QEMU when the domain starts.
     """
-    image = nocloud_iso(nocloud_files(vm_id, name, cfg))
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".cidata-", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(image)
-            f.flush()
-            os.fchmod(f.fileno(), mode)
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    atomic_write(path, nocloud_iso(nocloud_files(vm_id, name, cfg)), mode=mode)
     return path

@@ -18,6 +18,7 @@ from twisted.logger import Logger
 
 from quantix import bridge, errors
 from quantix.hypervisor import eventloop
+from quantix.util.backoff import Backoff
 
 log = Logger(namespace="quantix.hypervisor")
 
@@ -73,7 +74,13 @@ class Hypervisor(Service):
     """Owns the one libvirt connection of the daemon."""
 
     def __init__(
-        self, reactor: Any, uri: str, *, event_loop: str = "thread", keepalive: tuple[int, int] = (5, 3)
+        self,
+        reactor: Any,
+        uri: str,
+        *,
+        event_loop: str = "thread",
+        keepalive: tuple[int, int] = (5, 3),
+        backoff: Backoff | None = None,
     ):
         self.reactor = reactor
         self.uri = uri
@@ -83,7 +90,7 @@ class Hypervisor(Service):
         self.identity: HypervisorIdentity | None = None
         self.reconnects = 0
         self._conn: libvirt.virConnect | None = None
-        self._delay = BACKOFF_INITIAL
+        self._backoff = backoff or Backoff(BACKOFF_INITIAL, BACKOFF_MAX)
         self._retry: Any = None
         self._opening = False
         self._listeners: list[tuple[Callable[[libvirt.virConnect], Any], Callable[[], Any] | None]] = []
@@ -147,7 +154,7 @@ class Hypervisor(Service):
         if self.identity is not None:
             self.reconnects += 1
         self.identity = ident
-        self._delay = BACKOFF_INITIAL
+        self._backoff.reset()
         conn.registerCloseCallback(self.loop.dispatch(self._closed), None)
         self._conn = conn
         log.info(
@@ -161,19 +168,19 @@ class Hypervisor(Service):
 
     def _open_failed(self, failure: Any) -> None:
         self._opening = False
+        delay = self._backoff.next()
         log.warn(
-            "cannot connect to {uri}: {err}; retrying in {delay}s",
+            "cannot connect to {uri}: {err}; retrying in {delay:.1f}s",
             uri=self.uri,
             err=failure.getErrorMessage(),
-            delay=self._delay,
+            delay=delay,
         )
-        self._schedule()
+        self._schedule(delay)
 
-    def _schedule(self) -> None:
+    def _schedule(self, delay: float) -> None:
         if not self.running:
             return
-        self._retry = self.reactor.callLater(self._delay, self._connect)
-        self._delay = min(self._delay * 2, BACKOFF_MAX)
+        self._retry = self.reactor.callLater(delay, self._connect)
 
     def _closed(self, conn: libvirt.virConnect, reason: int, opaque: Any = None) -> None:
         if self._conn is not conn:
@@ -187,7 +194,7 @@ class Hypervisor(Service):
                 except Exception:
                     log.failure("disconnect listener failed")
         bridge.run_in_worker(self._close, conn)
-        self._schedule()
+        self._schedule(self._backoff.next())
 
     @staticmethod
     def _close(conn: libvirt.virConnect) -> None:

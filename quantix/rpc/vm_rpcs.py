@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,6 +21,7 @@ from quantix.errors import Invalid, QuantixError, Unavailable
 from quantix.hypervisor import consoles, devices, hostinfo, provision, snapshots, vms
 from quantix.proto import agent_pb2, node_pb2
 from quantix.rpc.registry import rpc
+from quantix.util.locks import KeyedLocks
 
 log = Logger(namespace="quantix.rpc.vm")
 
@@ -32,28 +32,6 @@ SYSTEM_PID_DIR = "/run/libvirt/qemu"
 QUIESCE_SECONDS = 60
 
 
-class _KeyedLocks:
-    """One lock per VM id, so concurrent CreateVM/DeleteVM of one VM run one after the other."""
-
-    def __init__(self) -> None:
-        self._guard = threading.Lock()
-        self._locks: dict[str, list] = {}  # id -> [lock, users]
-
-    @contextlib.contextmanager
-    def hold(self, key: str):
-        with self._guard:
-            entry = self._locks.setdefault(key, [threading.Lock(), 0])
-            entry[1] += 1
-        try:
-            with entry[0]:
-                yield
-        finally:
-            with self._guard:
-                entry[1] -= 1
-                if not entry[1]:
-                    del self._locks[key]
-
-
 class VmRpcs:
     """Handlers; the node supplies ``config``, ``hypervisor``, ``storage``, ``agents`` and, once
     wired, ``bus`` (events)."""
@@ -62,7 +40,8 @@ class VmRpcs:
         self.node = node
         self.config = node.config
         self.sampler = vms.CpuSampler()
-        self._vm_locks = _KeyedLocks()
+        # One lock per VM id, so concurrent CreateVM/DeleteVM of one VM run one after the other.
+        self._vm_locks = KeyedLocks()
 
     # -- plumbing -----------------------------------------------------------------------------
 

@@ -13,7 +13,6 @@ import base64
 import contextlib
 import hashlib
 import os
-import threading
 import uuid as uuidlib
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
@@ -26,6 +25,7 @@ from quantix import errors
 from quantix.hypervisor.errors import translate
 from quantix.hypervisor.storage import files
 from quantix.hypervisor.storage import xml as sxml
+from quantix.util.locks import KeyedLocks
 
 LOCAL_DIR, LOCAL_LVM, NFS, CEPH_RBD, ISCSI = "local_dir", "local_lvm", "nfs", "ceph_rbd", "iscsi"
 #: libvirt pool type → the contract's pool type name.
@@ -319,8 +319,7 @@ class StorageManager:
         self._conn = conn
         self.config = config
         self.root = os.path.abspath(config.root)
-        self._locks: dict[str, threading.Lock] = {}
-        self._guard = threading.Lock()
+        self._pool_locks = KeyedLocks()
         self._vm_pool_seen = ""
 
     @property
@@ -329,12 +328,9 @@ class StorageManager:
         digest = hashlib.sha256(os.path.realpath(self.config.vm_images).encode()).hexdigest()[:8]
         return f"quantix-vms-{digest}"
 
-    @contextlib.contextmanager
-    def _locked(self, pool_id: str) -> Iterator[None]:
-        with self._guard:
-            lock = self._locks.setdefault(pool_id, threading.Lock())
-        with lock:
-            yield
+    def _locked(self, pool_id: str) -> contextlib.AbstractContextManager[None]:
+        """One operation per pool at a time."""
+        return self._pool_locks.hold(pool_id)
 
     def _under_root(self, path: str) -> bool:
         return bool(path) and files.within(os.path.realpath(path), os.path.realpath(self.root))
