@@ -25,6 +25,7 @@ from quantix.ops.service import Operations
 from quantix.ops.shutdown import stop_in_order
 from quantix.rpc import handlers, tls
 from quantix.rpc.server import SERVICE, GrpcServer, ListenError
+from quantix.web import sideapi
 
 log = Logger(namespace="quantix.node")
 
@@ -83,6 +84,9 @@ class NodeService(MultiService):
             telemetry_interval=config.agent.telemetry_interval,
             on_event=self._agent_event,
         )
+        # The 8443 side API (https.listen null: off); it stops before gRPC and libvirt do.
+        self.https = sideapi.build(self)
+        self.https.setServiceParent(self)
         # Agent channels follow the VMs: opened when one runs, closed when it stops.
         self.watcher.state_listeners.append(self._domain_state)
         # Last child: it stops first, before the gRPC server and libvirt go away.

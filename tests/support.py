@@ -30,6 +30,7 @@ def test_config(tmp: str, **overrides: Any) -> cfg.Config:
         "storage.iso_images": (os.path.join(tmp, "storage", "isos"), "test"),
         "server.metrics_listen": (None, "test"),
         "http.listen": (None, "test"),
+        "https.listen": (None, "test"),
         "server.max_workers": (32, "test"),
         "server.grace_seconds": (0.5, "test"),
     }

@@ -129,6 +129,7 @@ class DaemonShutdownTests(unittest.TestCase):
             json.dump(  # YAML is a superset of JSON
                 {
                     "server": {"grace_seconds": GRACE, "metrics_listen": None},
+                    "https": {"listen": None},
                     "logging": {"level": "debug", "format": "json"},
                 },
                 fh,

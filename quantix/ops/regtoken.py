@@ -24,6 +24,7 @@ from pathlib import Path
 import attrs
 
 from quantix import state
+from quantix.util.files import atomic_write
 
 FILE_NAME = "registration-token.json"
 TTL_SECONDS = 3600
@@ -81,7 +82,7 @@ def mint(state_dir: str, now: Callable[[], float] = time.time, ttl: int = TTL_SE
     tok = Token(new_token_text(), created, created + ttl)
     folder = state.ensure_dir(state_dir)
     body = json.dumps({"token": tok.token, "createdAt": tok.created_at, "expiresAt": tok.expires_at})
-    state.write_atomic(folder / FILE_NAME, body + "\n")  # mkstemp: 0600
+    atomic_write(folder / FILE_NAME, body + "\n", mode=0o600)
     return tok
 
 

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from quantix import state
+from quantix.util.files import atomic_write
 
 CERT_NAME = "server.crt"
 KEY_NAME = "server.key"
@@ -95,7 +96,6 @@ def ensure(state_dir: str, hostname: str, ips: list[str], now: datetime.datetime
         return CertPaths(str(cert_path), str(key_path), generated=False)
     cert_pem, key_pem = generate(hostname, ips, now)
     # The key first: a crash in between leaves a mismatched pair, which the next start replaces.
-    state.write_atomic(key_path, key_pem.decode("ascii"))  # mkstemp: created 0600
-    state.write_atomic(cert_path, cert_pem.decode("ascii"))
-    os.chmod(cert_path, 0o644)
+    atomic_write(key_path, key_pem, mode=0o600)
+    atomic_write(cert_path, cert_pem, mode=0o644)
     return CertPaths(str(cert_path), str(key_path), generated=True)
