@@ -14,11 +14,11 @@ from zope.interface import implementer
 
 @implementer(IPolicyForHTTPS)
 class _Named:
-    def __init__(self, name: str, trust: Any) -> None:
-        self.name, self.trust = name, trust
+    def __init__(self, name: str, trust: Any, client: Any = None) -> None:
+        self.name, self.trust, self.client = name, trust, client
 
     def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
-        return ssl.optionsForClientTLS(self.name, trustRoot=self.trust)
+        return ssl.optionsForClientTLS(self.name, trustRoot=self.trust, clientCertificate=self.client)
 
 
 class SideClient:
@@ -29,13 +29,22 @@ class SideClient:
     """
 
     def __init__(
-        self, testcase: Any, cert_pem: bytes, host: str, port: int, server_name: str | None = None
+        self,
+        testcase: Any,
+        cert_pem: bytes,
+        host: str,
+        port: int,
+        server_name: str | None = None,
+        client_pem: bytes | None = None,
     ) -> None:
+        """``server_name``: dial ``host`` but check the certificate for that name;
+        ``client_pem``: a client certificate and its key to present."""
         trust = ssl.Certificate.loadPEM(cert_pem)
         self.pool = HTTPConnectionPool(reactor, persistent=False)
         policy: Any = BrowserLikePolicyForHTTPS(trustRoot=trust)
-        if server_name is not None:  # dial ``host`` but check the certificate for ``server_name``
-            policy = _Named(server_name, trust)
+        if server_name is not None or client_pem is not None:
+            client = ssl.PrivateCertificate.loadPEM(client_pem) if client_pem else None
+            policy = _Named(server_name or host, trust, client)
         self.agent = Agent(reactor, contextFactory=policy, pool=self.pool)
         self.base = f"https://{host}:{port}"
         testcase.addCleanup(self.pool.closeCachedConnections)

@@ -500,3 +500,57 @@ class AccessTests(unittest.TestCase):
         self.assertEqual(code, 200)
         code, _ = yield local.get("/api/v1/registration/ping")
         self.assertEqual(code, 200)
+
+
+class ConfiguredTlsTests(unittest.TestCase):
+    """``https.cert``/``key`` from config, and the optional client-certificate check."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_configured_certificate_and_client_ca(self):
+        from tests import certs
+
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(base)
+        ca, other = certs.CA("side-ca"), certs.CA("stranger")
+        server_cert, server_key = ca.issue("node", server=True)
+        daemon = yield Daemon(
+            self,
+            **{
+                "https.listen": "127.0.0.1:0",
+                "https.cert": certs.write(base, "server.crt", server_cert),
+                "https.key": certs.write(base, "server.key", server_key),
+                "https.client_ca": certs.write(base, "ca.pem", ca.pem),
+            },
+        ).start()
+        self.assertFalse(os.path.exists(os.path.join(daemon.config.state_dir, "https")))  # nothing generated
+        port = daemon.node.https.port
+        anonymous = SideClient(self, ca.pem, "127.0.0.1", port)
+        code, body = yield anonymous.get("/api/v1/updates/status")
+        self.assertEqual((code, body["error"]), (403, "forbidden"))
+        self.assertIn("client certificate", body["message"])
+        code, _ = yield anonymous.get("/api/v1/registration/ping")  # open: no certificate needed
+        self.assertEqual(code, 200)
+        cert, key = ca.issue("control-plane", server=False)
+        trusted = SideClient(self, ca.pem, "127.0.0.1", port, client_pem=cert + key)
+        code, _ = yield trusted.get("/api/v1/updates/status")
+        self.assertEqual(code, 200)
+        cert, key = other.issue("intruder", server=False)
+        stranger = SideClient(self, ca.pem, "127.0.0.1", port, client_pem=cert + key)
+        yield self.assertFailure(stranger.get("/api/v1/updates/status"), Exception)
+
+    def test_unreadable_certificate_is_a_startup_error(self):
+        from quantix.rpc.server import ListenError
+
+        daemon = Daemon(
+            self,
+            **{
+                "https.listen": "127.0.0.1:0",
+                "https.cert": "/nonexistent/c.pem",
+                "https.key": "/nonexistent/k.pem",
+            },
+        )
+        with self.assertRaises(ListenError) as caught:
+            daemon.node.https.startService()
+        self.assertIn("https.cert /nonexistent/c.pem", str(caught.exception))
