@@ -8,7 +8,7 @@ DEBUG=0
 [ "${1:-}" = "--debug" ] && DEBUG=1
 VENV=${QUANTIX_VENV:-$PWD/.venv}
 [ -x "$VENV/bin/python" ] || { python3 -m venv "$VENV"; "$VENV/bin/pip" install -q --upgrade pip wheel; }
-"$VENV/bin/pip" install -q "grpcio-tools==1.85.1" 2>&1 | grep -v '^WARNING: Location' || true
+"$VENV/bin/pip" install -q "grpcio-tools==1.85.1" "mypy-protobuf>=3.6" 2>&1 | grep -v '^WARNING: Location' || true
 
 echo "== regenerating protobuf code"
 PYTHONPATH=$PWD "$VENV/bin/python" -m quantix.proto.cli --regenerate

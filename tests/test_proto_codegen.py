@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import subprocess
+import sys
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -71,3 +73,42 @@ class CodegenTests(unittest.TestCase):
         self.assertEqual(rc, 1)
         self.assertIn("protoc failed", text)
         self.assertFalse(self.out.exists())
+
+
+class LoadingTests(unittest.TestCase):
+    """``quantix.proto`` loads through importlib: no sys.path change, nothing done at import."""
+
+    def test_import_has_no_side_effects_and_loads_from_the_cache(self):
+        cache = Path(self.mktemp()).resolve()
+        script = (
+            "import sys\n"
+            "before = list(sys.path)\n"
+            "import quantix.proto\n"
+            "assert 'limiquantix' not in sys.modules, 'loaded at import'\n"
+            "from quantix.proto import node_grpc, node_pb2\n"
+            "assert sys.path == before, set(sys.path) ^ set(before)\n"
+            "print(node_pb2.__file__)\n"
+            "print(quantix.proto.generated_dir())\n"
+        )
+        env = {**os.environ, "QUANTIX_PROTO_CACHE": str(cache), "PYTHONPATH": os.pathsep.join(sys.path)}
+        out = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120, check=False
+        )
+        self.assertEqual(out.returncode, 0, out.stderr)
+        module_file, generated = out.stdout.split()
+        self.assertTrue(Path(module_file).is_relative_to(generated))
+        if Path(generated) != codegen.bundled_dir():
+            self.assertEqual(Path(generated).parent, cache)
+        # mypy-protobuf's stubs sit beside the code, for the type checker.
+        for stub in (
+            "node/v1/node_daemon_pb2.pyi",
+            "node/v1/node_daemon_pb2_grpc.pyi",
+            "agent/v1/agent_pb2.pyi",
+        ):
+            self.assertTrue((Path(generated) / "limiquantix" / stub).is_file(), stub)
+
+    def test_unknown_name_is_an_attribute_error(self):
+        import quantix.proto
+
+        with self.assertRaises(AttributeError):
+            quantix.proto.nothing_pb2  # noqa: B018

@@ -110,3 +110,31 @@ class KeyedLocksTests(unittest.TestCase):
             with locks.hold("x"):
                 raise RuntimeError("boom")
         self.assertEqual(len(locks), 0)
+
+
+class RpcObserversTests(unittest.TestCase):
+    """Observers live on an object the node owns, not in module globals."""
+
+    def test_each_set_hears_only_its_own_calls_and_a_failing_observer_is_contained(self) -> None:
+        import grpc
+
+        from quantix.rpc import status
+
+        ours, theirs = status.RpcObservers(), status.RpcObservers()
+        heard: list[tuple] = []
+
+        def broken(*args: object) -> None:
+            raise RuntimeError("observer bug")
+
+        ours.add(broken)
+        ours.add(lambda *args: heard.append(("plain", *args)))
+        ours.add_with_request(lambda *args: heard.append(("request", *args)))
+        theirs.add(lambda *args: heard.append(("theirs", *args)))
+        call = status.unary("Ping", lambda request, context: "pong", ours)
+        self.assertEqual(call("req", None), "pong")
+        self.assertEqual([h[0] for h in heard], ["plain", "request"])
+        self.assertEqual(heard[0][1:3], ("Ping", grpc.StatusCode.OK))
+        self.assertEqual(heard[1][-1], "req")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        ours.remove(broken)
+        ours.remove(broken)  # not registered any more: nothing happens

@@ -20,8 +20,9 @@ def vm_id_of(request: Any) -> str:
 
 
 def log_rpc(method: str, code: grpc.StatusCode, seconds: float, peer: str, request: Any = None) -> None:
-    """A ``quantix.rpc.status.request_observers`` hook: fields ``method``, ``code`` (name),
-    ``duration`` (seconds), ``peer`` and, when the request names one, ``vm_id``."""
+    """A request observer (:meth:`quantix.rpc.status.RpcObservers.add_with_request`): fields
+    ``method``, ``code`` (name), ``duration`` (seconds), ``peer`` and, when the request names
+    one, ``vm_id``."""
     fields = {"method": method, "code": code.name, "duration": round(seconds, 6), "peer": peer}
     vm_id = vm_id_of(request)
     if vm_id:

@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from typing import IO, Any
 
+from twisted.application.internet import ClientService
 from twisted.logger import (
     FilteringLogObserver,
     ILogObserver,
@@ -158,7 +159,9 @@ class JournaldObserver:
             self.fallback(event)
 
 
-CLIENT_SERVICE_NAMESPACE = "twisted.application._client_service"
+#: Where ``ClientService`` logs its reconnect attempts: the module that defines it (taken from
+#: the public class, so no private module is imported and a move in Twisted follows along).
+CLIENT_SERVICE_NAMESPACE = ClientService.__module__
 
 
 def make_observer(

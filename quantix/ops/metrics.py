@@ -74,7 +74,7 @@ def _number(value: Any) -> float | None:
 
 
 class RpcMetrics:
-    """Counters fed by ``quantix.rpc.status.observers``."""
+    """Counters fed through the node's :class:`~quantix.rpc.status.RpcObservers`."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.requests = Counter(
@@ -208,8 +208,11 @@ def build_registry(node: Any) -> tuple[CollectorRegistry, RpcMetrics]:
 class MetricsService(Service):
     """Listen on ``listen`` (``host:port``; ``None`` disables) and count RPCs while running."""
 
-    def __init__(self, reactor: Any, listen: str | None, node: Any) -> None:
+    def __init__(
+        self, reactor: Any, listen: str | None, node: Any, observers: status.RpcObservers | None = None
+    ) -> None:
         self.reactor = reactor
+        self.observers = observers if observers is not None else status.RpcObservers()
         self.listen = listen or None
         self.registry, self.rpc = build_registry(node)
         self.port: int | None = None
@@ -233,13 +236,12 @@ class MetricsService(Service):
             reason = getattr(exc.socketError, "strerror", None) or str(exc.socketError)
             raise ListenError(f"cannot listen on {self.listen} (metrics): {reason.lower()}") from None
         self.port = self._listening.getHost().port
-        status.observers.append(self.rpc.observe)
+        self.observers.add(self.rpc.observe)
         log.info("metrics on http://{listen}/metrics (port {port})", listen=self.listen, port=self.port)
         super().startService()
 
     def stopService(self) -> Any:
         super().stopService()
-        if self.rpc.observe in status.observers:
-            status.observers.remove(self.rpc.observe)
+        self.observers.remove(self.rpc.observe)
         listening, self._listening = self._listening, None
         return listening.stopListening() if listening is not None else None

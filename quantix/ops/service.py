@@ -21,11 +21,20 @@ from quantix.rpc import status
 
 
 class Operations(MultiService):
-    def __init__(self, node: Any, environ: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        node: Any,
+        environ: dict[str, str] | None = None,
+        rpc_observers: status.RpcObservers | None = None,
+    ) -> None:
         super().__init__()
         self.node = node
+        #: Where the gRPC server reports finished calls; metrics and the access log listen here.
+        self.rpc_observers = rpc_observers if rpc_observers is not None else status.RpcObservers()
         self.notifier = Notifier(node.reactor, environ)
-        self.metrics = MetricsService(node.reactor, node.config.server.metrics_listen, node)
+        self.metrics = MetricsService(
+            node.reactor, node.config.server.metrics_listen, node, observers=self.rpc_observers
+        )
         self.metrics.setServiceParent(self)
         #: Set by :meth:`configure_twistd`; handed to twistd when the node joins its application.
         self.log_observer: ILogObserver | None = None
@@ -65,7 +74,7 @@ class Operations(MultiService):
 
     def startService(self) -> None:
         self.drain.reset()
-        status.request_observers.append(self._access)
+        self.rpc_observers.add_with_request(self._access)
         super().startService()
 
     def ready(self) -> None:
@@ -81,8 +90,7 @@ class Operations(MultiService):
         self.drain.start()
 
     def stopService(self) -> Any:
-        if self._access in status.request_observers:
-            status.request_observers.remove(self._access)
+        self.rpc_observers.remove_with_request(self._access)
         d = super().stopService()
         d.addBoth(self._closed)
         return d

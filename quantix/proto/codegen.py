@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -24,6 +25,9 @@ PROTO_FILES = (
 #: Files that only carry messages (no service): no ``_pb2_grpc`` module is needed.
 _GRPC_FILES = ("limiquantix/node/v1/node_daemon.proto",)
 STAMP = "FINGERPRINT"
+#: What the generated directory holds besides the modules; part of the key, so a cache made by
+#: an older layout (without the type stubs) is never taken for a current one.
+LAYOUT = b"python, grpc_python, mypy-protobuf stubs\n"
 FIX_COMMAND = "quantix-proto --regenerate"
 
 
@@ -42,7 +46,7 @@ def source_root() -> Path:
 
 def fingerprint(root: Path) -> str:
     """SHA-256 over every source's relative path and bytes, in a fixed order."""
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(LAYOUT)
     for rel in PROTO_FILES:
         digest.update(rel.encode() + b"\0")
         digest.update((root / rel).read_bytes() + b"\0")
@@ -68,24 +72,38 @@ def is_current(out: Path, fp: str) -> bool:
     return stamp.is_file() and stamp.read_text().strip() == fp
 
 
+def _plugin(directory: Path, name: str, function: str) -> str:
+    """A protoc plugin script running mypy-protobuf with this interpreter (no PATH lookup: the
+    build environment of a wheel has its own scripts directory)."""
+    script = directory / f"protoc-gen-{name}"
+    script.write_text(f"#!{sys.executable}\nfrom mypy_protobuf.main import {function}\n{function}()\n")
+    script.chmod(0o700)
+    return f"--plugin=protoc-gen-{name}={script}"
+
+
 def generate(root: Path, out: Path) -> None:
-    """Compile the sources into ``out`` atomically (build in a temp dir, then rename)."""
+    """Compile the sources into ``out`` atomically (build in a temp dir, then rename): the
+    modules, the gRPC stubs, and mypy-protobuf's ``.pyi`` type stubs for both."""
+    path_before = list(sys.path)
     try:
+        import mypy_protobuf  # noqa: F401  (the stub plugin runs in a child process)
         from grpc_tools import protoc
-    except ImportError as exc:  # pragma: no cover - grpcio-tools is a dependency
-        raise ProtoError(f"grpcio-tools is not installed; install it and run `{FIX_COMMAND}`") from exc
+    except ImportError as exc:  # pragma: no cover - both are dependencies
+        raise ProtoError(f"{exc.name} is not installed; install it and run `{FIX_COMMAND}`") from exc
+    finally:
+        sys.path[:] = path_before  # grpc_tools appends its include directory when imported
     import grpc_tools
 
     include = Path(grpc_tools.__file__).parent / "_proto"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".gen-", dir=out.parent))
+    plugins = Path(tempfile.mkdtemp(prefix=".plugins-", dir=out.parent))
     try:
-        args = ["protoc", f"-I{root}", f"-I{include}", f"--python_out={tmp}", f"--pyi_out={tmp}"]
-        rc = protoc.main([*args, *PROTO_FILES])
+        args = ["protoc", f"-I{root}", f"-I{include}", _plugin(plugins, "mypy", "main")]
+        rc = protoc.main([*args, f"--python_out={tmp}", f"--mypy_out=quiet:{tmp}", *PROTO_FILES])
         if rc == 0:
-            rc = protoc.main(
-                ["protoc", f"-I{root}", f"-I{include}", f"--grpc_python_out={tmp}", *_GRPC_FILES]
-            )
+            grpc_args = [f"--grpc_python_out={tmp}", _plugin(plugins, "mypy_grpc", "grpc")]
+            rc = protoc.main([*args, *grpc_args, f"--mypy_grpc_out=quiet:{tmp}", *_GRPC_FILES])
         if rc != 0:
             raise ProtoError(f"protoc failed on {root} (exit {rc})")
         (tmp / STAMP).write_text(fingerprint(root) + "\n")
@@ -93,6 +111,7 @@ def generate(root: Path, out: Path) -> None:
             shutil.rmtree(out)
         tmp.rename(out)
     finally:
+        shutil.rmtree(plugins, ignore_errors=True)
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 

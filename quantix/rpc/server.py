@@ -33,7 +33,9 @@ class ListenError(Exception):
     """The gRPC address cannot be bound; the message is one line naming it."""
 
 
-def build_generic_handler(handlers: Mapping[str, Callable[..., Any]]) -> grpc.GenericRpcHandler:
+def build_generic_handler(
+    handlers: Mapping[str, Callable[..., Any]], observers: status.RpcObservers | None = None
+) -> grpc.GenericRpcHandler:
     """One grpc method handler per RPC of the service descriptor; unclaimed RPCs are UNIMPLEMENTED."""
     unknown = set(handlers) - set(SERVICE.methods_by_name)
     if unknown:
@@ -44,9 +46,12 @@ def build_generic_handler(handlers: Mapping[str, Callable[..., Any]]) -> grpc.Ge
         response = message_factory.GetMessageClass(method.output_type)
         impl = handlers.get(method.name) or status.unimplemented(method.name)
         if method.server_streaming:
-            factory, wrapped = grpc.unary_stream_rpc_method_handler, status.stream(method.name, impl)
+            factory, wrapped = (
+                grpc.unary_stream_rpc_method_handler,
+                status.stream(method.name, impl, observers),
+            )
         else:
-            factory, wrapped = grpc.unary_unary_rpc_method_handler, status.unary(method.name, impl)
+            factory, wrapped = grpc.unary_unary_rpc_method_handler, status.unary(method.name, impl, observers)
         methods[method.name] = factory(
             wrapped,
             request_deserializer=status.decoder(request),
@@ -89,6 +94,7 @@ class GrpcServer(Service):
         max_message_bytes: int,
         credentials: grpc.ServerCredentials | None = None,
         extra_options: tuple[tuple[str, Any], ...] = (),
+        observers: status.RpcObservers | None = None,
     ) -> None:
         self.listen = listen
         self._handlers = handlers
@@ -98,6 +104,8 @@ class GrpcServer(Service):
         self._max_message = max_message_bytes
         self._credentials = credentials
         self._extra_options = extra_options
+        #: Told about every finished call (metrics, access log).
+        self.observers = observers if observers is not None else status.RpcObservers()
         self.server: grpc.Server | None = None
         self.health = health.HealthServicer(experimental_non_blocking=True)
         self.port: int | None = None
@@ -119,7 +127,7 @@ class GrpcServer(Service):
         server = grpc.server(
             ThreadPoolExecutor(self._max_workers, thread_name_prefix="grpc"), options=options
         )
-        server.add_generic_rpc_handlers([build_generic_handler(self._handlers())])
+        server.add_generic_rpc_handlers([build_generic_handler(self._handlers(), self.observers)])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = (
             SERVICE.full_name,

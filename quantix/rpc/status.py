@@ -37,10 +37,48 @@ STATUS_MAP: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
 #: Percent-encoded UTF-8 takes up to 12 bytes a character: 1000 stay under grpc's 16 KiB.
 MAX_MESSAGE_CHARS = 1000
 
-#: Called after every RPC as ``observer(method, code, seconds, peer)``; metrics and access logs.
-observers: list[Callable[[str, grpc.StatusCode, float, str], None]] = []
-#: Same, also given the request (for its ``vm_id``): ``observer(method, code, seconds, peer, request)``.
-request_observers: list[Callable[[str, grpc.StatusCode, float, str, Any], None]] = []
+#: ``observer(method, code, seconds, peer)``, called after every RPC (metrics).
+Observer = Callable[[str, grpc.StatusCode, float, str], None]
+#: Same, also given the request, for its ``vm_id`` (the access log).
+RequestObserver = Callable[[str, grpc.StatusCode, float, str, Any], None]
+
+
+class RpcObservers:
+    """Who hears about every finished RPC. The node makes one and hands it to the gRPC server
+    (which reports into it) and to the ops box (which registers its metrics and access log);
+    two nodes in one process, as in tests, never hear each other's calls."""
+
+    def __init__(self) -> None:
+        self._observers: list[Observer] = []
+        self._request_observers: list[RequestObserver] = []
+
+    def add(self, observer: Observer) -> None:
+        self._observers.append(observer)
+
+    def remove(self, observer: Observer) -> None:
+        """Forget ``observer``; nothing happens when it was not registered."""
+        if observer in self._observers:
+            self._observers.remove(observer)
+
+    def add_with_request(self, observer: RequestObserver) -> None:
+        self._request_observers.append(observer)
+
+    def remove_with_request(self, observer: RequestObserver) -> None:
+        if observer in self._request_observers:
+            self._request_observers.remove(observer)
+
+    def finished(self, method: str, code: grpc.StatusCode, seconds: float, peer: str, request: Any) -> None:
+        """Tell every observer; one that raises is logged and does not stop the others."""
+        for observer in self._observers:
+            try:
+                observer(method, code, seconds, peer)
+            except Exception:
+                log.failure("RPC observer failed")
+        for request_observer in self._request_observers:
+            try:
+                request_observer(method, code, seconds, peer, request)
+            except Exception:
+                log.failure("RPC observer failed")
 
 
 def _libvirt_translate(exc: BaseException) -> errors.QuantixError | None:
@@ -76,20 +114,18 @@ def _classify(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
 
 def _finish(
-    method: str, code: grpc.StatusCode, started: float, context: grpc.ServicerContext, request: Any = None
+    observers: RpcObservers | None,
+    method: str,
+    code: grpc.StatusCode,
+    started: float,
+    context: grpc.ServicerContext,
+    request: Any = None,
 ) -> None:
+    if observers is None:
+        return
     elapsed = time.monotonic() - started
     peer = context.peer() if context is not None else ""
-    for observer in observers:
-        try:
-            observer(method, code, elapsed, peer)
-        except Exception:
-            log.failure("RPC observer failed")
-    for observer in request_observers:
-        try:
-            observer(method, code, elapsed, peer, request)
-        except Exception:
-            log.failure("RPC observer failed")
+    observers.finished(method, code, elapsed, peer, request)
 
 
 def _abort(method: str, exc: BaseException, context: grpc.ServicerContext) -> grpc.StatusCode:
@@ -127,7 +163,9 @@ def _check_decoded(request: Any) -> None:
         raise errors.Invalid(f"malformed request: {request.reason}")
 
 
-def unary(method: str, handler: Callable[[Any, grpc.ServicerContext], Any]) -> Callable:
+def unary(
+    method: str, handler: Callable[[Any, grpc.ServicerContext], Any], observers: RpcObservers | None = None
+) -> Callable:
     """Wrap a unary handler with the error map and the observers."""
 
     def call(request: Any, context: grpc.ServicerContext) -> Any:
@@ -140,12 +178,16 @@ def unary(method: str, handler: Callable[[Any, grpc.ServicerContext], Any]) -> C
             code = classify(exc)[0]
             _abort(method, exc, context)
         finally:
-            _finish(method, code, started, context, request)
+            _finish(observers, method, code, started, context, request)
 
     return call
 
 
-def stream(method: str, handler: Callable[[Any, grpc.ServicerContext], Iterator[Any]]) -> Callable:
+def stream(
+    method: str,
+    handler: Callable[[Any, grpc.ServicerContext], Iterator[Any]],
+    observers: RpcObservers | None = None,
+) -> Callable:
     """Wrap a server-streaming handler the same way as :func:`unary`."""
 
     def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
@@ -160,7 +202,7 @@ def stream(method: str, handler: Callable[[Any, grpc.ServicerContext], Iterator[
         finally:
             if code is grpc.StatusCode.OK and context is not None and not context.is_active():
                 code = grpc.StatusCode.CANCELLED  # the client went away; streams never end OK
-            _finish(method, code, started, context, request)
+            _finish(observers, method, code, started, context, request)
 
     return call
 
