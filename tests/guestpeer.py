@@ -125,6 +125,8 @@ class GuestPeerProtocol(Protocol):
             if self.factory.garbage_before_reply:
                 self.transport.write(self.factory.garbage_before_reply)
             self.send(msg.message_id, **{field: reply})
+            if kind == "ping" and msg.ping.sequence == 1 and self.factory.telemetry_on_refresh:
+                self.send_telemetry()  # as upstream agents answer a refresh request
             if kind == "shutdown" and self.factory.hang_up_on_shutdown:
                 self.transport.loseConnection()
 
@@ -287,6 +289,7 @@ class GuestPeer(Factory):
         self.silent = False
         self.garbage_before_reply = b""
         self.hang_up_on_shutdown = False
+        self.telemetry_on_refresh = False
         self._waiters: dict[str, list[defer.Deferred]] = {}
 
     def wait_for(self, what: str) -> defer.Deferred:

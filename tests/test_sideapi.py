@@ -166,7 +166,7 @@ class SideApiTests(unittest.TestCase):
         self.assertEqual(body["ipAddresses"], ["10.0.0.5"])
         self.assertIn("execute", body["capabilities"])
         self.assertNotIn("resourceUsage", body)
-        self.peer.broadcast_telemetry()
+        self.peer.telemetry_on_refresh = True
         code, body = yield self.client.post(f"{V}/{VM}/agent/refresh")
         self.assertEqual(code, 200)
         self.assertEqual([r.sequence for r in self.peer.requests_of("ping")], [1])

@@ -31,6 +31,7 @@ from quantix.web.routes import Routes
 
 VM = "/api/v1/vms/{id}"
 PING_TIMEOUT = 5.0
+REFRESH_WAIT = 2.0  # for the telemetry a refresh asks for, after the pong
 EXEC_MAX_SECONDS = 25  # guest time; the control plane's client gives the whole call 30 s
 EXEC_DEFAULT_SECONDS = 30  # what upstream assumes when timeoutSeconds is absent (then clamped)
 EXEC_REPLY_GRACE = 2.0
@@ -53,9 +54,12 @@ class VmRef:
 class VmRoutes:
     """``conn()`` is the live libvirt connection (raises HypervisorDown); ``agents`` runs on the reactor."""
 
-    def __init__(self, conn: Any, agents: AgentManager, config: Config, qga_runner: Any = None) -> None:
+    def __init__(
+        self, conn: Any, agents: AgentManager, config: Config, qga_runner: Any = None, clock: Any = None
+    ) -> None:
         self.conn = conn
         self.agents = agents
+        self.clock = clock if clock is not None else agents.clock
         self.config = config
         self.qga_runner = qga_runner or qemuagent.libvirt_runner
 
@@ -142,10 +146,19 @@ class VmRoutes:
         ref = yield self.vm(call)
         if not ref.active:
             return shapes.disconnected(NOT_RUNNING)
+        fresh = self.agents.guests.next_telemetry(ref.uuid)
         try:
             yield self._agent(ref, agent_pb2.PingRequest(sequence=1), PING_TIMEOUT)
         except (errors.Unavailable, errors.Timeout, AgentError) as exc:
+            fresh.addErrback(lambda _: None)
+            fresh.cancel()
             return shapes.disconnected(str(exc))
+        # Agents answer sequence 1 with a telemetry report too; older ones may not.
+        fresh.addTimeout(REFRESH_WAIT, self.clock)
+        try:
+            yield fresh
+        except defer.TimeoutError:
+            pass
         return shapes.agent_status(self.agents.info(ref.uuid))
 
     @defer.inlineCallbacks
