@@ -18,10 +18,12 @@ from quantix.controlplane import sources as cp_sources
 from quantix.controlplane.link import ControlPlaneLink
 from quantix.events import mapping
 from quantix.events.bus import EventBus
+from quantix.events.metrics import MetricsHub, stats_flags
 from quantix.events.watcher import DomainWatcher
 from quantix.hypervisor import hostinfo
 from quantix.hypervisor.connection import Hypervisor
 from quantix.hypervisor.storage import StorageManager
+from quantix.images.engine import DownloadEngine
 from quantix.network.ovsdb import OvsdbClient
 from quantix.network.ports import PortStore
 from quantix.network.service import NetworkPorts
@@ -29,6 +31,7 @@ from quantix.ops.service import Operations
 from quantix.ops.shutdown import stop_in_order
 from quantix.rpc import handlers, status, tls
 from quantix.rpc.server import SERVICE, GrpcServer, ListenError
+from quantix.web import images as web_images
 from quantix.web import sideapi
 
 log = Logger(namespace="quantix.node")
@@ -64,6 +67,17 @@ class NodeService(MultiService):
         )
         self.hypervisor.setServiceParent(self)
         self.storage = StorageManager(self.hypervisor.conn, config.storage)
+        # Download jobs, and the 8080 listener serving them: stopped after gRPC, jobs last.
+        self.downloads = DownloadEngine(
+            reactor,
+            config.downloads,
+            config.state_dir,
+            config.storage.cloud_images,
+            roots=lambda: web_images.storage_roots(config.storage.root, self.storage),
+        )
+        self.downloads.setServiceParent(self)
+        self.http = web_images.listener(reactor, config.http.listen, self.downloads)
+        self.http.setServiceParent(self)
         ovs = config.ovs
         self.network = NetworkPorts(
             reactor,
@@ -75,7 +89,8 @@ class NodeService(MultiService):
         self.grpc = GrpcServer(
             config.listen_address,
             lambda: self.ops.gate(handlers.build(self)),
-            max_workers=config.server.max_workers,
+            max_workers=config.server.unary_workers(),
+            max_streams=config.server.max_streams,
             grace=config.server.grace_seconds,
             max_message_bytes=config.server.max_message_bytes,
             credentials=tls.server_credentials(config.server),
@@ -88,6 +103,9 @@ class NodeService(MultiService):
         ev = config.events
         self.bus = EventBus(reactor, buffer_size=ev.buffer_size, subscriber_queue=ev.subscriber_queue)
         self.bus.setServiceParent(self)
+        # StreamMetrics: one sampler per interval for all subscribers; stops (UNAVAILABLE) before the bus.
+        self.metrics_hub = MetricsHub(self.hypervisor.conn, stats_flags(hv.uri))
+        self.metrics_hub.setServiceParent(self)
         self.watcher = DomainWatcher(
             reactor, self.hypervisor, self.bus, reconcile_interval=ev.reconcile_interval
         )
