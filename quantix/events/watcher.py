@@ -14,8 +14,9 @@ import libvirt
 from twisted.application.service import Service
 from twisted.internet import defer, task
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-from quantix import bridge
+from quantix import bridge, errors
 from quantix.events import mapping, reconcile
 from quantix.events.bus import EventBus
 
@@ -87,8 +88,16 @@ class DomainWatcher(Service):
             self._callback_ids = ids
             return self.reconcile()
 
+        def failed(failure: Failure) -> None:
+            if failure.check(errors.HypervisorDown):
+                # libvirt went away (or stopped) before the first reconciliation: nothing is
+                # wrong with watching; the next connection attaches again.
+                log.info("libvirt went away before reconciling; waiting for the next connection")
+                return
+            log.failure("cannot watch libvirt domain events", failure)
+
         d = bridge.run_in_worker(register).addCallback(registered)
-        d.addErrback(lambda f: log.failure("cannot watch libvirt domain events", f))
+        d.addErrback(failed)
         return d
 
     def detach(self) -> None:

@@ -26,24 +26,24 @@ from quantix.web.routes import Routes
 API = "/api/v1"
 
 
-def identity(config: Config) -> tuple[str, str]:
-    """Blocking: ``(hostname, management IP)``, the same values registration and GetConsole use."""
-    return config.node.hostname or socket.gethostname(), config.node.management_ip or hostinfo.management_ip()
+def identity(host: hostinfo.HostBox) -> tuple[str, str]:
+    """Worker: ``(hostname, management IP)``, the values registration and GetConsole use."""
+    return host.hostname or socket.gethostname(), host.management_ip()
 
 
 class HostRoutes:
-    """``host_facts(conn)`` is the node's fact collector; ``conn()`` the live libvirt connection."""
+    """``host`` is the host-facts box; ``conn()`` the live libvirt connection."""
 
     def __init__(
         self,
         config: Config,
         conn: Callable[[], Any],
-        host_facts: Callable[[Any], hostinfo.HostFacts],
+        host: hostinfo.HostBox,
         now: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.conn = conn
-        self.host_facts = host_facts
+        self.host = host
         self.now = now
 
     def register(self, routes: Routes) -> None:
@@ -59,7 +59,7 @@ class HostRoutes:
 
     def update_version(self, call: Call) -> Any:
         def version() -> dict[str, Any]:
-            return updates.version(identity(self.config)[0], self.config.updates.channel)
+            return updates.version(identity(self.host)[0], self.config.updates.channel)
 
         return call.in_thread(version)
 
@@ -69,7 +69,7 @@ class HostRoutes:
 
     def registration_ping(self, call: Call) -> Any:
         def ping() -> dict[str, Any]:
-            hostname, ip = identity(self.config)
+            hostname, ip = identity(self.host)
             return {
                 "status": "ok",
                 "version": quantix.__version__,
@@ -94,7 +94,7 @@ class HostRoutes:
     def registration_token(self, call: Call) -> Any:
         def token() -> dict[str, Any]:
             tok = self._check_token(call)
-            hostname, ip = identity(self.config)
+            hostname, ip = identity(self.host)
             return {
                 "token": tok.token,
                 "createdAt": regtoken.rfc3339(tok.created_at),
@@ -109,6 +109,6 @@ class HostRoutes:
     def registration_discovery(self, call: Call) -> Any:
         def discover() -> dict[str, Any]:
             self._check_token(call)
-            return discovery.discovery(self.host_facts(self.conn()))
+            return discovery.discovery(self.host.facts(self.conn()))
 
         return call.in_thread(discover)

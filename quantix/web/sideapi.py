@@ -142,18 +142,21 @@ def access_for(config: Config) -> RouteAccess:
     )
 
 
-def build(node: Any, qga_runner: Any = None) -> HttpsListener:
-    """The 8443 listener for a node: its libvirt connection, agent manager, config and facts."""
-    config = node.config
+def build(
+    reactor: Any, config: Config, conn: Callable[[], Any], agents: Any, host: Any, qga_runner: Any = None
+) -> HttpsListener:
+    """The 8443 listener: ``conn()`` is the live libvirt connection, ``agents`` the reactor-side
+    :class:`~quantix.agent.manager.AgentManager`, ``host`` the host-facts box (hostname,
+    management IP and facts, as registration and GetConsole use them)."""
     routes = Routes()
-    vm = VmRoutes(node.hypervisor.conn, node.agents, config, qga_runner)
+    vm = VmRoutes(conn, agents, config, qga_runner)
     vm.register(routes)
-    HostRoutes(config, node.hypervisor.conn, node.host_facts).register(routes)
-    listener = HttpsListener(node.reactor, config, routes, access_for(config), lambda: _cert_names(config))
+    HostRoutes(config, conn, host).register(routes)
+    listener = HttpsListener(reactor, config, routes, access_for(config), lambda: _cert_names(host))
     listener.vm_routes = vm  # tests swap its QEMU guest agent runner
     return listener
 
 
-def _cert_names(config: Config) -> tuple[str, list[str]]:
-    hostname, ip = identity(config)
+def _cert_names(host: Any) -> tuple[str, list[str]]:
+    hostname, ip = identity(host)
     return hostname, [ip]
