@@ -13,6 +13,7 @@ from twisted.trial import unittest
 
 from quantix.events import mapping as m
 from quantix.proto import node_pb2
+from tests.libvirtd import NAME_PREFIX
 from tests.support import Daemon, wait_for
 
 URI = "qemu:///system"
@@ -43,7 +44,7 @@ class LibvirtdEventTests(unittest.TestCase):
                 raise
             raise unittest.SkipTest(f"{URI} does not answer: {exc}") from None
         self.addCleanup(self.conn.close)
-        self.name = f"qtx-test-{uuid.uuid4().hex[:8]}"
+        self.name = f"{NAME_PREFIX}-{uuid.uuid4().hex[:8]}"
         self.uuid = str(uuid.uuid4())
         self.addCleanup(self._destroy)
 

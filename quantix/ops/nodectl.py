@@ -95,8 +95,11 @@ def format_health(r: Any) -> str:
     )
 
 
-def format_info(r: Any) -> str:
+def format_info(r: Any, built: dict[str, str] | None = None) -> str:
+    """``built``: the ``x-quantix-*`` response metadata (daemon version, proto fingerprint,
+    libvirt version), shown when the daemon sent it."""
     cpu, mem, caps = r.cpu, r.memory, r.capabilities
+    built = built or {}
     supports = [
         name
         for name, flag in (
@@ -121,6 +124,7 @@ def format_info(r: Any) -> str:
             ),
             ("memory", f"{human_bytes(mem.used_bytes)} used of {human_bytes(mem.total_bytes)}"),
             ("hypervisor", f"{caps.name} {caps.version}".strip()),
+            *daemon_build(built),
             ("max vcpus", caps.max_vcpus),
             ("supports", ", ".join(supports) or "-"),
         ]
@@ -153,6 +157,18 @@ def format_info(r: Any) -> str:
         ],
     )
     return f"{head}\n\n{storage}\n\n{network}"
+
+
+def daemon_build(built: dict[str, str]) -> list[tuple[str, str]]:
+    from quantix import versions
+
+    if versions.VERSION_KEY not in built:
+        return []
+    return [
+        ("daemon", built[versions.VERSION_KEY]),
+        ("proto", built.get(versions.PROTO_KEY, "-")[:12]),
+        ("libvirt", built.get(versions.LIBVIRT_KEY, "-")),
+    ]
 
 
 def _state(vm: Any, pb: Any) -> str:
@@ -309,6 +325,10 @@ def format_metrics_line(m: Any) -> str:
 # -- command line -----------------------------------------------------------------------------
 
 
+class UsageError(Exception):
+    """A request nodectl cannot send (unknown RPC, bad JSON): exit code 2."""
+
+
 class _Parser(argparse.ArgumentParser):
     """Writes to the streams ``main`` was given (subclassed per call: subparsers share the class)."""
 
@@ -351,6 +371,19 @@ def build_parser(out: IO[str], err: IO[str]) -> argparse.ArgumentParser:
         "--config", default=None, help="daemon config, for state_dir [/etc/limiquantix/node.yaml]"
     )
     token.add_argument("--state-dir", default=None, help="daemon state dir (overrides the config)")
+    call = sub.add_parser(
+        "call",
+        help="call any RPC by name with a JSON request (types learnt from the server's reflection)",
+        description='Call any RPC: `call GetVMStatus \'{"vm_id": "..."}\'`. Replies are printed as '
+        "JSON (proto field names); a streaming RPC prints one line per message.",
+    )
+    call.add_argument("rpc", help="RPC name: HealthCheck, or Service/Method with the package")
+    call.add_argument("request", nargs="?", default="{}", help="request as JSON [{}]")
+    call.add_argument("--count", type=int, metavar="N", help="streaming RPCs: stop after N messages")
+    call.add_argument(
+        "--metadata", action="append", default=[], metavar="KEY=VALUE", help="request metadata (repeatable)"
+    )
+    sub.add_parser("list", help="the RPCs the server offers, with request and reply types (reflection)")
     return parser
 
 
@@ -412,7 +445,9 @@ class _Ctl:
         return EXIT_OK if reply.healthy else EXIT_UNHEALTHY
 
     def info(self) -> int:
-        self.emit(self.stub.GetNodeInfo(self.empty(), timeout=self.args.timeout), format_info)
+        reply, call = self.stub.GetNodeInfo.with_call(self.empty(), timeout=self.args.timeout)
+        built = {k: v for k, v in call.initial_metadata() or () if isinstance(v, str)}
+        self.emit(reply, lambda r: format_info(r, built))
         return EXIT_OK
 
     def vms(self) -> int:
@@ -438,6 +473,37 @@ class _Ctl:
             call = self.stub.StreamMetrics(request, timeout=interval + self.args.timeout)
             return self._follow(call, format_metrics, 1)
         return self._follow(self.stub.StreamMetrics(request), format_metrics_line, self.args.count)
+
+    def call(self) -> int:
+        from quantix.ops import rpccall
+
+        reflector = rpccall.Reflector(self.channel)
+        try:
+            method = reflector.find(self.args.rpc)
+            request = rpccall.request_from_json(method, self.args.request)
+            metadata = [tuple(kv.split("=", 1)) for kv in self.args.metadata if "=" in kv] or None
+            replies = rpccall.invoke(self.channel, method, request, self._deadline(method), metadata)
+        except rpccall.CallError as exc:
+            raise UsageError(str(exc)) from None
+        indent = None if self.args.json or method.server_streaming else 2
+        seen = 0
+        for reply in replies:
+            self.out.write(rpccall.to_json(reply, indent) + "\n")
+            self.out.flush()
+            seen += 1
+            if self.args.count is not None and seen >= self.args.count:
+                break
+        return EXIT_OK
+
+    def _deadline(self, method: Any) -> float | None:
+        return None if method.server_streaming else self.args.timeout
+
+    def list(self) -> int:
+        from quantix.ops import rpccall
+
+        for method in rpccall.Reflector(self.channel).methods():
+            self.out.write(rpccall.describe(method) + "\n")
+        return EXIT_OK
 
     def _follow(
         self, call: Any, render: Callable[[Any], str], count: int | None, header: str | None = None
@@ -481,6 +547,9 @@ def main(
             return EXIT_UNREACHABLE
         err.write(f"quantix-nodectl: {code.name}: {exc.details()}\n")
         return EXIT_RPC_ERROR
+    except UsageError as exc:
+        err.write(f"quantix-nodectl: {exc}\n")
+        return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_OK
     finally:
