@@ -42,6 +42,27 @@ def make_event(event_id: int, event_type: int, vm_id: str, message: str, metadat
     )
 
 
+class Published:
+    """A published event and its wire form. The bytes are made once, by the first stream that
+    sends the event (off the reactor), and shared by every other subscriber: grpc would otherwise
+    serialize the message again for each stream. Reads like the ``NodeEvent`` it carries."""
+
+    __slots__ = ("_wire", "event")
+
+    def __init__(self, event: Any) -> None:
+        self.event = event
+        self._wire: bytes | None = None
+
+    @property
+    def wire(self) -> bytes:
+        if self._wire is None:
+            self._wire = self.event.SerializeToString()  # a benign race: same bytes either way
+        return self._wire
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.event, name)
+
+
 class Subscription:
     """One subscriber: the backlog it resumed with, then live events through a bounded queue.
 
@@ -149,10 +170,11 @@ class EventBus(Service):
         """Number, buffer and fan out one event; never blocks. Returns the ``NodeEvent``."""
         with self._lock:
             event = make_event(self._next_id, event_type, vm_id, message, metadata)
+            item = Published(event)
             self._next_id += 1
             self.published += 1
-            self.buffer.append(event)
-            slow = [sub for sub in self._subscribers if not sub.offer(event)]
+            self.buffer.append(item)
+            slow = [sub for sub in self._subscribers if not sub.offer(item)]
             for sub in slow:
                 self._subscribers.discard(sub)
         for _ in slow:
@@ -194,7 +216,7 @@ class EventBus(Service):
             f"events after {after} are no longer available; resync the node's state",
             {"gap": "true", "resume_after": str(after), "first_available": str(first)},
         )
-        return [gap, *self.buffer]
+        return [Published(gap), *self.buffer]
 
     def unsubscribe(self, sub: Subscription) -> None:
         with self._lock:

@@ -21,7 +21,7 @@ import psutil
 from twisted.logger import Logger
 
 from quantix import errors
-from quantix.hypervisor import domaininfo
+from quantix.hypervisor import domaininfo, statuscache
 from quantix.proto import node_pb2
 
 log = Logger(namespace="quantix.hypervisor.vms")
@@ -307,11 +307,16 @@ _LIVE = frozenset((libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_BLOCKED, libvi
 
 
 def _fill_status(
-    msg: Any, dom: libvirt.virDomain, stats: Mapping[str, Any], sampler: CpuSampler, pid_dir: str | None
+    msg: Any,
+    dom: libvirt.virDomain,
+    vm_id: str,
+    name: str,
+    stats: Mapping[str, Any],
+    sampler: CpuSampler,
+    pid_dir: str | None,
 ) -> str:
-    """Write one VM's ``VMStatusResponse`` fields into ``msg``; returns the VM id."""
-    vm_id = dom.UUIDString()
-    name = dom.name()
+    """Write one VM's ``VMStatusResponse`` fields into ``msg``; returns the VM id. The caller
+    passes the domain's uuid and name (each libvirt-python call re-takes the GIL)."""
     state = int(stats.get("state.state", libvirt.VIR_DOMAIN_NOSTATE))
     running = state in _LIVE
     percent = 0.0
@@ -331,21 +336,13 @@ def _fill_status(
     return vm_id
 
 
-def _vm_status(
-    dom: libvirt.virDomain, stats: Mapping[str, Any], sampler: CpuSampler, pid_dir: str | None
-) -> Any:
-    msg = node_pb2.VMStatusResponse()
-    _fill_status(msg, dom, stats, sampler, pid_dir)
-    return msg
-
-
 def list_response(conn: libvirt.virConnect, sampler: CpuSampler, pid_dir: str | None = None) -> Any:
     """``ListVMsOnNodeResponse`` for every defined VM from one bulk libvirt query (no per-domain
     round trips); each entry is filled in place in the response."""
     out = node_pb2.ListVMsOnNodeResponse()
     add = out.vms.add
     seen = [
-        _fill_status(add(), dom, stats, sampler, pid_dir)
+        _fill_status(add(), dom, dom.UUIDString(), dom.name(), stats, sampler, pid_dir)
         for dom, stats in conn.getAllDomainStats(STATS, NOWAIT)
     ]
     sampler.forget(seen)
@@ -361,13 +358,27 @@ def vm_status(
     conn: libvirt.virConnect, dom: libvirt.virDomain, sampler: CpuSampler, pid_dir: str | None = None
 ) -> Any:
     """One VM: bulk stats for that domain plus the disks from its live XML."""
-    found = conn.domainListGetStats([dom], STATS, NOWAIT)
+    name, info = dom.name(), domaininfo.parse_domain(dom.XMLDesc(0))
+    return status_of(conn, statuscache.Entry(conn, dom, dom.UUIDString(), name, info), sampler, pid_dir)
+
+
+def status_of(
+    conn: libvirt.virConnect, entry: statuscache.Entry, sampler: CpuSampler, pid_dir: str | None
+) -> Any:
+    """One VM from one bulk stats query for its domain; uuid, name and disks come from
+    ``entry`` (see :mod:`quantix.hypervisor.statuscache`)."""
+    try:
+        found = conn.domainListGetStats([entry.dom], STATS, NOWAIT)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            raise errors.VMNotFound(entry.uuid) from None
+        raise
     if not found:  # undefined since the lookup
-        raise errors.VMNotFound(dom.UUIDString())
+        raise errors.VMNotFound(entry.uuid)
     stats = found[0][1]
-    msg = _vm_status(dom, stats, sampler, pid_dir)
-    info = domaininfo.parse_domain(dom.XMLDesc(0))
-    msg.disks.extend(disk_specs(info, _capacities(stats)))
+    msg = node_pb2.VMStatusResponse()
+    _fill_status(msg, entry.dom, entry.uuid, entry.name, stats, sampler, pid_dir)
+    msg.disks.extend(disk_specs(entry.info, _capacities(stats)))
     return msg
 
 

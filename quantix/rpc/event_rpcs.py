@@ -48,7 +48,8 @@ class EventRpcs:
     ) -> Iterator[node_pb2.NodeEvent]:
         sub = self.events.subscribe(resume_after(context))
         on_cancel(context, sub.cancel)
-        yield from sub.events(context.is_active, POLL)
+        for item in sub.events(context.is_active, POLL):
+            yield item.wire
 
     @rpc("StreamMetrics")
     def stream_metrics(
