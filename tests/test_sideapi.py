@@ -541,7 +541,7 @@ class ConfiguredTlsTests(unittest.TestCase):
         yield self.assertFailure(stranger.get("/api/v1/updates/status"), Exception)
 
     def test_unreadable_certificate_is_a_startup_error(self):
-        from quantix.rpc.server import ListenError
+        from quantix.config import ListenError
 
         daemon = Daemon(
             self,

@@ -17,8 +17,7 @@ from twisted.protocols.policies import WrappingFactory
 from zope.interface import implementer
 
 from quantix import bridge
-from quantix.config import parse_address
-from quantix.rpc.server import ListenError
+from quantix.config import ListenError, parse_address
 from quantix.web.allow import ClientAllowList, resolve_host
 from quantix.web.request import MAX_BODY, JsonSite
 

@@ -16,9 +16,8 @@ from twisted.internet import defer, ssl, task
 from twisted.logger import Logger
 
 from quantix import bridge
-from quantix.config import Config
+from quantix.config import Config, ListenError
 from quantix.ops import selfsigned
-from quantix.rpc.server import ListenError
 from quantix.web.access import RouteAccess
 from quantix.web.allow import ClientAllowList, resolve_host
 from quantix.web.hostroutes import HostRoutes, identity
