@@ -133,7 +133,8 @@ class DaemonShutdownTests(unittest.TestCase):
             json.dump(  # YAML is a superset of JSON
                 {
                     "server": {"grace_seconds": GRACE, "metrics_listen": None},
-                    "https": {"listen": None},
+                    "http": {"listen": None},  # 8080 may be held by another run on this host
+                    "https": {"listen": None},  # 8443 likewise
                     "logging": {"level": "debug", "format": "json"},
                 },
                 fh,
