@@ -105,3 +105,9 @@ def rpc_error(d: defer.Deferred) -> defer.Deferred:
         return failure.value.code(), failure.value.details()
 
     return d.addCallbacks(ok, err)
+
+
+def storage_dir(daemon: Daemon) -> str:
+    """The daemon's storage root, created: files a request names must lie in a storage location."""
+    os.makedirs(daemon.config.storage.root, exist_ok=True)
+    return daemon.config.storage.root

@@ -16,6 +16,7 @@ import grpc
 from twisted.logger import Logger
 
 from quantix import errors
+from quantix.rpc import inputs
 
 log = Logger(namespace="quantix.rpc")
 
@@ -161,6 +162,7 @@ def decoder(message_class: Any) -> Callable[[bytes], Any]:
 def _check_decoded(request: Any) -> None:
     if isinstance(request, MalformedRequest):
         raise errors.Invalid(f"malformed request: {request.reason}")
+    inputs.check(request)  # entry counts and string characters, before any work
 
 
 def unary(
