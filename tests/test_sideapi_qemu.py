@@ -19,7 +19,7 @@ from quantix.proto import node_pb2
 from tests.fakecp import FakeControlPlane, FakeCPServer
 from tests.libvirtd import real_libvirt_uri
 from tests.sidehttp import SideClient
-from tests.support import Daemon, wait_for
+from tests.support import Daemon, storage_dir, wait_for
 from tests.test_sideapi import served_cert
 
 
@@ -60,7 +60,7 @@ class SilentGuestTests(unittest.TestCase):
         name = f"qtx-test-side-{self.vm_id[:8]}"
         self.addCleanup(virsh, "undefine", name, "--nvram")
         self.addCleanup(virsh, "destroy", name)
-        root = os.path.join(self.daemon.tmp, "root.qcow2")
+        root = os.path.join(storage_dir(self.daemon), "root.qcow2")
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", root, "16M"], check=True)
         spec = node_pb2.VMSpec(
             cpu_cores=1,
