@@ -50,6 +50,7 @@ from quantix.rpc.server import SERVICE, GrpcServer
 from quantix.rpc.storage_rpcs import StorageRpcs
 from quantix.rpc.vm_rpcs import VmRpcs
 from quantix.web import images as web_images
+from quantix.web import sideapi
 
 if TYPE_CHECKING:
     from quantix.controlplane.images import ImageReporter
@@ -118,6 +119,7 @@ class NodeService(MultiService):
         )
         #: The one owner of guest filesystem freezes (RPCs and quiesced snapshots).
         self.quiesce = Quiesce(self.agents.request, reactor)
+        self.https = sideapi.build(reactor, config, self.hypervisor.conn, self.agents, self.host)
         #: The control-plane link (``.registered``, ``.node_id``), when registering.
         self.cplink: ControlPlaneLink | None = None
         self.image_reports: ImageReporter | None = None
@@ -160,6 +162,8 @@ class NodeService(MultiService):
         # Stops (ending StreamMetrics with UNAVAILABLE) before the bus.
         self.metrics_hub.setServiceParent(self)
         self.watcher.setServiceParent(self)
+        # The 8443 side API (https.listen null: off); it stops before gRPC and libvirt do.
+        self.https.setServiceParent(self)
         # GetVMStatus's per-domain cache of what the XML says, dropped when libvirt says it changed.
         self.watcher.xml_listeners.append(self.domain_cache.forget)
         # Agent channels follow the VMs: opened when one runs, closed when it stops.
