@@ -387,6 +387,9 @@ def build_parser(out: IO[str], err: IO[str]) -> argparse.ArgumentParser:
     from quantix.ops import nodectl_migrate
 
     nodectl_migrate.add_parser(sub)
+    from quantix.ops import nodectl_images
+
+    nodectl_images.add_parser(sub)
     return parser
 
 
@@ -508,6 +511,11 @@ class _Ctl:
         for method in rpccall.Reflector(self.channel).methods():
             self.out.write(rpccall.describe(method) + "\n")
         return EXIT_OK
+
+    def images(self) -> int:
+        from quantix.ops import nodectl_images
+
+        return nodectl_images.run(self, self.err)
 
     def migrate(self) -> int:
         from quantix.ops import nodectl_migrate
