@@ -171,6 +171,16 @@ class HttpConfig:
 
 
 @attrs.frozen
+class OvsConfig:
+    #: OVSDB's unix socket (ovsdb-server ``--remote=punix:``).
+    db_socket: str = "/run/openvswitch/db.sock"
+    #: Seconds an OVSDB call (connect included) may take.
+    timeout: float = attrs.field(default=5.0, validator=_positive)
+    #: Bridge VM NICs bound to OVN ports join when OVSDB names none (``external_ids:ovn-bridge``).
+    integration_bridge: str = "br-int"
+
+
+@attrs.frozen
 class LoggingConfig:
     level: str = attrs.field(default="info", validator=_one_of(LOG_LEVELS))
     format: str = attrs.field(default="text", validator=_one_of(LOG_FORMATS))
@@ -189,6 +199,7 @@ class Config:
     server: ServerConfig = attrs.field(factory=ServerConfig)
     events: EventsConfig = attrs.field(factory=EventsConfig)
     control_plane: ControlPlaneConfig = attrs.field(factory=ControlPlaneConfig)
+    ovs: OvsConfig = attrs.field(factory=OvsConfig)
     http: HttpConfig = attrs.field(factory=HttpConfig)
     logging: LoggingConfig = attrs.field(factory=LoggingConfig)
 

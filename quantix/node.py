@@ -12,6 +12,7 @@ from twisted.logger import Logger
 
 from quantix import state
 from quantix.agent.manager import AgentManager
+from quantix.bridge import run_in_worker
 from quantix.config import Config
 from quantix.controlplane import sources as cp_sources
 from quantix.controlplane.link import ControlPlaneLink
@@ -21,6 +22,9 @@ from quantix.events.watcher import DomainWatcher
 from quantix.hypervisor import hostinfo
 from quantix.hypervisor.connection import Hypervisor
 from quantix.hypervisor.storage import StorageManager
+from quantix.network.ovsdb import OvsdbClient
+from quantix.network.ports import PortStore
+from quantix.network.service import NetworkPorts
 from quantix.ops.service import Operations
 from quantix.ops.shutdown import stop_in_order
 from quantix.rpc import handlers, status, tls
@@ -59,6 +63,14 @@ class NodeService(MultiService):
         )
         self.hypervisor.setServiceParent(self)
         self.storage = StorageManager(self.hypervisor.conn, config.storage)
+        ovs = config.ovs
+        self.network = NetworkPorts(
+            reactor,
+            self.hypervisor.conn,
+            OvsdbClient(reactor, ovs.db_socket, timeout=ovs.timeout),
+            PortStore(config.state_dir),
+            default_bridge=ovs.integration_bridge,
+        )
         self.grpc = GrpcServer(
             config.listen_address,
             lambda: self.ops.gate(handlers.build(self)),
@@ -121,6 +133,10 @@ class NodeService(MultiService):
             self, before={self.grpc: self.ops.drain_calls}, after={self.grpc: self.agents.stop_all}
         )
 
+    def _after_grpc(self) -> Any:
+        self.network.ovsdb.close()
+        return self.agents.stop_all()
+
     def setServiceParent(self, parent) -> None:
         super().setServiceParent(parent)
         self.ops.attach_logging(parent)
@@ -131,6 +147,9 @@ class NodeService(MultiService):
     def _domain_state(self, vm_id: str, name: str, state: str | None) -> None:
         if state == mapping.RUNNING:
             self.agents.vm_started(vm_id, domain_name=name)
+            run_in_worker(self.network.vm_started, vm_id).addErrback(
+                lambda f: log.warn("binding the network ports of {vm_id}: {err}", vm_id=vm_id, err=f.value)
+            )
         elif state in (None, mapping.STOPPED, mapping.CRASHED):
             self.agents.vm_stopped(vm_id)
         if self.cplink is not None:

@@ -66,7 +66,7 @@ case "${1:-}" in
     ;;
   test)
     shift
-    setup libvirt-daemon libvirt-daemon-driver-qemu qemu-system-x86 qemu-utils libvirt-clients tini
+    setup libvirt-daemon libvirt-daemon-driver-qemu qemu-system-x86 qemu-utils libvirt-clients tini openvswitch-switch
     start_libvirtd
     export PYTHONPATH=$ROOT
     log=$(mktemp)

@@ -27,7 +27,10 @@ def _unavailable(why: str) -> None:
 
 
 class PrivateLibvirtd:
-    def __init__(self) -> None:
+    """``extra_mounts`` are more directories made private (e.g. Open vSwitch's run dir);
+    ``netns`` adds a network namespace; ``prelude`` is shell run in the namespaces first."""
+
+    def __init__(self, extra_mounts: tuple[str, ...] = (), netns: bool = False, prelude: str = "") -> None:
         if os.geteuid() != 0:
             _unavailable("needs root")
         for tool in ("unshare", "tini", "virsh"):
@@ -38,7 +41,9 @@ class PrivateLibvirtd:
         # AF_UNIX paths are short: keep the directory in /tmp.
         self.dir = tempfile.mkdtemp(prefix="qtx-plv-")
         self.sources = []
-        for target in _MOUNTS:
+        self.netns = netns
+        self.prelude = prelude
+        for target in (*_MOUNTS, *extra_mounts):
             source = os.path.join(self.dir, target.strip("/").replace("/", "_"))
             os.makedirs(source)
             self.sources.append((source, target))
@@ -48,21 +53,32 @@ class PrivateLibvirtd:
         self.conf = os.path.join(self.dir, "libvirtd.conf")
         with open(self.conf, "w") as fh:
             fh.write(f'log_outputs="3:file:{self.dir}/libvirtd.log"\n')
-        self.socket = os.path.join(dict((t, s) for s, t in self.sources)["/run/libvirt"], "libvirt-sock")
+        self.socket = os.path.join(self.outside("/run/libvirt"), "libvirt-sock")
         self.uri = f"qemu+unix:///system?socket={self.socket}"
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 30.0) -> float:
         """Start the daemon; returns when its socket answers (seconds it took)."""
-        mounts = " && ".join(f"mount --bind {s} {t}" for s, t in self.sources)
+        mounts = " && ".join(f"mkdir -p {t} && mount --bind {s} {t}" for s, t in self.sources)
+        prelude = f"{self.prelude} && " if self.prelude else ""
         script = (
-            f"{mounts} && exec tini -s -- /usr/sbin/libvirtd --config {self.conf} --pid-file {self.dir}/pid"
+            f"{mounts} && {prelude}"
+            f"exec tini -s -- /usr/sbin/libvirtd --config {self.conf} --pid-file {self.dir}/pid"
         )
         if os.path.exists(self.socket):
             os.unlink(self.socket)
         started = time.monotonic()
         self.proc = subprocess.Popen(
-            ["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+            [
+                "unshare",
+                "-m",
+                *(["-n"] if self.netns else []),
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                script,
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -74,6 +90,10 @@ class PrivateLibvirtd:
                 return time.monotonic() - started
             time.sleep(0.02)
         raise AssertionError(f"private libvirtd did not answer within {timeout}s")
+
+    def outside(self, target: str) -> str:
+        """Where a private directory of the namespace is seen from outside it."""
+        return dict((t, s) for s, t in self.sources)[target]
 
     def kill(self) -> None:
         """SIGKILL the daemon (tini forwards nothing: kill libvirtd itself, then reap tini)."""

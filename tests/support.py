@@ -29,6 +29,7 @@ def test_config(tmp: str, **overrides: Any) -> cfg.Config:
         "storage.cloud_images": (os.path.join(tmp, "storage", "cloud-images"), "test"),
         "storage.iso_images": (os.path.join(tmp, "storage", "isos"), "test"),
         "server.metrics_listen": (None, "test"),
+        "ovs.db_socket": (os.path.join(tmp, "ovs", "db.sock"), "test"),
         "http.listen": (None, "test"),
         "server.max_workers": (32, "test"),
         "server.grace_seconds": (0.5, "test"),

@@ -31,18 +31,13 @@ from tests.support import Daemon
 
 C = grpc.StatusCode
 
-#: RPCs no box implements (migration, image download, OVN network ports): the only ones that
-#: may answer UNIMPLEMENTED.
+#: RPCs no box implements (migration, image download): the only ones that may answer
+#: UNIMPLEMENTED.
 NOT_IMPLEMENTED = frozenset(
     {
         "CancelDownload",
-        "ConfigureNetworkPort",
-        "DeleteNetworkPort",
         "DownloadImage",
         "GetDownloadStatus",
-        "GetNetworkPortStatus",
-        "GetOVSStatus",
-        "ListNetworkPorts",
         "MigrateVM",
         "PrepareMigration",
         "ReceiveMigration",
@@ -415,6 +410,43 @@ def _rows() -> list[Row]:
         ]
     )
 
+    # -- network ports (no Open vSwitch on this daemon) -------------------------------------------
+    def nport(**kw: Any) -> Any:
+        base = {"port_id": "p1", "vm_id": S, "mac_address": "52:54:00:00:00:01", "ovn_port_name": "lsp-1"}
+        return pb.ConfigureNetworkPortRequest(**{**base, **kw})
+
+    add(
+        [
+            Row("GetOVSStatus", "no OVS on the host", empty_pb2.Empty(), OK),
+            Row("ListNetworkPorts", "empty request", empty_pb2.Empty(), OK),
+            Row("ConfigureNetworkPort", "unknown VM", nport(vm_id=b.UNKNOWN), vm_missing(b.UNKNOWN)),
+            Row("ConfigureNetworkPort", "malformed MAC", nport(mac_address=b.XML), INVALID),
+            Row("ConfigureNetworkPort", "missing port name", nport(ovn_port_name=""), INVALID),
+            Row("ConfigureNetworkPort", "empty port id", nport(port_id=""), INVALID),
+            Row("ConfigureNetworkPort", "1 MiB port name", nport(ovn_port_name=b.BIG), INVALID),
+            Row("ConfigureNetworkPort", "unknown binding type", nport(binding_type=b.BAD_ENUM), INVALID),
+            Row(
+                "ConfigureNetworkPort",
+                "QoS out of range",
+                nport(qos=pb.NetworkPortQoS(ingress_rate_kbps=b.U64)),
+                INVALID,
+            ),
+            Row(
+                "GetNetworkPortStatus",
+                "empty port id",
+                pb.GetNetworkPortStatusRequest(port_id=""),
+                not_found(),
+            ),
+            Row(
+                "GetNetworkPortStatus",
+                "1 MiB port id",
+                pb.GetNetworkPortStatusRequest(port_id=b.BIG),
+                not_found(),
+            ),
+            Row("DeleteNetworkPort", "unknown port", pb.DeleteNetworkPortRequest(port_id=b.BIG), OK),
+        ]
+    )
+
     # -- storage ---------------------------------------------------------------------------------
     def local_pool(pool_id: str, path: str = "") -> Any:
         return pb.InitStoragePoolRequest(
@@ -686,13 +718,8 @@ def _rows() -> list[Row]:
     # -- not implemented -------------------------------------------------------------------------
     no = {
         "CancelDownload": pb.CancelDownloadRequest(job_id=b.XML),
-        "ConfigureNetworkPort": pb.ConfigureNetworkPortRequest(port_id=b.DOTS, binding_type=b.BAD_ENUM),
-        "DeleteNetworkPort": pb.DeleteNetworkPortRequest(port_id=b.BIG),
         "DownloadImage": pb.DownloadImageOnNodeRequest(url=b.XML, target_dir=b.DOTS, filename=b.ABS),
         "GetDownloadStatus": pb.GetDownloadStatusRequest(job_id=b.UNKNOWN),
-        "GetNetworkPortStatus": pb.GetNetworkPortStatusRequest(port_id=""),
-        "GetOVSStatus": empty_pb2.Empty(),
-        "ListNetworkPorts": empty_pb2.Empty(),
         "MigrateVM": pb.MigrateVMRequest(vm_id=b.UNKNOWN, target_node_uri=b.XML),
         "PrepareMigration": pb.PrepareMigrationRequest(vm_id=b.BIG),
         "ReceiveMigration": pb.MigrationToken(token=b.XML, vm_id=b.DOTS),

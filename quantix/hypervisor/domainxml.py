@@ -274,10 +274,18 @@ class DiskSource:
 
 @attrs.frozen
 class NicSource:
-    """``kind`` is 'bridge' or 'network'; ``name`` the bridge or libvirt network name."""
+    """``kind`` is 'bridge' or 'network'; ``name`` the bridge or libvirt network name.
+
+    ``virtualport`` "openvswitch" plugs the tap into an Open vSwitch bridge (a bridge source only),
+    with ``interfaceid`` (a UUID) as its OVN port when given; ``inbound`` is (average kB/s, burst
+    kB) for traffic to the guest, overriding the NIC spec's ``bandwidth_mbps``.
+    """
 
     kind: str
     name: str
+    virtualport: str | None = None
+    interfaceid: str | None = None
+    inbound: tuple[int, int] | None = None
 
 
 @attrs.frozen
@@ -297,6 +305,8 @@ class DomainContext:
     disks: Sequence[DiskSource | None] = ()
     cdrom_paths: Sequence[str | None] = ()
     nics: Sequence[NicSource | None] = ()
+    #: NICs bound to a configured network port, by MAC: they take that source instead.
+    bound_nics: Mapping[str, NicSource] = attrs.field(factory=dict)
     cloud_init_iso: str | None = None
     default_network: str = "default"
     domain_type: str = "kvm"
@@ -468,8 +478,19 @@ def nic_element(nic, *, mac: str, source: NicSource, boot_order: int | None = No
     el = ET.Element("interface", type=source.kind)
     _sub(el, "mac", address=mac)
     _sub(el, "source", **{source.kind: source.name})
+    if source.virtualport is not None:
+        if source.kind != "bridge":
+            raise Invalid("a virtual port needs a bridge source")
+        vport = _sub(el, "virtualport", type=source.virtualport)
+        if source.interfaceid is not None:
+            _sub(vport, "parameters", interfaceid=str(uuid.UUID(source.interfaceid)))
     _sub(el, "model", type=_NIC_MODEL.get(nic.model, "virtio"))
-    if nic.bandwidth_mbps:
+    if source.inbound is not None:
+        average, burst = source.inbound
+        inbound = _sub(_sub(el, "bandwidth"), "inbound", average=str(max(average, 1)))
+        if burst:
+            inbound.set("burst", str(burst))
+    elif nic.bandwidth_mbps:
         if nic.bandwidth_mbps > MAX_NIC_MBPS:
             raise Invalid("bandwidth_mbps is too large")
         kbytes = str(nic.bandwidth_mbps * 125)  # Mbit/s → kB/s, libvirt's unit
@@ -655,7 +676,7 @@ def build_domain(spec, ctx: DomainContext) -> ET.Element:
 
     for k, nic in enumerate(spec.nics):
         mac = validate_mac(nic.mac_address) if nic.mac_address else derive_mac(vm_id, nic_ids[k])
-        source = _at(ctx.nics, k) or nic_source(nic, ctx.default_network)
+        source = ctx.bound_nics.get(mac) or _at(ctx.nics, k) or nic_source(nic, ctx.default_network)
         devices.append(nic_element(nic, mac=mac, source=source, boot_order=boot.get(("network", k))))
         refs.append(DeviceRef("nic", nic_ids[k], mac=mac))
 

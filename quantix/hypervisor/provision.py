@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import attrs
@@ -53,9 +54,16 @@ class HostSettings:
     console_listen: str
     vm_images: str
     cloud_images: str
+    #: MAC → NIC source of the VM's configured network ports (see :mod:`quantix.network`).
+    bound_nics: Callable[[str], Mapping[str, domainxml.NicSource]] = lambda vm_id: {}
 
     @classmethod
-    def from_config(cls, config: Any, hypervisor_type: str = "") -> HostSettings:
+    def from_config(
+        cls,
+        config: Any,
+        hypervisor_type: str = "",
+        bound_nics: Callable[[str], Mapping[str, domainxml.NicSource]] = lambda vm_id: {},
+    ) -> HostSettings:
         """``hypervisor_type`` is ``virConnectGetType`` of the live connection."""
         domain_type = config.hypervisor.domain_type
         if hypervisor_type.upper() == "TEST":
@@ -66,6 +74,7 @@ class HostSettings:
             console_listen=config.hypervisor.console_listen,
             vm_images=config.storage.vm_images,
             cloud_images=config.storage.cloud_images,
+            bound_nics=bound_nics,
         )
 
     def seed_path(self, vm_id: str) -> str:
@@ -222,6 +231,7 @@ def create_vm(
             labels=labels,
             disks=disks,
             nics=nics,
+            bound_nics=settings.bound_nics(vm_id),
             cloud_init_iso=iso,
             domain_type=settings.domain_type,
         )

@@ -19,4 +19,6 @@ def handler_classes() -> list[type]:
 
 
 def build(node: Any) -> dict[str, Callable[..., Any]]:
-    return collect(cls(node) for cls in handler_classes())
+    from quantix.rpc.network_rpcs import NetworkRpcs
+
+    return collect([*(cls(node) for cls in handler_classes()), NetworkRpcs(node.network)])

@@ -57,7 +57,9 @@ class VmRpcs:
 
     def _settings(self) -> provision.HostSettings:
         ident = self.node.hypervisor.identity
-        return provision.HostSettings.from_config(self.config, ident.name if ident else "")
+        return provision.HostSettings.from_config(
+            self.config, ident.name if ident else "", bound_nics=self.node.network.store.sources_for
+        )
 
     def _pid_dir(self) -> str | None:
         uri = self.config.hypervisor.uri
