@@ -14,8 +14,9 @@ import libvirt
 from twisted.application.service import Service
 from twisted.internet import defer, task
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-from quantix import bridge
+from quantix import bridge, errors
 from quantix.events import mapping, reconcile
 from quantix.events.bus import EventBus
 
@@ -87,9 +88,13 @@ class DomainWatcher(Service):
             self._callback_ids = ids
             return self.reconcile()
 
-        d = bridge.run_in_worker(register).addCallback(registered)
-        d.addErrback(lambda f: log.failure("cannot watch libvirt domain events", f))
-        return d
+        def failed(failure: Failure) -> None:
+            # libvirt went away while the callbacks were being registered: the next connect
+            # attaches again, so this is not worth a traceback.
+            if not failure.check(errors.HypervisorDown):
+                log.failure("cannot watch libvirt domain events", failure)
+
+        return bridge.run_in_worker(register).addCallback(registered).addErrback(failed)
 
     def detach(self) -> None:
         """Deregister the callbacks (before the connection is closed)."""
