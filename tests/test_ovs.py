@@ -101,6 +101,19 @@ class OvsAbsentTests(unittest.TestCase):
         self.assertTrue(os.path.exists(os.path.join(self.daemon.config.state_dir, "network-ports.json")))
 
     @defer.inlineCallbacks
+    def test_create_vm_plugs_a_bound_nic(self):
+        """A VM defined again under the same id (e.g. recreated) gets its bound NIC on OVS."""
+        yield self.call("ConfigureNetworkPort", port(self.vm_id))
+        yield self.call("DeleteVM", pb.VMIdRequest(vm_id=self.vm_id))
+        yield self.call("CreateVM", vm_request(self.vm_id, f"qtx-net2-{self.vm_id[:8]}"))
+        xml = yield threads.deferToThread(
+            lambda: self.daemon.node.hypervisor.conn().lookupByUUIDString(self.vm_id).XMLDesc(0)
+        )
+        nic = ET.fromstring(xml).find("devices/interface")
+        self.assertEqual(nic.find("source").get("bridge"), "br-int")
+        self.assertEqual(nic.find("virtualport").get("type"), "openvswitch")
+
+    @defer.inlineCallbacks
     def test_bad_input(self):
         code, details = yield rpc_error(self.call("ConfigureNetworkPort", port(str(uuid.uuid4()))))
         self.assertEqual(code, C.NOT_FOUND)

@@ -119,7 +119,11 @@ class OvsdbProtocol(Protocol):
 
     def request(self, method: str, params: list) -> defer.Deferred:
         rid = next(self._ids)
-        d: defer.Deferred = defer.Deferred(lambda _: self._pending.pop(rid, None))
+
+        def forget(_: defer.Deferred) -> None:
+            self._pending.pop(rid, None)
+
+        d: defer.Deferred = defer.Deferred(forget)
         self._pending[rid] = d
         self._send({"method": method, "params": params, "id": rid})
         return d

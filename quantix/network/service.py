@@ -195,7 +195,7 @@ class NetworkPorts:
             raise NotFound(f"network port not found: {port_id}")
         return self._live([binding])[0]
 
-    def list(self) -> list[ports.PortStatus]:
+    def list_ports(self) -> list[ports.PortStatus]:
         return self._live(self.store.all())
 
     # -- helpers ---------------------------------------------------------------------------------

@@ -80,4 +80,4 @@ class NetworkRpcs:
     def list_network_ports(
         self, request: empty_pb2.Empty, context: grpc.ServicerContext
     ) -> node_pb2.ListNetworkPortsResponse:
-        return node_pb2.ListNetworkPortsResponse(ports=[port_message(s) for s in self.network.list()])
+        return node_pb2.ListNetworkPortsResponse(ports=[port_message(s) for s in self.network.list_ports()])
