@@ -27,6 +27,7 @@ run bench_unary.py --seconds 2 --concurrency 1,8,64
 run bench_vms.py --sizes 1000,5000 --runs 5 --calls 200
 run bench_events.py --toggles 200 --burst 5000
 run bench_reactor_lag.py --clients 200 --seconds 5
+run bench_metrics.py --domains 1000 --subscribers 1,50 --seconds 8
 run bench_agent.py --pings 1000 --agents 500 --window 10
 if "$PY" -c "import libvirt, sys; libvirt.registerErrorHandler(lambda *a: None, None); libvirt.open('qemu:///system').close()" 2>/dev/null; then
     run bench_eventloop.py --pairs 4000 --threads 1 4 --runs 1

@@ -114,8 +114,11 @@ class AgentConfig:
 
 @attrs.frozen
 class ServerConfig:
-    #: gRPC worker threads: streaming RPCs hold one each, so size for subscribers plus unary work.
-    max_workers: int = attrs.field(default=256, validator=_positive)
+    #: Worker threads for unary calls (0: sized to the host, see :meth:`unary_workers`).
+    max_workers: int = attrs.field(default=0, validator=_not_negative)
+    #: Streams (StreamEvents, StreamMetrics, reflection) open at once; each holds a thread of a
+    #: pool of its own, so open streams never take the unary workers. Over it: RESOURCE_EXHAUSTED.
+    max_streams: int = attrs.field(default=128, validator=_positive)
     grace_seconds: float = attrs.field(default=5.0, validator=_positive)
     metrics_listen: str | None = "0.0.0.0:9091"
     max_message_bytes: int = attrs.field(default=64 * 1024 * 1024, validator=_positive)
@@ -129,6 +132,13 @@ class ServerConfig:
     #: Python's GIL switch interval in milliseconds (0: leave the interpreter's 5 ms). Shorter lets
     #: the reactor and woken stream threads take the GIL sooner from busy gRPC threads.
     switch_interval_ms: float = attrs.field(default=0.0, validator=_not_negative)
+
+    def unary_workers(self) -> int:
+        """``max_workers``, or for 0 a pool sized to the host: more runnable threads than that
+        only queue for the GIL (and delay the reactor) instead of adding throughput."""
+        if self.max_workers:
+            return self.max_workers
+        return min(32, 4 * (os.cpu_count() or 1) + 4)
 
     def __attrs_post_init__(self) -> None:
         if bool(self.tls_cert) != bool(self.tls_key):

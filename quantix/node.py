@@ -18,6 +18,7 @@ from quantix.controlplane import sources as cp_sources
 from quantix.controlplane.link import ControlPlaneLink
 from quantix.events import mapping
 from quantix.events.bus import EventBus
+from quantix.events.metrics import MetricsHub, stats_flags
 from quantix.events.watcher import DomainWatcher
 from quantix.hypervisor import hostinfo
 from quantix.hypervisor.connection import Hypervisor
@@ -74,7 +75,8 @@ class NodeService(MultiService):
         self.grpc = GrpcServer(
             config.listen_address,
             lambda: self.ops.gate(handlers.build(self)),
-            max_workers=config.server.max_workers,
+            max_workers=config.server.unary_workers(),
+            max_streams=config.server.max_streams,
             grace=config.server.grace_seconds,
             max_message_bytes=config.server.max_message_bytes,
             credentials=tls.server_credentials(config.server),
@@ -87,6 +89,9 @@ class NodeService(MultiService):
         ev = config.events
         self.bus = EventBus(reactor, buffer_size=ev.buffer_size, subscriber_queue=ev.subscriber_queue)
         self.bus.setServiceParent(self)
+        # StreamMetrics: one sampler per interval for all subscribers; stops (UNAVAILABLE) before the bus.
+        self.metrics_hub = MetricsHub(self.hypervisor.conn, stats_flags(hv.uri))
+        self.metrics_hub.setServiceParent(self)
         self.watcher = DomainWatcher(
             reactor, self.hypervisor, self.bus, reconcile_interval=ev.reconcile_interval
         )

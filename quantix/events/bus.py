@@ -57,6 +57,7 @@ class Subscription:
         self.queue: collections.deque = collections.deque()
         self._ready = threading.Condition(threading.Lock())
         self.error: Exception | None = None
+        self.cancelled = False
 
     def offer(self, event: Any) -> bool:
         """Called under the bus lock; False when the subscriber overflowed and must go."""
@@ -73,6 +74,12 @@ class Subscription:
                 self._ready.notify()
         return True
 
+    def cancel(self) -> None:
+        """From any thread (grpc's RPC-done callback): the client is gone, end :meth:`events`."""
+        with self._ready:
+            self.cancelled = True
+            self._ready.notify()
+
     def end(self, error: Exception) -> None:
         with self._ready:
             self.error = error
@@ -83,7 +90,7 @@ class Subscription:
         Queued events go out before an error ends the stream, except an overflow, which ends
         it at once (the client resumes from the last id it got)."""
         with self._ready:
-            if not self.queue and self.error is None:
+            if not self.queue and self.error is None and not self.cancelled:
                 self._ready.wait(poll)
             if self.queue and not isinstance(self.error, errors.ResourceExhausted):
                 items = list(self.queue)
@@ -101,7 +108,7 @@ class Subscription:
             self.backlog = []
             while True:
                 items = self._take(poll)
-                if not items and not is_active():
+                if not items and (self.cancelled or not is_active()):
                     return
                 yield from items
         finally:

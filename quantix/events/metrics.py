@@ -1,21 +1,28 @@
 """``StreamMetrics`` samples: host counters from psutil, per-VM counters from one bulk libvirt call.
 
-A :class:`Sampler` belongs to one stream and keeps the previous counters, so rates (CPU %, IOPS)
-are computed over that stream's own interval without any process-wide state shared between
-streams. Sampling blocks (libvirt round trip), so it runs in the stream's gRPC thread.
+A :class:`Sampler` keeps the previous counters, so rates (CPU %, IOPS) are computed over its
+interval. The :class:`MetricsHub` keeps one sampler per requested interval and shares each
+sample, serialized once, with every subscriber of that interval: the cost of ``StreamMetrics``
+is one libvirt + psutil sample per interval, however many clients stream. Sampling blocks
+(libvirt round trip), so it runs in the gRPC thread of whichever subscriber is due first.
 """
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import libvirt
 import psutil
 from google.protobuf.timestamp_pb2 import Timestamp
+from twisted.application.service import Service
 
+from quantix import errors
 from quantix.proto import node_pb2
+
+SHUTTING_DOWN = "node daemon is shutting down"
 
 VM_STATS = (
     libvirt.VIR_DOMAIN_STATS_STATE
@@ -57,7 +64,7 @@ def _pct(delta: float, span: float) -> float:
 
 
 class Sampler:
-    """One stream's sampler; the first sample has zero rates (no previous counters yet)."""
+    """One interval's sampler; the first sample has zero rates (no previous counters yet)."""
 
     def __init__(self, conn: Callable[[], libvirt.virConnect], flags: int = 0) -> None:
         self._conn = conn
@@ -151,3 +158,143 @@ class Sampler:
                 )
             )
         return out
+
+
+def stats_flags(uri: str) -> int:
+    """``NOWAIT`` keeps a sample from waiting behind a busy domain's job (the test driver lacks it)."""
+    return 0 if uri.startswith("test:") else libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT
+
+
+class _Channel:
+    """The samples of one interval: the latest one, serialized, and who is taking the next.
+
+    Subscribers wait on the condition until the next sample is due; the first to wake takes it
+    (outside the lock) while the others wait for it, then all send the same bytes."""
+
+    def __init__(self, sampler: Sampler, interval: float) -> None:
+        self.sampler = sampler
+        self.interval = interval
+        self.cond = threading.Condition(threading.Lock())
+        self.subscribers = 0
+        self.seq = 0
+        self.latest = b""
+        self.due = 0.0
+        self.sampling = False
+        self.closed = False
+        #: Samples taken (for tests and benchmarks: one per interval, not one per subscriber).
+        self.taken = 0
+
+    def next_after(self, seen: int, sub: MetricsSubscription) -> tuple[int, bytes] | None:
+        """Blocking: the first sample newer than ``seen`` (the latest at once for a new
+        subscriber), taking it when due; None once ``sub`` is cancelled."""
+        with self.cond:
+            while True:
+                if self.closed:
+                    raise errors.Unavailable(SHUTTING_DOWN)
+                if sub.cancelled:
+                    return None
+                if self.seq > seen:
+                    return self.seq, self.latest
+                if not self.sampling:
+                    wait = self.due - time.monotonic()
+                    if wait <= 0:
+                        self.sampling = True
+                        break
+                    self.cond.wait(wait)
+                else:
+                    self.cond.wait()
+        started = time.monotonic()
+        data = None
+        try:
+            data = self.sampler.sample().SerializeToString()
+        finally:
+            with self.cond:
+                self.sampling = False
+                seq = self.seq
+                if data is not None:
+                    seq = self.seq = self.seq + 1
+                    self.taken += 1
+                    self.latest = data
+                    # Keep to the interval's grid; after a stall, start a new one (no burst).
+                    self.due = self.due + self.interval if self.seq > 1 else started + self.interval
+                    if self.due < started:
+                        self.due = started + self.interval
+                self.cond.notify_all()
+        return seq, data
+
+    def wake(self) -> None:
+        with self.cond:
+            self.cond.notify_all()
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+
+class MetricsSubscription:
+    """One ``StreamMetrics`` stream: iterate :meth:`samples` (serialized ``NodeMetrics``)."""
+
+    def __init__(self, hub: MetricsHub, channel: _Channel) -> None:
+        self._hub = hub
+        self._channel = channel
+        self.cancelled = False
+
+    def samples(self) -> Iterator[bytes]:
+        """Blocking iterator (gRPC thread); returns once cancelled, raises ``Unavailable`` when
+        the daemon stops."""
+        seen = 0
+        try:
+            while (got := self._channel.next_after(seen, self)) is not None:
+                seen, data = got
+                yield data
+        finally:
+            self._hub._leave(self._channel)
+
+    def cancel(self) -> None:
+        """From any thread (grpc's RPC-done callback): end :meth:`samples` now."""
+        self.cancelled = True
+        self._channel.wake()
+
+
+class MetricsHub(Service):
+    """One :class:`Sampler` per requested interval, shared by all of that interval's streams."""
+
+    def __init__(self, conn: Callable[[], libvirt.virConnect], flags: int = 0) -> None:
+        self._conn = conn
+        self._flags = flags
+        self._lock = threading.Lock()
+        self._channels: dict[float, _Channel] = {}
+        self._closed = False
+
+    def subscribe(self, interval: float) -> MetricsSubscription:
+        with self._lock:
+            if self._closed:
+                raise errors.Unavailable(SHUTTING_DOWN)
+            channel = self._channels.get(interval)
+            if channel is None:
+                channel = self._channels[interval] = _Channel(Sampler(self._conn, self._flags), interval)
+            channel.subscribers += 1
+        return MetricsSubscription(self, channel)
+
+    def channel(self, interval: float) -> _Channel | None:
+        return self._channels.get(interval)
+
+    def _leave(self, channel: _Channel) -> None:
+        with self._lock:
+            channel.subscribers -= 1
+            if channel.subscribers == 0 and self._channels.get(channel.interval) is channel:
+                del self._channels[channel.interval]
+
+    def startService(self) -> None:
+        super().startService()
+        self._closed = False
+
+    def stopService(self) -> None:
+        """End every stream with UNAVAILABLE."""
+        super().stopService()
+        with self._lock:
+            self._closed = True
+            channels, self._channels = list(self._channels.values()), {}
+        for channel in channels:
+            channel.close()

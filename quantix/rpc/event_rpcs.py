@@ -7,18 +7,16 @@ behind, and with ``UNAVAILABLE`` at shutdown.
 
 from __future__ import annotations
 
-import time
 from typing import Any
-
-import libvirt
 
 from quantix import errors
 from quantix.events.bus import RESUME_HEADER
-from quantix.events.metrics import Sampler
 from quantix.rpc.registry import rpc
+from quantix.rpc.streams import on_cancel
 
 MIN_INTERVAL = 1.0
-POLL = 0.5
+#: A backstop only: a cancelled stream is woken by grpc's RPC-done callback at once.
+POLL = 5.0
 
 
 def resume_after(context: Any) -> int | None:
@@ -38,27 +36,12 @@ class EventRpcs:
     @rpc("StreamEvents")
     def stream_events(self, request: Any, context: Any) -> Any:
         sub = self.node.bus.subscribe(resume_after(context))
+        on_cancel(context, sub.cancel)
         yield from sub.events(context.is_active, POLL)
 
     @rpc("StreamMetrics")
     def stream_metrics(self, request: Any, context: Any) -> Any:
         interval = max(MIN_INTERVAL, float(request.interval_seconds or 0))
-        hv = self.node.hypervisor
-        flags = 0 if hv.uri.startswith("test:") else libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT
-        sampler = Sampler(hv.conn, flags)
-        closed = self.node.bus.closed
-        due = time.monotonic()
-        while True:
-            if closed.is_set():
-                raise errors.Unavailable("node daemon is shutting down")
-            yield sampler.sample()
-            due += interval
-            # Sleep in short slices so a cancelled client or a shutdown is noticed promptly.
-            while (left := due - time.monotonic()) > 0:
-                if closed.wait(min(left, POLL)):
-                    raise errors.Unavailable("node daemon is shutting down")
-                if not context.is_active():
-                    return
-            if not context.is_active():
-                return
-            due = max(due, time.monotonic() - interval)  # after a stall, do not burst
+        sub = self.node.metrics_hub.subscribe(interval)
+        on_cancel(context, sub.cancel)
+        yield from sub.samples()

@@ -16,13 +16,15 @@ import grpc
 from google.protobuf import message_factory
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection_pb2 as reflection_pb
 from twisted.application.service import Service
 from twisted.internet import threads
 from twisted.logger import Logger
 
-from quantix.config import parse_address
+from quantix.config import ServerConfig, parse_address
 from quantix.proto import node_pb2
 from quantix.rpc import status
+from quantix.rpc.streams import StreamBudget
 
 log = Logger(namespace="quantix.rpc")
 
@@ -33,10 +35,26 @@ class ListenError(Exception):
     """The gRPC address cannot be bound; the message is one line naming it."""
 
 
+def passthrough(serialize: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
+    """A response serializer that sends bytes as they are: a streamed message serialized once
+    (a metrics sample for every subscriber) is not serialized again per stream."""
+
+    def encode(message: Any) -> bytes:
+        return message if type(message) is bytes else serialize(message)
+
+    return encode
+
+
 def build_generic_handler(
-    handlers: Mapping[str, Callable[..., Any]], observers: status.RpcObservers | None = None
+    handlers: Mapping[str, Callable[..., Any]],
+    observers: status.RpcObservers | None = None,
+    streams: StreamBudget | None = None,
 ) -> grpc.GenericRpcHandler:
-    """One grpc method handler per RPC of the service descriptor; unclaimed RPCs are UNIMPLEMENTED."""
+    """One grpc method handler per RPC of the service descriptor; unclaimed RPCs are UNIMPLEMENTED.
+    Streaming RPCs run in the stream budget's pool and count against it (the default budget's
+    when none is given)."""
+    if streams is None:
+        streams = StreamBudget(ServerConfig().max_streams)
     unknown = set(handlers) - set(SERVICE.methods_by_name)
     if unknown:
         raise ValueError(f"handlers for RPCs not in the contract: {sorted(unknown)}")
@@ -45,19 +63,33 @@ def build_generic_handler(
         request = message_factory.GetMessageClass(method.input_type)
         response = message_factory.GetMessageClass(method.output_type)
         impl = handlers.get(method.name) or status.unimplemented(method.name)
+        serializer = response.SerializeToString
         if method.server_streaming:
-            factory, wrapped = (
-                grpc.unary_stream_rpc_method_handler,
-                status.stream(method.name, impl, observers),
-            )
+            factory = grpc.unary_stream_rpc_method_handler
+            wrapped = streams.place(status.stream(method.name, streams.guard(impl), observers))
+            serializer = passthrough(serializer)
         else:
             factory, wrapped = grpc.unary_unary_rpc_method_handler, status.unary(method.name, impl, observers)
         methods[method.name] = factory(
             wrapped,
             request_deserializer=status.decoder(request),
-            response_serializer=response.SerializeToString,
+            response_serializer=serializer,
         )
     return grpc.method_handlers_generic_handler(SERVICE.full_name, methods)
+
+
+def add_reflection(server: grpc.Server, names: tuple[str, ...], streams: StreamBudget) -> None:
+    """Server reflection, its (bidirectional, long-lived) stream counted in the stream budget."""
+    servicer = reflection.ReflectionServicer(names)
+    info = streams.place(status.stream("ServerReflectionInfo", streams.guard(servicer.ServerReflectionInfo)))
+    handler = grpc.stream_stream_rpc_method_handler(
+        info,
+        request_deserializer=reflection_pb.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler(reflection.SERVICE_NAME, {"ServerReflectionInfo": handler})]
+    )
 
 
 def check_bindable(address: str) -> None:
@@ -81,6 +113,24 @@ def check_bindable(address: str) -> None:
             raise ListenError(f"cannot listen on {address}: {exc.strerror.lower()}") from None
 
 
+class HealthOnItsOwnThread:
+    """The standard health servicer with ``Check`` on a thread of its own: a probe is answered
+    however busy the unary workers are (``Watch`` holds no thread: it is non-blocking)."""
+
+    def __init__(self, servicer: health.HealthServicer) -> None:
+        self._servicer = servicer
+        pool = ThreadPoolExecutor(1, thread_name_prefix="grpc-health")
+
+        def check(request: Any, context: Any) -> Any:
+            return servicer.Check(request, context)
+
+        check.experimental_thread_pool = pool  # type: ignore[attr-defined]
+        self.Check = check
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._servicer, name)
+
+
 class GrpcServer(Service):
     """The gRPC endpoint: NodeDaemonService, the standard health service and reflection."""
 
@@ -90,6 +140,7 @@ class GrpcServer(Service):
         handlers: Callable[[], Mapping[str, Callable[..., Any]]],
         *,
         max_workers: int,
+        max_streams: int,
         grace: float,
         max_message_bytes: int,
         credentials: grpc.ServerCredentials | None = None,
@@ -99,6 +150,8 @@ class GrpcServer(Service):
         self.listen = listen
         self._handlers = handlers
         self._max_workers = max_workers
+        #: Open server streams (StreamEvents, StreamMetrics, reflection) and their thread pool.
+        self.streams = StreamBudget(max_streams)
         #: Seconds in-flight calls get at stop; the node lowers it by the time its drain took.
         self.grace = grace
         self._max_message = max_message_bytes
@@ -127,14 +180,16 @@ class GrpcServer(Service):
         server = grpc.server(
             ThreadPoolExecutor(self._max_workers, thread_name_prefix="grpc"), options=options
         )
-        server.add_generic_rpc_handlers([build_generic_handler(self._handlers(), self.observers)])
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        server.add_generic_rpc_handlers(
+            [build_generic_handler(self._handlers(), self.observers, self.streams)]
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(HealthOnItsOwnThread(self.health), server)
         names = (
             SERVICE.full_name,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         )
-        reflection.enable_server_reflection(names, server)
+        add_reflection(server, names, self.streams)
         try:
             if self._credentials is not None:
                 self.port = server.add_secure_port(self.listen, self._credentials)
@@ -162,7 +217,12 @@ class GrpcServer(Service):
         if server is None:
             return None
         self.health.enter_graceful_shutdown()
+
         # The server's own stop, not a box call, so not through quantix.bridge: grpcio's
         # ``stop(grace).wait()`` blocks until the calls in flight end, and those may still hop
         # onto the reactor meanwhile.
-        return threads.deferToThread(lambda: server.stop(self.grace).wait())
+        def stop() -> None:
+            server.stop(self.grace).wait()
+            self.streams.shutdown()
+
+        return threads.deferToThread(stop)

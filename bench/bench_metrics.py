@@ -1,0 +1,95 @@
+"""StreamMetrics cost with 1 vs 50 subscribers on a host of 1,000 test-driver domains.
+
+Each condition runs for ``--seconds`` with every subscriber asking for a 1 s interval; the daemon's
+CPU (all threads, ``/proc/<pid>/task/*/schedstat``) per second is compared with the idle daemon
+in the same run, and ``ListVMs`` is timed meanwhile (what per-subscriber sampling starved).
+Shared sampling makes 50 subscribers cost about what one does (the sample is taken and
+serialized once; each subscriber adds only its transport): the target is <= 2x.
+
+usage: python bench/bench_metrics.py [--domains 1000] [--subscribers 1,50] [--seconds 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import threading
+import time
+
+import grpc
+from bench_vms import node_xml, task_cpu
+from common import median, start_daemon, stop, table
+from google.protobuf import empty_pb2
+
+from quantix.proto import node_grpc, node_pb2
+
+
+def measure(address: str, pid: int, subscribers: int, seconds: float) -> tuple[float, float, int]:
+    """(daemon CPU ms per second, ListVMs median ms, samples received) with ``subscribers`` open."""
+    channel = grpc.insecure_channel(address)
+    stub = node_grpc.NodeDaemonServiceStub(channel)
+    request = node_pb2.StreamMetricsRequest(interval_seconds=1)
+    streams = [stub.StreamMetrics(request) for _ in range(subscribers)]
+    received = [0]
+    lock = threading.Lock()
+
+    def read(stream) -> None:
+        try:
+            for _ in stream:
+                with lock:
+                    received[0] += 1
+        except grpc.RpcError:
+            pass
+
+    readers = [threading.Thread(target=read, args=(s,), daemon=True) for s in streams]
+    for r in readers:
+        r.start()
+    time.sleep(1.5)  # every stream open and past its first sample
+    received[0] = 0
+    cpu0, wall0 = task_cpu(pid), time.monotonic()
+    lists = []
+    while time.monotonic() - wall0 < seconds:
+        t = time.perf_counter()
+        stub.ListVMs(empty_pb2.Empty(), timeout=30)
+        lists.append(time.perf_counter() - t)
+        time.sleep(1.0)
+    cpu = (task_cpu(pid) - cpu0) / (time.monotonic() - wall0)
+    got = received[0]
+    for s in streams:
+        s.cancel()
+    channel.close()
+    return cpu * 1e3, median(lists) * 1e3, got
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--domains", type=int, default=1000)
+    parser.add_argument("--subscribers", default="1,50")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    args = parser.parse_args()
+    counts = [int(n) for n in args.subscribers.split(",")]
+    path, _ = node_xml(args.domains, tempfile.mkdtemp(prefix="qtx-metrics-"))
+    proc, address, _ = start_daemon(uri=f"test://{path}")
+    try:
+        time.sleep(2)
+        idle_cpu, idle_list, _ = measure(address, proc.pid, 0, args.seconds)
+        rows = [["idle daemon (floor)", idle_cpu, "", idle_list, 0]]
+        one = None
+        for n in counts:
+            cpu, list_ms, got = measure(address, proc.pid, n, args.seconds)
+            busy = cpu - idle_cpu
+            one = busy if one is None else one
+            ratio = f"{busy / one:.2f}x" if one > 0 else ""
+            rows.append([f"{n} subscriber(s), 1 s interval", cpu, ratio, list_ms, got])
+    finally:
+        stop(proc)
+    table(
+        f"StreamMetrics, {args.domains} domains, {args.seconds:.0f} s per row (target: {counts[-1]} "
+        f"subscribers <= 2x the CPU of {counts[0]} over idle)",
+        ["condition", "daemon CPU ms/s", "x first (over idle)", "ListVMs p50 ms", "samples received"],
+        rows,
+    )
+
+
+if __name__ == "__main__":
+    main()
