@@ -78,7 +78,7 @@ def check_bindable(address: str) -> None:
         try:
             probe.bind(sockaddr)
         except OSError as exc:
-            raise ListenError(f"cannot listen on {address}: {exc.strerror.lower()}") from None
+            raise ListenError(f"cannot listen on {address}: {(exc.strerror or str(exc)).lower()}") from None
 
 
 class GrpcServer(Service):
