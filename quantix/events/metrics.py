@@ -41,7 +41,7 @@ def vm_counters(stats: Mapping[str, int | float | str]) -> dict[str, int]:
     if "balloon.available" in stats and "balloon.unused" in stats:
         mem_kib = int(stats["balloon.available"]) - int(stats["balloon.unused"])
     else:
-        mem_kib = stats.get("balloon.rss", stats.get("balloon.current", 0))
+        mem_kib = int(stats.get("balloon.rss", stats.get("balloon.current", 0)))
     out["memory"] = max(0, int(mem_kib)) * 1024
     blocks = int(stats.get("block.count", 0))
     out["rd"] = sum(int(stats.get(f"block.{i}.rd.bytes", 0)) for i in range(blocks))
