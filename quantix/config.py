@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import typing
 from collections.abc import Mapping
 from typing import Any
 
@@ -48,24 +49,24 @@ def parse_address(value: str, default_port: int | None = None) -> tuple[str, int
     return host, int(port)
 
 
-def _address(inst: Any, attribute: attrs.Attribute, value: str) -> None:
+def _address(inst: object, attribute: attrs.Attribute, value: str) -> None:
     parse_address(value)
 
 
 def _one_of(choices: tuple[str, ...]):
-    def check(inst: Any, attribute: attrs.Attribute, value: str) -> None:
+    def check(inst: object, attribute: attrs.Attribute, value: str) -> None:
         if value not in choices:
             raise ValueError(f"must be one of {', '.join(choices)}, not {value!r}")
 
     return check
 
 
-def _not_negative(inst: Any, attribute: attrs.Attribute, value: float) -> None:
+def _not_negative(inst: object, attribute: attrs.Attribute, value: float) -> None:
     if value < 0:
         raise ValueError("must not be negative")
 
 
-def _positive(inst: Any, attribute: attrs.Attribute, value: float) -> None:
+def _positive(inst: object, attribute: attrs.Attribute, value: float) -> None:
     if value <= 0:
         raise ValueError("must be positive")
 
@@ -154,7 +155,7 @@ class EventsConfig:
     reconcile_interval: float = attrs.field(default=300.0, validator=_positive)
 
 
-def _http_url(inst: Any, attribute: attrs.Attribute, value: str | None) -> None:
+def _http_url(inst: object, attribute: attrs.Attribute, value: str | None) -> None:
     if value is not None and not value.startswith(("http://", "https://")):
         raise ValueError(f"must be an http:// or https:// URL, not {value!r}")
 
@@ -169,7 +170,7 @@ class ControlPlaneConfig:
     startup_jitter: float = attrs.field(default=5.0, validator=_not_negative)
 
 
-def _optional_address(inst: Any, attribute: attrs.Attribute, value: str | None) -> None:
+def _optional_address(inst: object, attribute: attrs.Attribute, value: str | None) -> None:
     if value is not None:
         parse_address(value)
 
@@ -347,12 +348,12 @@ def build(values: Mapping[str, tuple[Any, str]]) -> Config:
     for key, (value, where) in values.items():
         section, _, sub = key.partition(".")
         if sub:
-            cls = fields[section].type
+            cls = typing.cast(type, fields[section].type)
             typ = attrs.fields_dict(cls)[sub].type
             nested.setdefault(section, {})[sub] = (_coerce(value, typ, where), where)
         else:
             top[key] = (_coerce(value, fields[key].type, where), where)
-    sections = {name: _construct(fields[name].type, subs) for name, subs in nested.items()}
+    sections = {name: _construct(typing.cast(type, fields[name].type), subs) for name, subs in nested.items()}
     return _construct(Config, top, extra=sections)
 
 

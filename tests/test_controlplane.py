@@ -33,8 +33,8 @@ from quantix.controlplane.link import FAILURES_BEFORE_REREGISTER, ControlPlaneLi
 from quantix.controlplane.link import Input as LinkInput
 from quantix.proto import compute_pb2, storage_pb2
 from quantix.util.states import IllegalTransition
+from tests.certs import server_tls
 from tests.fakecp import FakeControlPlane, FakeCPServer, listen_silent
-from tests.test_controlplane_connect import make_tls, x509
 
 GiB = 1 << 30
 
@@ -450,9 +450,7 @@ class LinkTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_https_with_self_signed_ca(self) -> Any:
-        if x509 is None:
-            raise unittest.SkipTest("pyOpenSSL/cryptography not installed: no TLS in Twisted")
-        ca_file, options = make_tls(Path(self.mktemp()))
+        ca_file, options = server_tls(Path(self.mktemp()))
         tls_server = FakeCPServer(reactor, self.cp, options)
         tls_server.start()
         self.addCleanup(tls_server.stop)

@@ -19,6 +19,7 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
 
 from quantix.controlplane import messages, state
 from quantix.controlplane.connect import ConnectError
@@ -47,7 +48,7 @@ _VM_CHANGE_EVENTS = {
 log = Logger(namespace="quantix.controlplane")
 
 
-def _warning(fmt: str, **kwargs: Any) -> None:
+def _warning(fmt: str, **kwargs: object) -> None:
     log.emit(LogLevel.warn, fmt, **kwargs)
 
 
@@ -244,7 +245,7 @@ class ControlPlaneLink(service.Service):
             self._schedule(delay)
         self._check_idle()
 
-    def _crashed(self, failure: Any) -> None:
+    def _crashed(self, failure: Failure) -> None:
         """A bug in a step: log it and start over rather than stop talking to the control plane."""
         self._current = None
         if failure.check(defer.CancelledError) or self.states.state not in _CALLING:
@@ -451,12 +452,14 @@ class ControlPlaneLink(service.Service):
             vm=messages.vm_status(vm),
             event_type=_VM_CHANGE_EVENTS.get(event, compute_pb2.VM_CHANGE_UPDATED),
             timestamp_unix=int(self._clock.seconds()),
-            previous_state=messages.power_state(previous_state) if previous_state else 0,
+            previous_state=messages.power_state(previous_state)
+            if previous_state
+            else compute_pb2.VM_POWER_STATE_UNKNOWN,
         )
         d = self._optional("NotifyVMChange", request, compute_pb2.VMChangeAck)
         self._notifications.add(d)
 
-        def done(result: Any) -> None:
+        def done(result: object) -> None:
             self._notifications.discard(d)
             self._check_idle()
 
@@ -481,7 +484,7 @@ class ControlPlaneLink(service.Service):
     def _pool_op(self, pool_id: str, d: defer.Deferred) -> None:
         self._pool_ops[pool_id] = d
 
-        def done(result: Any) -> None:
+        def done(result: object) -> None:
             self._pool_ops.pop(pool_id, None)
             self._check_idle()
 
@@ -493,6 +496,7 @@ class ControlPlaneLink(service.Service):
             pool = yield self._client.call(
                 POOL_SERVICE, "GetPool", storage_pb2.GetPoolRequest(id=pool_id), storage_pb2.StoragePool
             )
+            assert self._ensure_pool is not None  # checked by _reconcile_pools
             yield defer.maybeDeferred(self._ensure_pool, pool)
         except defer.CancelledError:
             return
@@ -510,6 +514,7 @@ class ControlPlaneLink(service.Service):
     @defer.inlineCallbacks
     def _take_back_pool(self, pool_id: str) -> Any:
         try:
+            assert self._release_pool is not None  # checked by _reconcile_pools
             yield defer.maybeDeferred(self._release_pool, pool_id)
         except defer.CancelledError:
             return

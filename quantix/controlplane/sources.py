@@ -68,7 +68,7 @@ STATE_NAMES = {
 
 _BACKEND = storage_pb2.StorageBackend
 #: The control plane's backend type → the node API's pool type.
-BACKEND_POOL_TYPES = {
+BACKEND_POOL_TYPES: dict[int, int] = {
     _BACKEND.CEPH_RBD: node_pb2.STORAGE_POOL_TYPE_CEPH_RBD,
     _BACKEND.CEPH_CEPHFS: node_pb2.STORAGE_POOL_TYPE_CEPH_FS,
     _BACKEND.LOCAL_LVM: node_pb2.STORAGE_POOL_TYPE_LOCAL_LVM,
@@ -272,7 +272,8 @@ def init_pool_request(pool: storage_pb2.StoragePool) -> node_pb2.InitStoragePool
         raise errors.Invalid("storage pool from the control plane has no id")
     backend = pool.spec.backend
     req = node_pb2.InitStoragePoolRequest(
-        pool_id=pool.id, type=BACKEND_POOL_TYPES.get(backend_type(backend), 0)
+        pool_id=pool.id,
+        type=node_pb2.StoragePoolType.ValueType(BACKEND_POOL_TYPES.get(backend_type(backend), 0)),
     )
     config = req.config
     if backend.HasField("local_dir"):

@@ -102,7 +102,7 @@ class DomainWatcher(Service):
         self._conn, self._callback_ids = None, []
         for cid in ids:
             try:
-                conn.domainEventDeregisterAny(cid)
+                conn.domainEventDeregisterAny(cid)  # type: ignore[union-attr]  # ids imply a conn
             except libvirt.libvirtError:
                 pass
 
@@ -120,13 +120,17 @@ class DomainWatcher(Service):
 
     # -- callbacks (reactor thread; no libvirt round trips) -----------------------------------
 
-    def _emit(self, conn: Any, dom: Any, mapped: mapping.Mapped) -> tuple[str, str]:
+    def _emit(
+        self, conn: libvirt.virConnect, dom: libvirt.virDomain, mapped: mapping.Mapped
+    ) -> tuple[str, str]:
         uuid, name = dom.UUIDString(), dom.name()
         event_type, message, meta = mapped
         self.bus.publish(event_type, uuid, message, {**meta, "vm_name": name, "source": "libvirt"})
         return uuid, name
 
-    def _on_lifecycle(self, conn: Any, dom: Any, event: int, detail: int, opaque: Any = None) -> None:
+    def _on_lifecycle(
+        self, conn: libvirt.virConnect, dom: libvirt.virDomain, event: int, detail: int, opaque: object = None
+    ) -> None:
         if conn is not self._conn:
             return
         uuid, name = dom.UUIDString(), dom.name()
@@ -150,27 +154,44 @@ class DomainWatcher(Service):
             except Exception:
                 log.failure("domain state listener failed")
 
-    def _on_reboot(self, conn: Any, dom: Any, opaque: Any = None) -> None:
+    def _on_reboot(self, conn: libvirt.virConnect, dom: libvirt.virDomain, opaque: object = None) -> None:
         self._emit(conn, dom, mapping.reboot(dom.name()))
 
-    def _on_device_added(self, conn: Any, dom: Any, alias: str, opaque: Any = None) -> None:
+    def _on_device_added(
+        self, conn: libvirt.virConnect, dom: libvirt.virDomain, alias: str, opaque: object = None
+    ) -> None:
         self._emit(conn, dom, mapping.device(dom.name(), alias, True))
 
-    def _on_device_removed(self, conn: Any, dom: Any, alias: str, opaque: Any = None) -> None:
+    def _on_device_removed(
+        self, conn: libvirt.virConnect, dom: libvirt.virDomain, alias: str, opaque: object = None
+    ) -> None:
         self._emit(conn, dom, mapping.device(dom.name(), alias, False))
 
     def _on_io_error(
-        self, conn: Any, dom: Any, src: str, alias: str, action: int, reason: str, opaque: Any = None
+        self,
+        conn: libvirt.virConnect,
+        dom: libvirt.virDomain,
+        src: str,
+        alias: str,
+        action: int,
+        reason: str,
+        opaque: object = None,
     ) -> None:
         self._emit(conn, dom, mapping.io_error(dom.name(), src, alias, action, reason))
 
-    def _on_watchdog(self, conn: Any, dom: Any, action: int, opaque: Any = None) -> None:
+    def _on_watchdog(
+        self, conn: libvirt.virConnect, dom: libvirt.virDomain, action: int, opaque: object = None
+    ) -> None:
         self._emit(conn, dom, mapping.watchdog(dom.name(), action))
 
-    def _on_agent(self, conn: Any, dom: Any, state: int, reason: int, opaque: Any = None) -> None:
+    def _on_agent(
+        self, conn: libvirt.virConnect, dom: libvirt.virDomain, state: int, reason: int, opaque: object = None
+    ) -> None:
         self._emit(conn, dom, mapping.agent_lifecycle(dom.name(), state, reason))
 
-    def _on_control_error(self, conn: Any, dom: Any, opaque: Any = None) -> None:
+    def _on_control_error(
+        self, conn: libvirt.virConnect, dom: libvirt.virDomain, opaque: object = None
+    ) -> None:
         self._emit(conn, dom, mapping.control_error(dom.name()))
 
     # -- reconciliation -----------------------------------------------------------------------
@@ -182,9 +203,14 @@ class DomainWatcher(Service):
         event while the inventory was being taken is left alone: the event is newer.
         """
         if self._reconciling is not None:
-            d = defer.Deferred()
-            self._reconciling.addBoth(lambda r: (d.callback(None), r)[1])
-            return d
+            waiter: defer.Deferred[None] = defer.Deferred()
+
+            def chain(result: object) -> object:
+                waiter.callback(None)
+                return result
+
+            self._reconciling.addBoth(chain)
+            return waiter
         try:
             conn = self.hypervisor.conn()
         except Exception as exc:
@@ -205,14 +231,15 @@ class DomainWatcher(Service):
             for uuid in previous.keys() | self.known.keys():
                 old, new = previous.get(uuid), self.known.get(uuid)
                 if old != new:
-                    self._notify(uuid, (new or old)[0], new[1] if new else None)
+                    name = (new or old or ("", ""))[0]
+                    self._notify(uuid, name, new[1] if new else None)
             self._synced = True
             self.reconciliations += 1
             if changes:
                 log.info("reconciliation found {n} missed transitions", n=len(changes))
             return changes
 
-        def done(result: Any) -> Any:
+        def done(result: object) -> object:
             self._reconciling = None
             return result
 

@@ -154,7 +154,7 @@ class ThreadEventLoop(EventLoop):
         libvirt.virEventAddTimeout(0, _remove_own_timeout, None)  # wakes the poll
         thread.join(timeout)
         if thread.is_alive():
-            log.warning("libvirt event thread did not stop within {timeout}s", timeout=timeout)
+            log.warn("libvirt event thread did not stop within {timeout}s", timeout=timeout)
 
 
 def _remove_own_timeout(timer: int, opaque: object) -> None:
@@ -513,9 +513,7 @@ class ReactorEventLoop(EventLoop):
             t.spin[0], t.spin[1] = now, 0
         t.spin[1] += 1
         if t.spin[1] == _SPIN_WARN_PER_SECOND:
-            log.warning(
-                "libvirt 0 ms timer {timer} fired {n} times within a second", timer=t.timer, n=t.spin[1]
-            )
+            log.warn("libvirt 0 ms timer {timer} fired {n} times within a second", timer=t.timer, n=t.spin[1])
 
 
 def _file_ident(fd: int) -> tuple[int, int]:

@@ -10,7 +10,10 @@ import argparse
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from _typeshed import SupportsWrite
 
 EXIT_OK = 0
 EXIT_RPC_ERROR = 1
@@ -315,7 +318,7 @@ class _Parser(argparse.ArgumentParser):
     out: IO[str] = sys.stdout
     err: IO[str] = sys.stderr
 
-    def _print_message(self, message: str, file: IO[str] | None = None) -> None:
+    def _print_message(self, message: str, file: SupportsWrite[str] | None = None) -> None:
         if message:
             (self.out if file is sys.stdout else self.err).write(message)
 
@@ -389,7 +392,7 @@ class _Ctl:
         return EXIT_OK
 
     def events(self) -> int:
-        metadata = [(RESUME_METADATA, self.args.resume_after)] if self.args.resume_after else None
+        metadata = ((RESUME_METADATA, str(self.args.resume_after)),) if self.args.resume_after else None
         call = self.stub.StreamEvents(self.empty(), metadata=metadata)
         header = None if self.args.json else format_event_header()
         return self._follow(call, lambda e: format_event(e, self.pb), self.args.count, header)
