@@ -182,6 +182,23 @@ class HttpConfig:
 
 
 @attrs.frozen
+class DownloadsConfig:
+    #: Transfers running at once; further jobs wait as ``pending``.
+    max_concurrent: int = attrs.field(default=2, validator=_positive)
+    connect_timeout: float = attrs.field(default=30.0, validator=_positive)
+    #: Seconds without a byte from the server before the attempt is dropped and resumed.
+    idle_timeout: float = attrs.field(default=60.0, validator=_positive)
+    #: Consecutive failed attempts without progress before a job fails.
+    retries: int = attrs.field(default=5, validator=_not_negative)
+    retry_initial_delay: float = attrs.field(default=1.0, validator=_positive)
+    retry_max_delay: float = attrs.field(default=60.0, validator=_positive)
+    #: Ended jobs stay answerable (GET, GetDownloadStatus) this long, across restarts.
+    keep_finished_hours: float = attrs.field(default=24.0, validator=_positive)
+    #: Without a checksum in the request, look for SHA256SUMS/SHA512SUMS/CHECKSUM beside the URL.
+    verify_sums: bool = True
+
+
+@attrs.frozen
 class OvsConfig:
     #: OVSDB's unix socket (ovsdb-server ``--remote=punix:``).
     db_socket: str = "/run/openvswitch/db.sock"
@@ -212,6 +229,7 @@ class Config:
     control_plane: ControlPlaneConfig = attrs.field(factory=ControlPlaneConfig)
     ovs: OvsConfig = attrs.field(factory=OvsConfig)
     http: HttpConfig = attrs.field(factory=HttpConfig)
+    downloads: DownloadsConfig = attrs.field(factory=DownloadsConfig)
     logging: LoggingConfig = attrs.field(factory=LoggingConfig)
 
 
@@ -405,6 +423,7 @@ for _cls in (
     EventsConfig,
     ControlPlaneConfig,
     HttpConfig,
+    DownloadsConfig,
     LoggingConfig,
     Config,
 ):

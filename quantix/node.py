@@ -23,6 +23,7 @@ from quantix.events.watcher import DomainWatcher
 from quantix.hypervisor import hostinfo
 from quantix.hypervisor.connection import Hypervisor
 from quantix.hypervisor.storage import StorageManager
+from quantix.images.engine import DownloadEngine
 from quantix.network.ovsdb import OvsdbClient
 from quantix.network.ports import PortStore
 from quantix.network.service import NetworkPorts
@@ -30,6 +31,7 @@ from quantix.ops.service import Operations
 from quantix.ops.shutdown import stop_in_order
 from quantix.rpc import handlers, status, tls
 from quantix.rpc.server import SERVICE, GrpcServer, ListenError
+from quantix.web import images as web_images
 
 log = Logger(namespace="quantix.node")
 
@@ -64,6 +66,17 @@ class NodeService(MultiService):
         )
         self.hypervisor.setServiceParent(self)
         self.storage = StorageManager(self.hypervisor.conn, config.storage)
+        # Download jobs, and the 8080 listener serving them: stopped after gRPC, jobs last.
+        self.downloads = DownloadEngine(
+            reactor,
+            config.downloads,
+            config.state_dir,
+            config.storage.cloud_images,
+            roots=lambda: web_images.storage_roots(config.storage.root, self.storage),
+        )
+        self.downloads.setServiceParent(self)
+        self.http = web_images.listener(reactor, config.http.listen, self.downloads)
+        self.http.setServiceParent(self)
         ovs = config.ovs
         self.network = NetworkPorts(
             reactor,

@@ -1,0 +1,130 @@
+"""The download job record, its wire shapes and the file it is kept in.
+
+A job lives on the reactor (the engine mutates it); readers get a copy (:meth:`Job.copy`). The
+statuses are the engine's; the REST shape folds ``verifying`` into ``downloading`` and
+``cancelled`` into ``failed`` (the control plane knows only five), gRPC has all seven.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import attrs
+
+PENDING = "pending"
+DOWNLOADING = "downloading"
+VERIFYING = "verifying"
+CONVERTING = "converting"
+COMPLETED = "completed"
+FAILED = "failed"
+CANCELLED = "cancelled"
+ENDED = frozenset({COMPLETED, FAILED, CANCELLED})
+_REST_STATUS = {VERIFYING: DOWNLOADING, CANCELLED: FAILED}
+
+
+def rfc3339(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@attrs.define
+class Job:
+    job_id: str
+    image_id: str
+    url: str
+    target_path: str
+    catalog_id: str = ""
+    pool_id: str | None = None
+    checksum: str = ""
+    checksum_type: str = ""
+    status: str = PENDING
+    bytes_downloaded: int = 0
+    bytes_total: int = 0
+    error: str | None = None
+    started_at: float = attrs.field(factory=time.time)
+    completed_at: float | None = None
+    #: Bytes per second over the last few seconds (not persisted).
+    speed: float = attrs.field(default=0.0, eq=False)
+
+    @property
+    def ended(self) -> bool:
+        return self.status in ENDED
+
+    @property
+    def part_path(self) -> str:
+        return self.target_path + ".part"
+
+    @property
+    def sidecar_path(self) -> str:
+        return self.target_path + ".part.json"
+
+    @property
+    def percent(self) -> int:
+        if self.status == COMPLETED:
+            return 100
+        if not self.bytes_total:
+            return 0
+        return min(99, self.bytes_downloaded * 100 // self.bytes_total)
+
+    @property
+    def eta_seconds(self) -> int:
+        if self.speed <= 0 or not self.bytes_total or self.ended:
+            return 0
+        return int(max(self.bytes_total - self.bytes_downloaded, 0) / self.speed)
+
+    def copy(self) -> Job:
+        return attrs.evolve(self)
+
+    def rest(self) -> dict[str, Any]:
+        """The control plane's shape (research note B.1): camelCase, integers, ``null`` unknowns."""
+        error = self.error
+        if self.status == CANCELLED:
+            error = "cancelled"
+        return {
+            "jobId": self.job_id,
+            "imageId": self.image_id,
+            "catalogId": self.catalog_id,
+            "url": self.url,
+            "targetPath": self.target_path,
+            "poolId": self.pool_id or None,
+            "status": _REST_STATUS.get(self.status, self.status),
+            "progressPercent": self.percent,
+            "bytesDownloaded": int(self.bytes_downloaded),
+            "bytesTotal": int(self.bytes_total),
+            "errorMessage": error if self.status in (FAILED, CANCELLED) else None,
+            "startedAt": rfc3339(self.started_at),
+            "completedAt": rfc3339(self.completed_at),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        data = attrs.asdict(self)
+        data.pop("speed")
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Job:
+        names = {f.name for f in attrs.fields(cls)} - {"speed"}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def load(path: str) -> list[Job]:
+    """Blocking: the jobs kept at ``path``; a missing or unreadable file is an empty list."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+        return [Job.from_dict(item) for item in data.get("jobs", [])]
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError, TypeError, AttributeError):
+        # A damaged file must not keep the daemon from starting; keep it for a post-mortem.
+        os.replace(path, path + ".damaged")
+        return []
+
+
+def dump(jobs: list[Job]) -> str:
+    return json.dumps({"version": 1, "jobs": [j.to_dict() for j in jobs]}, indent=1)
