@@ -1,4 +1,10 @@
-"""The service tree of one daemon: every box, wired together, started and stopped in order."""
+"""The composition root: every box of one daemon, wired together, started and stopped in order.
+
+Read :meth:`NodeService.__init__` for which box depends on which. Each box is built from its
+configuration and the facades (:mod:`quantix.facades`) of the boxes it uses; the handler
+classes of the gRPC API get exactly the facades they use (:meth:`NodeService.rpc_handlers`).
+No box reaches back into the node.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ from twisted.application.service import MultiService
 from twisted.logger import Logger
 
 from quantix import state
+from quantix.agent.facade import WorkerAgents
 from quantix.agent.manager import AgentManager
 from quantix.bridge import run_in_worker
 from quantix.config import Config
@@ -27,10 +34,17 @@ from quantix.images.engine import DownloadEngine
 from quantix.network.ovsdb import OvsdbClient
 from quantix.network.ports import PortStore
 from quantix.network.service import NetworkPorts
+from quantix.ops.metrics import NodeCollector
 from quantix.ops.service import Operations
 from quantix.ops.shutdown import stop_in_order
-from quantix.rpc import handlers, status, tls
+from quantix.rpc import registry, status, tls
+from quantix.rpc.agent_rpcs import AgentRpcs
+from quantix.rpc.event_rpcs import EventRpcs
+from quantix.rpc.network_rpcs import NetworkRpcs
+from quantix.rpc.node_rpcs import NodeRpcs
 from quantix.rpc.server import SERVICE, GrpcServer, ListenError
+from quantix.rpc.storage_rpcs import StorageRpcs
+from quantix.rpc.vm_rpcs import VmRpcs
 from quantix.web import images as web_images
 
 log = Logger(namespace="quantix.node")
@@ -44,7 +58,12 @@ def _fatal(message: str) -> NoReturn:
 
 
 class NodeService(MultiService):
-    """Owns the configuration and the boxes; handler classes reach the boxes through it."""
+    """Builds the boxes and wires them; the attributes are the boxes themselves.
+
+    Children start in the order added and stop one at a time in reverse order
+    (:mod:`quantix.ops.shutdown`): operations, libvirt, gRPC, the event bus, the domain
+    watcher, the control-plane link.
+    """
 
     def __init__(self, config: Config, reactor: Any = None) -> None:
         super().__init__()
@@ -52,21 +71,12 @@ class NodeService(MultiService):
             from twisted.internet import reactor
         self.config = config
         self.reactor = reactor
-        self.started_at = time.monotonic()
-        self.node_id = ""
-        #: The control-plane link (``.registered``, ``.node_id``), when registering.
-        self.cplink: ControlPlaneLink | None = None
-        # First child: starts before gRPC, stops last (children stop one by one, last added first).
-        rpc_observers = status.RpcObservers()
-        self.ops = Operations(self, rpc_observers=rpc_observers)
-        self.ops.setServiceParent(self)
+        self.host = hostinfo.HostBox(config.node.hostname or "", config.node.management_ip or "")
         hv = config.hypervisor
         self.hypervisor = Hypervisor(
             reactor, hv.uri, event_loop=hv.event_loop, keepalive=(hv.keepalive_interval, hv.keepalive_count)
         )
-        self.hypervisor.setServiceParent(self)
         self.storage = StorageManager(self.hypervisor.conn, config.storage)
-        # Download jobs, and the 8080 listener serving them: stopped after gRPC, jobs last.
         self.downloads = DownloadEngine(
             reactor,
             config.downloads,
@@ -74,9 +84,7 @@ class NodeService(MultiService):
             config.storage.cloud_images,
             roots=lambda: web_images.storage_roots(config.storage.root, self.storage),
         )
-        self.downloads.setServiceParent(self)
         self.http = web_images.listener(reactor, config.http.listen, self.downloads)
-        self.http.setServiceParent(self)
         ovs = config.ovs
         self.network = NetworkPorts(
             reactor,
@@ -85,9 +93,34 @@ class NodeService(MultiService):
             PortStore(config.state_dir),
             default_bridge=ovs.integration_bridge,
         )
+        ev = config.events
+        self.bus = EventBus(reactor, buffer_size=ev.buffer_size, subscriber_queue=ev.subscriber_queue)
+        # StreamMetrics: one sampler per interval for all subscribers.
+        self.metrics_hub = MetricsHub(self.hypervisor.conn, stats_flags(hv.uri))
+        self.watcher = DomainWatcher(
+            reactor, self.hypervisor, self.bus, reconcile_interval=ev.reconcile_interval
+        )
+        self.agents = AgentManager(
+            reactor,
+            socket_dir=config.agent.socket_dir,
+            telemetry_interval=config.agent.telemetry_interval,
+            on_event=self._agent_event,
+        )
+        #: The control-plane link (``.registered``, ``.node_id``), when registering.
+        self.cplink: ControlPlaneLink | None = None
+        if config.auto_register and config.control_plane_url:
+            try:
+                self.cplink = cp_sources.make_link(reactor, config, self.host, self.hypervisor, self.storage)
+            except OSError as exc:
+                _fatal(f"control_plane.ca_bundle {config.control_plane.ca_bundle}: {exc.strerror}")
+            except ValueError as exc:
+                _fatal(f"control plane {config.control_plane_url}: {exc}")
+        elif config.auto_register:
+            log.warn("--register given without a control-plane URL: not registering")
+        rpc_observers = status.RpcObservers()
         self.grpc = GrpcServer(
             config.listen_address,
-            lambda: self.ops.gate(handlers.build(self)),
+            lambda: self.ops.gate(registry.collect(self.rpc_handlers())),
             max_workers=config.server.unary_workers(),
             max_streams=config.server.max_streams,
             grace=config.server.grace_seconds,
@@ -96,45 +129,59 @@ class NodeService(MultiService):
             extra_options=(("grpc.max_concurrent_streams", config.server.max_streams_per_connection),),
             observers=rpc_observers,
         )
+        collector = NodeCollector(self.host, self.hypervisor, self.bus, self.agents, self.cplink)
+        self.ops = Operations(reactor, config, self.grpc, collector, rpc_observers=rpc_observers)
+
+        # First child: starts before gRPC, stops last (metrics and the access log see the drain).
+        self.ops.setServiceParent(self)
+        self.hypervisor.setServiceParent(self)
+        # Download jobs, and the 8080 listener serving them: stopped after gRPC, jobs last.
+        self.downloads.setServiceParent(self)
+        self.http.setServiceParent(self)
         self.grpc.setServiceParent(self)
         self.hypervisor.listen(self._hypervisor_up, self._hypervisor_down)
         # Stopped before the gRPC server (reverse order), so streams end with UNAVAILABLE.
-        ev = config.events
-        self.bus = EventBus(reactor, buffer_size=ev.buffer_size, subscriber_queue=ev.subscriber_queue)
         self.bus.setServiceParent(self)
-        # StreamMetrics: one sampler per interval for all subscribers; stops (UNAVAILABLE) before the bus.
-        self.metrics_hub = MetricsHub(self.hypervisor.conn, stats_flags(hv.uri))
+        # Stops (ending StreamMetrics with UNAVAILABLE) before the bus.
         self.metrics_hub.setServiceParent(self)
-        self.watcher = DomainWatcher(
-            reactor, self.hypervisor, self.bus, reconcile_interval=ev.reconcile_interval
-        )
         self.watcher.setServiceParent(self)
-        self.agents = AgentManager(
-            reactor,
-            socket_dir=config.agent.socket_dir,
-            telemetry_interval=config.agent.telemetry_interval,
-            on_event=self._agent_event,
-        )
         # Agent channels follow the VMs: opened when one runs, closed when it stops.
         self.watcher.state_listeners.append(self._domain_state)
         # Last child: it stops first, before the gRPC server and libvirt go away.
-        if config.auto_register and config.control_plane_url:
-            try:
-                self.cplink = cp_sources.make_link(self)
-            except OSError as exc:
-                _fatal(f"control_plane.ca_bundle {config.control_plane.ca_bundle}: {exc.strerror}")
-            except ValueError as exc:
-                _fatal(f"control plane {config.control_plane_url}: {exc}")
+        if self.cplink is not None:
             self.cplink.setServiceParent(self)
-        elif config.auto_register:
-            log.warn("--register given without a control-plane URL: not registering")
+
+    def rpc_handlers(self) -> list[object]:
+        """One handler object per box, each given exactly the facades it uses."""
+        agents = WorkerAgents(self.reactor, self.agents)
+        return [
+            NodeRpcs(self.host, self.hypervisor),
+            AgentRpcs(agents, self.hypervisor, self.reactor, self.agents),
+            StorageRpcs(self.storage),
+            EventRpcs(self.bus, self.metrics_hub),
+            VmRpcs(
+                self.config,
+                self.hypervisor,
+                self.storage,
+                agents,
+                self.bus,
+                self.host,
+                bound_nics=self.network.store.sources_for,
+            ),
+            NetworkRpcs(self.network),
+        ]
+
+    @property
+    def node_id(self) -> str:
+        """The persisted node id, known once the service has started."""
+        return self.host.node_id
 
     def startService(self) -> None:
-        self.started_at = time.monotonic()
+        self.host.started_at = time.monotonic()
         if self.config.server.switch_interval_ms:
             sys.setswitchinterval(self.config.server.switch_interval_ms / 1000)
         try:
-            self.node_id = state.node_id(self.config.state_dir, self.config.node.id)
+            self.host.node_id = state.node_id(self.config.state_dir, self.config.node.id)
             super().startService()
         except (ListenError, OSError) as exc:
             _fatal(
@@ -173,11 +220,6 @@ class NodeService(MultiService):
         if self.cplink is not None:
             # Best effort (today's control plane answers unimplemented; the heartbeat sync repairs).
             self.cplink.notify_vm_change(*cp_sources.vm_change(vm_id, name, state))
-
-    def host_facts(self, conn: libvirt.virConnect) -> hostinfo.HostFacts:
-        """Blocking (worker thread): current host facts with configured overrides applied."""
-        node = self.config.node
-        return hostinfo.collect(conn, hostname=node.hostname, mgmt_ip=node.management_ip)
 
     def _hypervisor_up(self, conn: libvirt.virConnect) -> None:
         if self.grpc.server is not None:

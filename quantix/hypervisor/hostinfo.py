@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+import time
 from pathlib import Path
 from xml.etree import ElementTree as ET
 
@@ -215,3 +216,28 @@ def collect(
         os_name=uname.sysname,
         kernel=uname.release,
     )
+
+
+class HostBox:
+    """The host-facts box: the node's id and start time, and the host facts with the configured
+    hostname and management IP applied."""
+
+    def __init__(self, hostname: str = "", management_ip: str = "") -> None:
+        self.hostname = hostname
+        self.configured_ip = management_ip
+        #: Set once the node service has read (or created) its persisted id, at start.
+        self.node_id = ""
+        #: ``time.monotonic()`` when the daemon (re)started.
+        self.started_at = time.monotonic()
+
+    def uptime(self) -> float:
+        """Any thread: seconds since the daemon started."""
+        return time.monotonic() - self.started_at
+
+    def facts(self, conn: libvirt.virConnect) -> HostFacts:
+        """Worker (libvirt, psutil, sysfs): the current facts, configured values winning."""
+        return collect(conn, hostname=self.hostname or None, mgmt_ip=self.configured_ip or None)
+
+    def management_ip(self) -> str:
+        """Worker (may read the routing table): the configured management IP, else detected."""
+        return self.configured_ip or management_ip()

@@ -1,27 +1,23 @@
 """Prometheus metrics on ``server.metrics_listen``, served from the reactor.
 
-RPC counts and latency come from the RPC observer hook. Everything else is read from the live
-node at scrape time by :class:`NodeCollector`, through ``getattr``, so the endpoint works
-whichever boxes a build has; a box that is absent simply has no series. The attributes read:
+RPC counts and latency come from the RPC observer hook. Everything else is read from the boxes
+at scrape time by :class:`NodeCollector`, through the small protocols below; the node passes
+the boxes it has, and a box that is absent (None) or fails mid-scrape simply has no series:
 
-- ``node.hypervisor.connected``, ``.reconnects``: libvirt connection state and reconnect count
-- ``node.bus.subscriber_count``: StreamEvents subscribers
-- ``node.bus.queue_depths``: events queued per subscriber (ints, or a mapping subscriber → int)
-- ``node.bus.lag_seconds``: age of the oldest event not yet delivered
-- ``node.bus.last_id``, ``.published``, ``.dropped_subscribers``: last event id, events
+- :class:`LibvirtStats` (the hypervisor box): connection state and reconnect count
+- :class:`EventStats` (the event bus): subscribers, queue depths and lag, last id, events
   published, subscribers cut off as too slow
-- ``node.agents.connected_count``: open guest-agent channels
-- ``node.cplink.registered``: registered with the control plane
+- :class:`AgentStats` (the agent manager): open guest-agent channels
+- :class:`~quantix.facades.ControlPlaneStatus` (the control-plane link): registered
 
-Each may be a plain attribute or a no-argument method. The page is rendered on the reactor
-thread (not in a WSGI thread pool) because the boxes' state belongs to the reactor.
+The page is rendered on the reactor thread (not in a WSGI thread pool) because the boxes'
+state belongs to the reactor.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from prometheus_client import (
@@ -42,6 +38,8 @@ from twisted.web.server import Site
 
 from quantix import __version__
 from quantix.config import parse_address
+from quantix.facades import ControlPlaneStatus
+from quantix.hypervisor.hostinfo import HostBox
 from quantix.rpc import status
 from quantix.rpc.server import ListenError
 
@@ -50,26 +48,44 @@ log = Logger(namespace="quantix.ops.metrics")
 #: Unary RPCs are milliseconds to a minute (StopVM waits); streams report their whole life.
 RPC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
-_MISSING = object()
+
+class LibvirtStats(Protocol):
+    @property
+    def connected(self) -> bool: ...
+
+    reconnects: int
 
 
-def read(obj: Any, name: str) -> Any:
-    """``obj.name``, called when it is a method; ``_MISSING`` when absent or when it fails."""
-    if obj is None:
-        return _MISSING
-    try:
-        value = getattr(obj, name, _MISSING)
-        return value() if callable(value) else value
-    except Exception:  # a box mid-restart must not break the whole scrape
-        return _MISSING
+class EventStats(Protocol):
+    @property
+    def subscriber_count(self) -> int: ...
+
+    @property
+    def last_id(self) -> int: ...
+
+    published: int
+    dropped_subscribers: int
+
+    def queue_depths(self) -> Iterable[int]: ...
+
+    def lag_seconds(self) -> float: ...
 
 
-def _number(value: Any) -> float | None:
-    if value is _MISSING or value is None:
+class AgentStats(Protocol):
+    def connected_count(self) -> int: ...
+
+
+T = TypeVar("T")
+
+
+def read(box: T | None, get: Callable[[T], float | None]) -> float | None:
+    """``get(box)`` as a number; None when the box is absent or the read fails."""
+    if box is None:
         return None
     try:
-        return float(value)
-    except (TypeError, ValueError):
+        value = get(box)
+        return None if value is None else float(value)
+    except Exception:  # a box mid-restart must not break the whole scrape
         return None
 
 
@@ -97,63 +113,75 @@ class RpcMetrics:
 
 
 class NodeCollector:
-    """Gauges read from the node at scrape time (see the module docstring for the names)."""
+    """Gauges read from the boxes at scrape time (see the module docstring for the names)."""
 
-    def __init__(self, node: Any) -> None:
-        self.node = node
+    def __init__(
+        self,
+        host: HostBox | None = None,
+        hypervisor: LibvirtStats | None = None,
+        events: EventStats | None = None,
+        agents: AgentStats | None = None,
+        controlplane: ControlPlaneStatus | None = None,
+    ) -> None:
+        self.host = host
+        self.hypervisor = hypervisor
+        self.events = events
+        self.agents = agents
+        self.controlplane = controlplane
 
     def collect(self) -> Iterator[Metric]:
-        node = self.node
+        host = self.host
         info = GaugeMetricFamily(
             "quantix_node_info", "Daemon version and node id", labels=["version", "node_id"]
         )
-        info.add_metric([__version__, str(getattr(node, "node_id", "") or "")], 1)
+        info.add_metric([__version__, host.node_id if host is not None else ""], 1)
         yield info
-        started = _number(getattr(node, "started_at", None))
-        if started is not None:
+        if host is not None:
             yield GaugeMetricFamily(
-                "quantix_node_uptime_seconds",
-                "Seconds since the daemon started",
-                value=time.monotonic() - started,
+                "quantix_node_uptime_seconds", "Seconds since the daemon started", value=host.uptime()
             )
 
-        hv = getattr(node, "hypervisor", None)
-        connected = read(hv, "connected")
-        if connected is not _MISSING:
+        connected = read(self.hypervisor, lambda hv: hv.connected)
+        if connected is not None:
             yield GaugeMetricFamily(
                 "quantix_libvirt_connected",
                 "1 while the libvirt connection is up",
                 value=1 if connected else 0,
             )
-        reconnects = _number(read(hv, "reconnects"))
+        reconnects = read(self.hypervisor, lambda hv: hv.reconnects)
         if reconnects is not None:
             yield CounterMetricFamily(
                 "quantix_libvirt_reconnects", "libvirt connections re-established", value=reconnects
             )
 
-        yield from self._events(getattr(node, "bus", None))
+        yield from self._events(self.events)
 
-        agents = _number(read(getattr(node, "agents", None), "connected_count"))
+        agents = read(self.agents, lambda a: a.connected_count())
         if agents is not None:
             yield GaugeMetricFamily("quantix_agent_connections", "Guest agents connected", value=agents)
 
-        registered = read(getattr(node, "cplink", None), "registered")
-        if registered is not _MISSING:
+        registered = read(self.controlplane, lambda cp: cp.registered)
+        if registered is not None:
             yield GaugeMetricFamily(
                 "quantix_controlplane_registered",
                 "1 while registered with the control plane",
                 value=1 if registered else 0,
             )
 
-    def _events(self, bus: Any) -> Iterator[Metric]:
-        subscribers = _number(read(bus, "subscriber_count"))
+    def _events(self, bus: EventStats | None) -> Iterator[Metric]:
+        subscribers = read(bus, lambda b: b.subscriber_count)
         if subscribers is not None:
             yield GaugeMetricFamily(
                 "quantix_events_subscribers", "StreamEvents subscribers", value=subscribers
             )
-        depths = read(bus, "queue_depths")
-        if depths is not _MISSING and depths is not None:
-            values = [float(v) for v in (depths.values() if hasattr(depths, "values") else depths)]
+        depths: list[float] | None = None
+        if bus is not None:
+            try:
+                depths = [float(v) for v in bus.queue_depths()]
+            except Exception:  # as in read(): no series rather than a broken scrape
+                depths = None
+        if depths is not None:
+            values = depths
             yield GaugeMetricFamily(
                 "quantix_events_queued", "Events queued for all subscribers", value=sum(values)
             )
@@ -162,19 +190,22 @@ class NodeCollector:
                 "Events queued for the most backlogged subscriber",
                 value=max(values, default=0.0),
             )
-        lag = _number(read(bus, "lag_seconds"))
+        lag = read(bus, lambda b: b.lag_seconds())
         if lag is not None:
             yield GaugeMetricFamily(
                 "quantix_events_lag_seconds", "Age of the oldest event not yet delivered", value=lag
             )
-        for attr, name, doc in (
-            ("published", "quantix_events_published", "Events published on the bus"),
-            ("dropped_subscribers", "quantix_events_dropped_subscribers", "Subscribers cut off as too slow"),
+        for value, name, doc in (
+            (read(bus, lambda b: b.published), "quantix_events_published", "Events published on the bus"),
+            (
+                read(bus, lambda b: b.dropped_subscribers),
+                "quantix_events_dropped_subscribers",
+                "Subscribers cut off as too slow",
+            ),
         ):
-            value = _number(read(bus, attr))
             if value is not None:
                 yield CounterMetricFamily(name, doc, value=value)
-        last_id = _number(read(bus, "last_id"))
+        last_id = read(bus, lambda b: b.last_id)
         if last_id is not None:
             yield GaugeMetricFamily("quantix_events_last_id", "Id of the last published event", value=last_id)
 
@@ -195,13 +226,13 @@ class MetricsPage(Resource):
         return encoder(self.registry)
 
 
-def build_registry(node: Any) -> tuple[CollectorRegistry, RpcMetrics]:
+def build_registry(collector: NodeCollector) -> tuple[CollectorRegistry, RpcMetrics]:
     """A private registry (not the global one), so several nodes in one process never clash."""
     disable_created_metrics()  # process-wide: no ``*_created`` series beside every counter
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
-    registry.register(NodeCollector(node))
+    registry.register(collector)
     return registry, RpcMetrics(registry)
 
 
@@ -209,12 +240,16 @@ class MetricsService(Service):
     """Listen on ``listen`` (``host:port``; ``None`` disables) and count RPCs while running."""
 
     def __init__(
-        self, reactor: Any, listen: str | None, node: Any, observers: status.RpcObservers | None = None
+        self,
+        reactor: Any,
+        listen: str | None,
+        collector: NodeCollector | None = None,
+        observers: status.RpcObservers | None = None,
     ) -> None:
         self.reactor = reactor
         self.observers = observers if observers is not None else status.RpcObservers()
         self.listen = listen or None
-        self.registry, self.rpc = build_registry(node)
+        self.registry, self.rpc = build_registry(collector or NodeCollector())
         self.port: int | None = None
         self._listening: Any = None
 

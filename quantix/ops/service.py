@@ -13,27 +13,37 @@ from typing import Any
 from twisted.application.service import MultiService
 from twisted.logger import ILogObserver
 
+from quantix.config import Config
 from quantix.ops import access, logs, shutdown
 from quantix.ops.drain import Drain
-from quantix.ops.metrics import MetricsService
+from quantix.ops.metrics import MetricsService, NodeCollector
 from quantix.ops.notify import Notifier
 from quantix.rpc import status
+from quantix.rpc.server import SERVICE, GrpcServer
 
 
 class Operations(MultiService):
+    """Serves the node's gRPC endpoint ``grpc`` (drain, health, READY=1) and exposes
+    ``collector``'s gauges beside the RPC counters. Reactor thread."""
+
     def __init__(
         self,
-        node: Any,
+        reactor: Any,
+        config: Config,
+        grpc: GrpcServer,
+        collector: NodeCollector,
         environ: dict[str, str] | None = None,
         rpc_observers: status.RpcObservers | None = None,
     ) -> None:
         super().__init__()
-        self.node = node
+        self.reactor = reactor
+        self.config = config
+        self.grpc = grpc
         #: Where the gRPC server reports finished calls; metrics and the access log listen here.
         self.rpc_observers = rpc_observers if rpc_observers is not None else status.RpcObservers()
-        self.notifier = Notifier(node.reactor, environ)
+        self.notifier = Notifier(reactor, environ)
         self.metrics = MetricsService(
-            node.reactor, node.config.server.metrics_listen, node, observers=self.rpc_observers
+            reactor, config.server.metrics_listen, collector, observers=self.rpc_observers
         )
         self.metrics.setServiceParent(self)
         #: Set by :meth:`configure_twistd`; handed to twistd when the node joins its application.
@@ -43,20 +53,17 @@ class Operations(MultiService):
 
     def gate(self, table: dict[str, Any]) -> dict[str, Any]:
         """Put the drain gate in front of the handler table the gRPC server is built from."""
-        from quantix.rpc.server import SERVICE
-
         streaming = {m.name for m in SERVICE.methods if m.server_streaming}
         return self.drain.wrap(table, streaming)
 
     def drain_calls(self) -> Any:
         """Just before gRPC stops: wait for the calls in flight (until ``grace_seconds`` after
         the stop began) and leave the server what remains of the grace period."""
-        grace = self.node.config.server.grace_seconds
-        grpc = getattr(self.node, "grpc", None)
+        grace = self.config.server.grace_seconds
+        grpc = self.grpc
 
         def left(remaining: float) -> None:
-            if grpc is not None:
-                grpc.grace = remaining
+            grpc.grace = remaining
 
         return self.drain.wait_idle_in_thread(grace).addCallback(left)
 
@@ -65,8 +72,8 @@ class Operations(MultiService):
         and exit 0 on SIGTERM. Without twistd's options (a caller of its own) nothing changes."""
         if twistd_options is None:
             return
-        self.log_observer = logs.twistd_observer(self.node.config.logging, twistd_options)
-        self.node.reactor.callWhenRunning(shutdown.exit_zero_on_sigterm, self.node.reactor)
+        self.log_observer = logs.twistd_observer(self.config.logging, twistd_options)
+        self.reactor.callWhenRunning(shutdown.exit_zero_on_sigterm, self.reactor)
 
     def attach_logging(self, parent: Any) -> None:
         """Called when the node joins twistd's application, before twistd starts logging."""
@@ -78,15 +85,12 @@ class Operations(MultiService):
         super().startService()
 
     def ready(self) -> None:
-        grpc = getattr(self.node, "grpc", None)
-        self.notifier.ready(f"serving gRPC on port {getattr(grpc, 'port', '?')}")
+        self.notifier.ready(f"serving gRPC on port {self.grpc.port}")
 
     def stopping(self) -> None:
         """First step of a stop: STOPPING=1, health NOT_SERVING, new calls refused."""
         self.notifier.stopping("draining")
-        health = getattr(getattr(self.node, "grpc", None), "health", None)
-        if health is not None:
-            health.enter_graceful_shutdown()
+        self.grpc.health.enter_graceful_shutdown()
         self.drain.start()
 
     def stopService(self) -> Any:

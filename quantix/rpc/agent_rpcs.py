@@ -11,16 +11,20 @@ from __future__ import annotations
 import itertools
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
+import grpc
 from google.protobuf.message import Message
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from quantix import bridge
+from quantix.agent.manager import AgentManager
 from quantix.agent.protocol import AgentError, ConnectionLost, set_timestamp
 from quantix.errors import HypervisorDown, Invalid, Unavailable
+from quantix.facades import GuestAgents, VmHost
 from quantix.hypervisor import vms
 from quantix.proto import agent_pb2, node_pb2
 from quantix.rpc.registry import rpc
@@ -49,17 +53,27 @@ class _Freeze:
 class AgentRpcs:
     """``PingAgent``, ``ExecuteInGuest``, file transfer, shutdown, quiesce/thaw, ``SyncTime``.
 
-    ``node.reactor`` runs the channels and ``node.agents`` is the :class:`AgentManager`.
-    ``clock`` (default: the reactor) runs the automatic-thaw timers.
+    ``agents`` is the agent box seen from a worker thread; ``hypervisor`` tells a VM that does
+    not exist from one without an agent. ``reactor`` owns the freeze records and ``clock``
+    (default: the reactor) runs the automatic-thaw timers.
     """
 
     log = Logger()
 
-    def __init__(self, node: Any, clock: IReactorTime | None = None, wallclock: Any = time.time) -> None:
-        self.node = node
-        self.reactor = node.reactor
-        self.agents = node.agents
-        self.clock = clock or node.reactor
+    def __init__(
+        self,
+        agents: GuestAgents,
+        hypervisor: VmHost,
+        reactor: Any,
+        manager: AgentManager,
+        clock: IReactorTime | None = None,
+        wallclock: Callable[[], float] = time.time,
+    ) -> None:
+        self.agents = agents
+        self.hypervisor = hypervisor
+        self.reactor = reactor
+        self.manager = manager
+        self.clock = clock or reactor
         self.wallclock = wallclock
         self._freezes: dict[str, _Freeze] = {}  # vm_id -> active freeze (reactor thread only)
         self._ping_seq = itertools.count(1)  # next() is atomic under the GIL
@@ -68,7 +82,7 @@ class AgentRpcs:
         if not vm_id:
             raise Invalid("vm_id is required")
         try:
-            return bridge.call_on_reactor(self.reactor, self.agents.request, vm_id, payload, timeout)
+            return self.agents.request(vm_id, payload, timeout)
         except Unavailable as exc:
             if not isinstance(exc, ConnectionLost):
                 self._require_vm(vm_id)
@@ -78,17 +92,16 @@ class AgentRpcs:
         """No channel because libvirt has no such VM: VMNotFound, which the control plane matches,
         rather than "no agent". Asked only after the agent failed, so a working channel costs
         no libvirt call."""
-        hypervisor = getattr(self.node, "hypervisor", None)
-        if hypervisor is None:
-            return
         try:
-            conn = hypervisor.conn()
+            conn = self.hypervisor.conn()
         except HypervisorDown:
             return
         vms.lookup(conn, vm_id)
 
     @rpc("PingAgent")
-    def ping_agent(self, request: node_pb2.VMIdRequest, context: Any) -> node_pb2.AgentPingResponse:
+    def ping_agent(
+        self, request: node_pb2.VMIdRequest, context: grpc.ServicerContext
+    ) -> node_pb2.AgentPingResponse:
         seq = next(self._ping_seq)
         started = time.monotonic()
         pong = self._call(request.vm_id, agent_pb2.PingRequest(sequence=seq), DEFAULT_TIMEOUT)
@@ -102,7 +115,7 @@ class AgentRpcs:
 
     @rpc("ExecuteInGuest")
     def execute_in_guest(
-        self, request: node_pb2.ExecuteInGuestRequest, context: Any
+        self, request: node_pb2.ExecuteInGuestRequest, context: grpc.ServicerContext
     ) -> node_pb2.ExecuteInGuestResponse:
         if not request.command:
             raise Invalid("command is required")
@@ -132,7 +145,7 @@ class AgentRpcs:
 
     @rpc("ReadGuestFile")
     def read_guest_file(
-        self, request: node_pb2.ReadGuestFileRequest, context: Any
+        self, request: node_pb2.ReadGuestFileRequest, context: grpc.ServicerContext
     ) -> node_pb2.ReadGuestFileResponse:
         """Read ``max_size`` bytes (0: to the end) from ``offset`` in chunks, at most ``MAX_READ``."""
         if not request.path:
@@ -162,7 +175,7 @@ class AgentRpcs:
 
     @rpc("WriteGuestFile")
     def write_guest_file(
-        self, request: node_pb2.WriteGuestFileRequest, context: Any
+        self, request: node_pb2.WriteGuestFileRequest, context: grpc.ServicerContext
     ) -> node_pb2.WriteGuestFileResponse:
         """Write in 64 KiB chunks; an empty payload still creates/truncates the file."""
         if not request.path:
@@ -194,7 +207,7 @@ class AgentRpcs:
 
     @rpc("GuestShutdown")
     def guest_shutdown(
-        self, request: node_pb2.GuestShutdownRequest, context: Any
+        self, request: node_pb2.GuestShutdownRequest, context: grpc.ServicerContext
     ) -> node_pb2.GuestShutdownResponse:
         kind = agent_pb2.SHUTDOWN_TYPE_REBOOT if request.reboot else agent_pb2.SHUTDOWN_TYPE_POWEROFF
         req = agent_pb2.ShutdownRequest(
@@ -213,7 +226,7 @@ class AgentRpcs:
 
     @rpc("QuiesceFilesystems")
     def quiesce_filesystems(
-        self, request: node_pb2.QuiesceFilesystemsRequest, context: Any
+        self, request: node_pb2.QuiesceFilesystemsRequest, context: grpc.ServicerContext
     ) -> node_pb2.QuiesceFilesystemsResponse:
         """Freeze through the agent; thaw automatically once ``timeout_seconds`` pass."""
         seconds = request.timeout_seconds or QUIESCE_DEFAULT_SECONDS
@@ -261,7 +274,7 @@ class AgentRpcs:
         msg = "auto-thawing filesystems of {vm}: no ThawFilesystems within the quiesce timeout"
         self.log.warn(msg, vm=vm_id)
         req = agent_pb2.ThawFilesystemsRequest(quiesce_token=f.agent_token, mount_points=f.mounts)
-        d = self.agents.request(vm_id, req, DEFAULT_TIMEOUT)
+        d = self.manager.request(vm_id, req, DEFAULT_TIMEOUT)
         d.addErrback(lambda fail: self.log.failure("automatic thaw of {vm} failed", fail, vm=vm_id))
         return d
 
@@ -279,7 +292,7 @@ class AgentRpcs:
 
     @rpc("ThawFilesystems")
     def thaw_filesystems(
-        self, request: node_pb2.ThawFilesystemsRequest, context: Any
+        self, request: node_pb2.ThawFilesystemsRequest, context: grpc.ServicerContext
     ) -> node_pb2.ThawFilesystemsResponse:
         if not request.vm_id:
             raise Invalid("vm_id is required")
@@ -303,7 +316,9 @@ class AgentRpcs:
         )
 
     @rpc("SyncTime")
-    def sync_time(self, request: node_pb2.SyncTimeRequest, context: Any) -> node_pb2.SyncTimeResponse:
+    def sync_time(
+        self, request: node_pb2.SyncTimeRequest, context: grpc.ServicerContext
+    ) -> node_pb2.SyncTimeResponse:
         """Ask the agent to set its clock to the host's (``force`` steps instead of slewing)."""
         req = agent_pb2.SyncTimeRequest(force=request.force)
         set_timestamp(req.set_time, self.wallclock())

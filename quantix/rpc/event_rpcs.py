@@ -7,10 +7,16 @@ behind, and with ``UNAVAILABLE`` at shutdown.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterator
+
+import grpc
+from google.protobuf import empty_pb2
 
 from quantix import errors
 from quantix.events.bus import RESUME_HEADER
+from quantix.events.metrics import MetricsHub
+from quantix.facades import EventFeed
+from quantix.proto import node_pb2
 from quantix.rpc.registry import rpc
 from quantix.rpc.streams import on_cancel
 
@@ -19,7 +25,7 @@ MIN_INTERVAL = 1.0
 POLL = 5.0
 
 
-def resume_after(context: Any) -> int | None:
+def resume_after(context: grpc.ServicerContext) -> int | None:
     for key, value in context.invocation_metadata() or ():
         if key == RESUME_HEADER:
             try:
@@ -30,18 +36,26 @@ def resume_after(context: Any) -> int | None:
 
 
 class EventRpcs:
-    def __init__(self, node: Any) -> None:
-        self.node = node
+    """Streams over the event feed and the metrics hub; each holds one gRPC worker thread."""
+
+    def __init__(self, events: EventFeed, metrics: MetricsHub) -> None:
+        self.events = events
+        self.metrics = metrics
 
     @rpc("StreamEvents")
-    def stream_events(self, request: Any, context: Any) -> Any:
-        sub = self.node.bus.subscribe(resume_after(context))
+    def stream_events(
+        self, request: empty_pb2.Empty, context: grpc.ServicerContext
+    ) -> Iterator[node_pb2.NodeEvent]:
+        sub = self.events.subscribe(resume_after(context))
         on_cancel(context, sub.cancel)
         yield from sub.events(context.is_active, POLL)
 
     @rpc("StreamMetrics")
-    def stream_metrics(self, request: Any, context: Any) -> Any:
+    def stream_metrics(
+        self, request: node_pb2.StreamMetricsRequest, context: grpc.ServicerContext
+    ) -> Iterator[bytes]:
+        """Yields ``NodeMetrics`` serialized once for all subscribers (sent as they are)."""
         interval = max(MIN_INTERVAL, float(request.interval_seconds or 0))
-        sub = self.node.metrics_hub.subscribe(interval)
+        sub = self.metrics.subscribe(interval)
         on_cancel(context, sub.cancel)
         yield from sub.samples()

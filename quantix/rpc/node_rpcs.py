@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-import time
-from typing import Any
+import grpc
+from google.protobuf import empty_pb2
 
 from quantix import __version__
+from quantix.facades import VmHost
 from quantix.hypervisor import hostinfo
 from quantix.proto import node_pb2
 from quantix.rpc.registry import rpc
 
 
-def node_info_message(node_id: str, facts: hostinfo.HostFacts, hv_name: str, hv_version: str) -> Any:
+def node_info_message(
+    node_id: str, facts: hostinfo.HostFacts, hv_name: str, hv_version: str
+) -> node_pb2.NodeInfoResponse:
     """Map host facts onto ``NodeInfoResponse`` (pure)."""
     cpu = facts.cpu
     caps = facts.capabilities
@@ -65,23 +68,32 @@ def node_info_message(node_id: str, facts: hostinfo.HostFacts, hv_name: str, hv_
 
 
 class NodeRpcs:
-    def __init__(self, node: Any) -> None:
-        self.node = node
+    """Reads the host-facts box and the hypervisor box; never hops to the reactor."""
+
+    def __init__(self, host: hostinfo.HostBox, hypervisor: VmHost) -> None:
+        self.host = host
+        self.hypervisor = hypervisor
 
     @rpc("HealthCheck")
-    def health_check(self, request: Any, context: Any) -> Any:
-        hv = self.node.hypervisor
+    def health_check(
+        self, request: node_pb2.HealthCheckRequest, context: grpc.ServicerContext
+    ) -> node_pb2.HealthCheckResponse:
+        hv = self.hypervisor
         ident = hv.identity
         return node_pb2.HealthCheckResponse(
             healthy=hv.connected,
             version=__version__,
             hypervisor=ident.name if ident else "",
             hypervisor_version=ident.version if ident else "",
-            uptime_seconds=int(time.monotonic() - self.node.started_at),
+            uptime_seconds=int(self.host.uptime()),
         )
 
     @rpc("GetNodeInfo")
-    def get_node_info(self, request: Any, context: Any) -> Any:
-        hv = self.node.hypervisor
-        facts = self.node.host_facts(hv.conn())
-        return node_info_message(self.node.node_id, facts, hv.identity.name, hv.identity.version)
+    def get_node_info(
+        self, request: empty_pb2.Empty, context: grpc.ServicerContext
+    ) -> node_pb2.NodeInfoResponse:
+        hv = self.hypervisor
+        facts = self.host.facts(hv.conn())
+        ident = hv.identity
+        name, version = (ident.name, ident.version) if ident else ("", "")
+        return node_info_message(self.host.node_id, facts, name, version)

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
-
+import grpc
 from google.protobuf import empty_pb2
 
 from quantix import errors
@@ -17,7 +16,7 @@ TYPE_NUMBERS = {sm.LOCAL_DIR: 1, sm.LOCAL_LVM: 2, sm.NFS: 3, sm.CEPH_RBD: 4, sm.
 VOLUME_SOURCES = {0: "empty", 1: "clone", 2: "image", 3: "snapshot"}
 
 
-def pool_request(req: Any) -> sm.PoolRequest:
+def pool_request(req: node_pb2.InitStoragePoolRequest) -> sm.PoolRequest:
     """``InitStoragePoolRequest`` → plain values; an unsupported type is named in the error."""
     kind = POOL_TYPES.get(req.type)
     if kind is None:
@@ -49,7 +48,7 @@ def pool_request(req: Any) -> sm.PoolRequest:
     )
 
 
-def pool_message(info: sm.PoolInfo) -> Any:
+def pool_message(info: sm.PoolInfo) -> node_pb2.StoragePoolInfoResponse:
     return node_pb2.StoragePoolInfoResponse(
         pool_id=info.pool_id,
         type=node_pb2.StoragePoolType.ValueType(TYPE_NUMBERS.get(info.type, 0)),
@@ -63,7 +62,7 @@ def pool_message(info: sm.PoolInfo) -> Any:
     )
 
 
-def volume_message(info: sm.VolumeInfo) -> Any:
+def volume_message(info: sm.VolumeInfo) -> node_pb2.VolumeInfoResponse:
     return node_pb2.VolumeInfoResponse(
         volume_id=info.volume_id,
         pool_id=info.pool_id,
@@ -75,35 +74,43 @@ def volume_message(info: sm.VolumeInfo) -> Any:
 
 
 class StorageRpcs:
-    def __init__(self, node: Any) -> None:
-        self.node = node
+    """Handlers over the storage box (every call: worker thread, blocking on libvirt)."""
 
-    @property
-    def storage(self) -> sm.StorageManager:
-        return self.node.storage
+    def __init__(self, storage: sm.StorageManager) -> None:
+        self.storage = storage
 
     @rpc("InitStoragePool")
-    def init_storage_pool(self, request: Any, context: Any) -> Any:
+    def init_storage_pool(
+        self, request: node_pb2.InitStoragePoolRequest, context: grpc.ServicerContext
+    ) -> node_pb2.StoragePoolInfoResponse:
         info = self.storage.init_pool(pool_request(request))
         reply = pool_message(info)
         reply.type = request.type  # echo what was asked, as the control plane stores it
         return reply
 
     @rpc("DestroyStoragePool")
-    def destroy_storage_pool(self, request: Any, context: Any) -> Any:
+    def destroy_storage_pool(
+        self, request: node_pb2.StoragePoolIdRequest, context: grpc.ServicerContext
+    ) -> empty_pb2.Empty:
         self.storage.destroy_pool(request.pool_id)
         return empty_pb2.Empty()
 
     @rpc("GetStoragePoolInfo")
-    def get_storage_pool_info(self, request: Any, context: Any) -> Any:
+    def get_storage_pool_info(
+        self, request: node_pb2.StoragePoolIdRequest, context: grpc.ServicerContext
+    ) -> node_pb2.StoragePoolInfoResponse:
         return pool_message(self.storage.pool_info(request.pool_id))
 
     @rpc("ListStoragePools")
-    def list_storage_pools(self, request: Any, context: Any) -> Any:
+    def list_storage_pools(
+        self, request: empty_pb2.Empty, context: grpc.ServicerContext
+    ) -> node_pb2.ListStoragePoolsResponse:
         return node_pb2.ListStoragePoolsResponse(pools=[pool_message(p) for p in self.storage.list_pools()])
 
     @rpc("ListStoragePoolFiles")
-    def list_storage_pool_files(self, request: Any, context: Any) -> Any:
+    def list_storage_pool_files(
+        self, request: node_pb2.ListStoragePoolFilesRequest, context: grpc.ServicerContext
+    ) -> node_pb2.ListStoragePoolFilesResponse:
         entries = self.storage.list_pool_files(request.pool_id, request.path)
         return node_pb2.ListStoragePoolFilesResponse(
             current_path=request.path,
@@ -122,12 +129,16 @@ class StorageRpcs:
         )
 
     @rpc("ListVolumes")
-    def list_volumes(self, request: Any, context: Any) -> Any:
+    def list_volumes(
+        self, request: node_pb2.ListVolumesRequest, context: grpc.ServicerContext
+    ) -> node_pb2.ListVolumesResponse:
         vols = self.storage.list_volumes(request.pool_id)
         return node_pb2.ListVolumesResponse(volumes=[volume_message(v) for v in vols])
 
     @rpc("CreateVolume")
-    def create_volume(self, request: Any, context: Any) -> Any:
+    def create_volume(
+        self, request: node_pb2.CreateVolumeRequest, context: grpc.ServicerContext
+    ) -> node_pb2.VolumeInfoResponse:
         source = VOLUME_SOURCES.get(request.source_type)
         if source is None:
             raise errors.Invalid(f"unsupported volume source type: {request.source_type}")
@@ -137,34 +148,46 @@ class StorageRpcs:
         return volume_message(info)
 
     @rpc("DeleteVolume")
-    def delete_volume(self, request: Any, context: Any) -> Any:
+    def delete_volume(
+        self, request: node_pb2.VolumeIdRequest, context: grpc.ServicerContext
+    ) -> empty_pb2.Empty:
         self.storage.delete_volume(request.pool_id, request.volume_id)
         return empty_pb2.Empty()
 
     @rpc("ResizeVolume")
-    def resize_volume(self, request: Any, context: Any) -> Any:
+    def resize_volume(
+        self, request: node_pb2.ResizeVolumeRequest, context: grpc.ServicerContext
+    ) -> empty_pb2.Empty:
         self.storage.resize_volume(request.pool_id, request.volume_id, request.new_size_bytes)
         return empty_pb2.Empty()
 
     @rpc("CloneVolume")
-    def clone_volume(self, request: Any, context: Any) -> Any:
+    def clone_volume(
+        self, request: node_pb2.CloneVolumeRequest, context: grpc.ServicerContext
+    ) -> empty_pb2.Empty:
         self.storage.clone_volume(request.pool_id, request.source_volume_id, request.dest_volume_id)
         return empty_pb2.Empty()
 
     @rpc("CreateVolumeSnapshot")
-    def create_volume_snapshot(self, request: Any, context: Any) -> Any:
+    def create_volume_snapshot(
+        self, request: node_pb2.CreateVolumeSnapshotRequest, context: grpc.ServicerContext
+    ) -> empty_pb2.Empty:
         self.storage.snapshot_volume(request.pool_id, request.volume_id, request.snapshot_id)
         return empty_pb2.Empty()
 
     @rpc("GetVolumeAttachInfo")
-    def get_volume_attach_info(self, request: Any, context: Any) -> Any:
+    def get_volume_attach_info(
+        self, request: node_pb2.VolumeIdRequest, context: grpc.ServicerContext
+    ) -> node_pb2.VolumeAttachInfoResponse:
         info = self.storage.attach_info(request.pool_id, request.volume_id)
         return node_pb2.VolumeAttachInfoResponse(
             volume_id=info.volume_id, path=info.path, disk_xml=info.disk_xml
         )
 
     @rpc("ListImages")
-    def list_images(self, request: Any, context: Any) -> Any:
+    def list_images(
+        self, request: empty_pb2.Empty, context: grpc.ServicerContext
+    ) -> node_pb2.ListImagesResponse:
         return node_pb2.ListImagesResponse(
             images=[
                 node_pb2.ImageInfo(

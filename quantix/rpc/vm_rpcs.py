@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import cast
 
+import grpc
+import libvirt
 from google.protobuf import empty_pb2
 from twisted.logger import Logger
 
-from quantix import bridge
 from quantix.agent.guestinfo import to_proto
+from quantix.config import Config
 from quantix.errors import Invalid, QuantixError, Unavailable
+from quantix.facades import EventFeed, GuestAgents, VmHost
 from quantix.hypervisor import consoles, devices, hostinfo, provision, snapshots, vms
+from quantix.hypervisor.domainxml import NicSource
 from quantix.proto import agent_pb2, node_pb2
 from quantix.rpc.registry import rpc
 from quantix.util.locks import KeyedLocks
@@ -33,90 +37,98 @@ QUIESCE_SECONDS = 60
 
 
 class VmRpcs:
-    """Handlers; the node supplies ``config``, ``hypervisor``, ``storage``, ``agents`` and, once
-    wired, ``bus`` (events)."""
+    """Handlers over the hypervisor box (libvirt), the storage box (disks), the agent box
+    (guest info, quiesce) and the event feed (snapshot and device events)."""
 
-    def __init__(self, node: Any) -> None:
-        self.node = node
-        self.config = node.config
+    def __init__(
+        self,
+        config: Config,
+        hypervisor: VmHost,
+        storage: provision.DiskStore,
+        agents: GuestAgents,
+        events: EventFeed,
+        host: hostinfo.HostBox,
+        bound_nics: Callable[[str], Mapping[str, NicSource]] = lambda vm_id: {},
+    ) -> None:
+        self.config = config
+        self.hypervisor = hypervisor
+        self._store = storage
+        self.agents = agents
+        self.events = events
+        self.host = host
+        #: The network box's ports bound to a VM's NICs (by MAC), used when defining it.
+        self.bound_nics = bound_nics
         self.sampler = vms.CpuSampler()
         # One lock per VM id, so concurrent CreateVM/DeleteVM of one VM run one after the other.
         self._vm_locks = KeyedLocks()
 
     # -- plumbing -----------------------------------------------------------------------------
 
-    def _conn(self):
-        return self.node.hypervisor.conn()
+    def _conn(self) -> libvirt.virConnect:
+        return self.hypervisor.conn()
 
-    def _dom(self, vm_id: str):
+    def _dom(self, vm_id: str) -> libvirt.virDomain:
         return vms.lookup(self._conn(), vm_id)
 
-    @property
-    def _store(self) -> provision.DiskStore:
-        return self.node.storage
-
     def _settings(self) -> provision.HostSettings:
-        ident = self.node.hypervisor.identity
+        ident = self.hypervisor.identity
         return provision.HostSettings.from_config(
-            self.config, ident.name if ident else "", bound_nics=self.node.network.store.sources_for
+            self.config, ident.name if ident else "", bound_nics=self.bound_nics
         )
 
     def _pid_dir(self) -> str | None:
         uri = self.config.hypervisor.uri
         return SYSTEM_PID_DIR if uri.split("?")[0] in ("qemu:///system", "qemu+unix:///system") else None
 
-    def _management_ip(self) -> str:
-        return self.config.node.management_ip or hostinfo.management_ip()
-
     def _publish(self, event_type: int, vm_id: str, message: str, **metadata: str) -> None:
-        bus = getattr(self.node, "bus", None)
-        if bus is not None:
-            bus.publish_from_thread(event_type, vm_id, message, metadata)
+        self.events.publish_from_thread(event_type, vm_id, message, metadata)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
     @rpc("CreateVM")
-    def create_vm(self, request: Any, context: Any) -> Any:
+    def create_vm(
+        self, request: node_pb2.CreateVMOnNodeRequest, context: grpc.ServicerContext
+    ) -> node_pb2.CreateVMOnNodeResponse:
         with self._vm_locks.hold(request.vm_id.lower()):
             vm_id, created = provision.create_vm(self._conn(), request, self._settings(), self._store)
         message = "VM created successfully" if created else "VM already exists with this spec"
         return node_pb2.CreateVMOnNodeResponse(vm_id=vm_id, created=True, message=message)
 
     @rpc("StartVM")
-    def start_vm(self, request: Any, context: Any) -> Any:
+    def start_vm(self, request: node_pb2.VMIdRequest, context: grpc.ServicerContext) -> empty_pb2.Empty:
         dom = self._dom(request.vm_id)
         os.makedirs(self.config.agent.socket_dir, exist_ok=True)  # QEMU binds the agent socket there
         vms.start(dom)
         return _EMPTY
 
     @rpc("StopVM")
-    def stop_vm(self, request: Any, context: Any) -> Any:
+    def stop_vm(self, request: node_pb2.StopVMRequest, context: grpc.ServicerContext) -> empty_pb2.Empty:
         timeout = request.timeout_seconds or self.config.hypervisor.stop_timeout
         vms.stop(self._dom(request.vm_id), timeout)
         return _EMPTY
 
     @rpc("ForceStopVM")
-    def force_stop_vm(self, request: Any, context: Any) -> Any:
+    def force_stop_vm(self, request: node_pb2.VMIdRequest, context: grpc.ServicerContext) -> empty_pb2.Empty:
         vms.force_stop(self._dom(request.vm_id))
         return _EMPTY
 
     @rpc("RebootVM")
-    def reboot_vm(self, request: Any, context: Any) -> Any:
+    def reboot_vm(self, request: node_pb2.VMIdRequest, context: grpc.ServicerContext) -> empty_pb2.Empty:
         vms.reboot(self._dom(request.vm_id))
         return _EMPTY
 
     @rpc("PauseVM")
-    def pause_vm(self, request: Any, context: Any) -> Any:
+    def pause_vm(self, request: node_pb2.VMIdRequest, context: grpc.ServicerContext) -> empty_pb2.Empty:
         vms.pause(self._dom(request.vm_id))
         return _EMPTY
 
     @rpc("ResumeVM")
-    def resume_vm(self, request: Any, context: Any) -> Any:
+    def resume_vm(self, request: node_pb2.VMIdRequest, context: grpc.ServicerContext) -> empty_pb2.Empty:
         vms.resume(self._dom(request.vm_id))
         return _EMPTY
 
     @rpc("DeleteVM")
-    def delete_vm(self, request: Any, context: Any) -> Any:
+    def delete_vm(self, request: node_pb2.VMIdRequest, context: grpc.ServicerContext) -> empty_pb2.Empty:
         with self._vm_locks.hold(request.vm_id.lower()):
             dom = self._dom(request.vm_id)
             vms.delete(dom, lambda path: provision.remove_file(self._store, path))
@@ -125,7 +137,9 @@ class VmRpcs:
     # -- status -------------------------------------------------------------------------------
 
     @rpc("GetVMStatus")
-    def get_vm_status(self, request: Any, context: Any) -> Any:
+    def get_vm_status(
+        self, request: node_pb2.VMIdRequest, context: grpc.ServicerContext
+    ) -> node_pb2.VMStatusResponse:
         conn = self._conn()
         msg = vms.vm_status(conn, vms.lookup(conn, request.vm_id), self.sampler, self._pid_dir())
         agent = self._guest_agent(msg.vm_id)
@@ -133,22 +147,26 @@ class VmRpcs:
             msg.guest_agent.CopyFrom(agent)
         return msg
 
-    def _guest_agent(self, vm_id: str) -> Any:
-        """What the guest agent box knows. Read without a reactor hop: the cache is written only
-        on the reactor, by replacing field values (never mutating them), so a reader in this
-        thread sees each field whole, old or new; that is all a status snapshot needs."""
-        return to_proto(self.node.agents.info(vm_id))
+    def _guest_agent(self, vm_id: str) -> node_pb2.GuestAgentInfo:
+        """What the guest agent box knows (read without a reactor hop, see ``GuestAgents.info``)."""
+        return to_proto(self.agents.info(vm_id))
 
     @rpc("ListVMs")
-    def list_vms(self, request: Any, context: Any) -> Any:
+    def list_vms(
+        self, request: empty_pb2.Empty, context: grpc.ServicerContext
+    ) -> node_pb2.ListVMsOnNodeResponse:
         return vms.list_response(self._conn(), self.sampler, self._pid_dir())
 
     @rpc("GetConsole")
-    def get_console(self, request: Any, context: Any) -> Any:
-        return consoles.console(self._dom(request.vm_id), self._management_ip)
+    def get_console(
+        self, request: node_pb2.VMIdRequest, context: grpc.ServicerContext
+    ) -> node_pb2.ConsoleInfoResponse:
+        return consoles.console(self._dom(request.vm_id), self.host.management_ip)
 
     @rpc("GetVMLogs")
-    def get_vm_logs(self, request: Any, context: Any) -> Any:
+    def get_vm_logs(
+        self, request: node_pb2.GetVMLogsRequest, context: grpc.ServicerContext
+    ) -> node_pb2.GetVMLogsResponse:
         dom = self._dom(request.vm_id)
         vm_id, name = dom.UUIDString(), dom.name()
         path = consoles.log_path(self.config.hypervisor.log_dir, name)
@@ -157,7 +175,9 @@ class VmRpcs:
     # -- snapshots ----------------------------------------------------------------------------
 
     @rpc("CreateSnapshot")
-    def create_snapshot(self, request: Any, context: Any) -> Any:
+    def create_snapshot(
+        self, request: node_pb2.CreateSnapshotRequest, context: grpc.ServicerContext
+    ) -> node_pb2.SnapshotResponse:
         dom = self._dom(request.vm_id)
         with self._quiesced(dom, request.quiesce):
             snap = snapshots.create(dom, request.name, request.description, disk_only=request.disk_only)
@@ -170,25 +190,22 @@ class VmRpcs:
         return snap
 
     @contextlib.contextmanager
-    def _quiesced(self, dom: Any, wanted: bool) -> Iterator[None]:
+    def _quiesced(self, dom: libvirt.virDomain, wanted: bool) -> Iterator[None]:
         """Guest filesystems frozen through our agent for the duration; thawed whatever happens.
 
         Only a running VM has anything to freeze. When the freeze was asked for and cannot be had
         (no agent connected, the guest refuses) the snapshot is not taken: the caller asked for
         a consistent one.
         """
-        agents = getattr(self.node, "agents", None)
         if not wanted or not dom.isActive():
             yield
             return
         vm_id = dom.UUIDString()
-        if agents is None:
-            log.info("snapshot of {vm}: no guest agent box, not quiesced", vm=vm_id)
-            yield
-            return
-        reactor = self.node.reactor
+        agents = self.agents
         freeze = agent_pb2.QuiesceFilesystemsRequest(timeout_seconds=QUIESCE_SECONDS)
-        frozen = bridge.call_on_reactor(reactor, agents.request, vm_id, freeze, QUIESCE_SECONDS + 10)
+        frozen = cast(
+            agent_pb2.QuiesceFilesystemsResponse, agents.request(vm_id, freeze, QUIESCE_SECONDS + 10)
+        )
         if not frozen.success:
             raise Unavailable(f"cannot quiesce VM {vm_id}: {frozen.error or 'the guest agent refused'}")
         try:
@@ -196,7 +213,7 @@ class VmRpcs:
         finally:
             thaw = agent_pb2.ThawFilesystemsRequest(quiesce_token=frozen.quiesce_token)
             try:
-                thawed = bridge.call_on_reactor(reactor, agents.request, vm_id, thaw, QUIESCE_SECONDS)
+                thawed = cast(agent_pb2.ThawFilesystemsResponse, agents.request(vm_id, thaw, QUIESCE_SECONDS))
                 if not thawed.success:
                     log.warn("thaw of {vm} failed: {err}", vm=vm_id, err=thawed.error)
             except QuantixError as exc:
@@ -204,7 +221,9 @@ class VmRpcs:
                 log.warn("thaw of {vm} failed: {err}", vm=vm_id, err=exc)
 
     @rpc("RevertSnapshot")
-    def revert_snapshot(self, request: Any, context: Any) -> Any:
+    def revert_snapshot(
+        self, request: node_pb2.RevertSnapshotRequest, context: grpc.ServicerContext
+    ) -> empty_pb2.Empty:
         dom = self._dom(request.vm_id)
         snap = snapshots.revert(dom, request.snapshot_id)
         self._publish(
@@ -216,7 +235,9 @@ class VmRpcs:
         return _EMPTY
 
     @rpc("DeleteSnapshot")
-    def delete_snapshot(self, request: Any, context: Any) -> Any:
+    def delete_snapshot(
+        self, request: node_pb2.DeleteSnapshotRequest, context: grpc.ServicerContext
+    ) -> empty_pb2.Empty:
         dom = self._dom(request.vm_id)
         snapshots.delete(dom, request.snapshot_id)
         self._publish(
@@ -228,13 +249,15 @@ class VmRpcs:
         return _EMPTY
 
     @rpc("ListSnapshots")
-    def list_snapshots(self, request: Any, context: Any) -> Any:
+    def list_snapshots(
+        self, request: node_pb2.VMIdRequest, context: grpc.ServicerContext
+    ) -> node_pb2.ListSnapshotsResponse:
         return node_pb2.ListSnapshotsResponse(snapshots=snapshots.list_snapshots(self._dom(request.vm_id)))
 
     # -- devices ------------------------------------------------------------------------------
 
     def _publish_device(
-        self, dom: Any, was_running: bool, event_type: int, text: str, **metadata: str
+        self, dom: libvirt.virDomain, was_running: bool, event_type: int, text: str, **metadata: str
     ) -> None:
         """Device events for a stopped VM only: for a running one the event box already
         reports libvirt's DEVICE_ADDED/DEVICE_REMOVED, and twice would mislead a consumer."""
@@ -242,7 +265,9 @@ class VmRpcs:
             self._publish(event_type, dom.UUIDString(), text, **metadata)
 
     @rpc("AttachNIC")
-    def attach_nic(self, request: Any, context: Any) -> Any:
+    def attach_nic(
+        self, request: node_pb2.AttachNICRequest, context: grpc.ServicerContext
+    ) -> empty_pb2.Empty:
         if not request.HasField("nic"):
             raise Invalid("NIC spec is required")
         conn = self._conn()
@@ -260,7 +285,9 @@ class VmRpcs:
         return _EMPTY
 
     @rpc("DetachNIC")
-    def detach_nic(self, request: Any, context: Any) -> Any:
+    def detach_nic(
+        self, request: node_pb2.DetachNICRequest, context: grpc.ServicerContext
+    ) -> empty_pb2.Empty:
         dom = self._dom(request.vm_id)
         running = bool(dom.isActive())
         nic = devices.detach_nic(dom, request.nic_id)
@@ -275,7 +302,9 @@ class VmRpcs:
         return _EMPTY
 
     @rpc("AttachDisk")
-    def attach_disk(self, request: Any, context: Any) -> Any:
+    def attach_disk(
+        self, request: node_pb2.AttachDiskRequest, context: grpc.ServicerContext
+    ) -> empty_pb2.Empty:
         if not request.HasField("disk"):
             raise Invalid("disk spec is required")
         dom = self._dom(request.vm_id)
@@ -292,7 +321,9 @@ class VmRpcs:
         return _EMPTY
 
     @rpc("DetachDisk")
-    def detach_disk(self, request: Any, context: Any) -> Any:
+    def detach_disk(
+        self, request: node_pb2.DetachDiskRequest, context: grpc.ServicerContext
+    ) -> empty_pb2.Empty:
         dom = self._dom(request.vm_id)
         running = bool(dom.isActive())
         disk = devices.detach_disk(dom, request.disk_id)
@@ -307,7 +338,9 @@ class VmRpcs:
         return _EMPTY
 
     @rpc("ChangeMedia")
-    def change_media(self, request: Any, context: Any) -> Any:
+    def change_media(
+        self, request: node_pb2.ChangeMediaRequest, context: grpc.ServicerContext
+    ) -> empty_pb2.Empty:
         dom = self._dom(request.vm_id)
         devices.change_media(dom, request.device, request.iso_path, self.config.storage.iso_images)
         return _EMPTY

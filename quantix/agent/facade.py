@@ -1,0 +1,34 @@
+"""The agent box as gRPC handlers see it: worker-thread calls, run on the reactor.
+
+:class:`~quantix.agent.manager.AgentManager` is reactor-only; a handler in a gRPC worker thread
+reaches it through :class:`WorkerAgents`, which makes every hop through :mod:`quantix.bridge`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from google.protobuf.message import Message
+
+from quantix import bridge
+from quantix.agent.guestinfo import GuestInfo
+from quantix.agent.manager import AgentManager
+
+
+class WorkerAgents:
+    """:class:`quantix.facades.GuestAgents` over one manager and the reactor that runs it."""
+
+    def __init__(self, reactor: Any, manager: AgentManager) -> None:
+        self._reactor = reactor
+        self._manager = manager
+
+    def request(self, vm_id: str, payload: Message, timeout: float) -> Message:
+        """Worker: one round trip to the VM's agent; blocks this thread, not the reactor."""
+        reply: Message = bridge.call_on_reactor(self._reactor, self._manager.request, vm_id, payload, timeout)
+        return reply
+
+    def info(self, vm_id: str) -> GuestInfo:
+        """Any thread: read without a reactor hop. The cache is written only on the reactor, by
+        replacing field values (never mutating them), so a reader here sees each field whole,
+        old or new; that is all a status snapshot needs."""
+        return self._manager.info(vm_id)
