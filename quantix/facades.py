@@ -27,8 +27,9 @@ if TYPE_CHECKING:
     from google.protobuf.message import Message
 
     from quantix.agent.guestinfo import GuestInfo
+    from quantix.agent.quiesce import Frozen
     from quantix.hypervisor.connection import HypervisorIdentity
-    from quantix.proto import node_pb2
+    from quantix.proto import agent_pb2, node_pb2
 
 
 class VmHost(Protocol):
@@ -57,6 +58,17 @@ class GuestAgents(Protocol):
 
     def info(self, vm_id: str) -> GuestInfo:
         """Any thread: the guest-info snapshot (fields are replaced whole, never mutated)."""
+
+    def freeze(
+        self, vm_id: str, request: agent_pb2.QuiesceFilesystemsRequest, timeout: float, hold_for: float
+    ) -> Frozen:
+        """Worker: freeze the guest's filesystems through the one quiesce owner; refused
+        (``success=false``) while the VM is frozen; thawed automatically after ``hold_for``."""
+
+    def thaw(
+        self, vm_id: str, token: str, request: agent_pb2.ThawFilesystemsRequest, timeout: float
+    ) -> agent_pb2.ThawFilesystemsResponse:
+        """Worker: thaw the freeze ``token`` names (:class:`~quantix.errors.Invalid` for another)."""
 
 
 class Subscription(Protocol):

@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from quantix import state
 from quantix.agent.facade import WorkerAgents
 from quantix.agent.manager import AgentManager
+from quantix.agent.quiesce import Quiesce
 from quantix.bridge import run_in_worker
 from quantix.config import Config
 from quantix.controlplane import sources as cp_sources
@@ -106,6 +107,8 @@ class NodeService(MultiService):
             telemetry_interval=config.agent.telemetry_interval,
             on_event=self._agent_event,
         )
+        #: The one owner of guest filesystem freezes (RPCs and quiesced snapshots).
+        self.quiesce = Quiesce(self.agents.request, reactor)
         #: The control-plane link (``.registered``, ``.node_id``), when registering.
         self.cplink: ControlPlaneLink | None = None
         if config.auto_register and config.control_plane_url:
@@ -153,10 +156,10 @@ class NodeService(MultiService):
 
     def rpc_handlers(self) -> list[object]:
         """One handler object per box, each given exactly the facades it uses."""
-        agents = WorkerAgents(self.reactor, self.agents)
+        agents = WorkerAgents(self.reactor, self.agents, self.quiesce)
         return [
             NodeRpcs(self.host, self.hypervisor),
-            AgentRpcs(agents, self.hypervisor, self.reactor, self.agents),
+            AgentRpcs(agents, self.hypervisor),
             StorageRpcs(self.storage),
             EventRpcs(self.bus, self.metrics_hub),
             VmRpcs(

@@ -10,6 +10,7 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from quantix.agent.facade import WorkerAgents
+from quantix.agent.quiesce import Quiesce
 from quantix.errors import HypervisorDown, Invalid, Timeout, Unavailable
 from quantix.proto import agent_pb2, node_pb2
 from quantix.rpc import agent_rpcs
@@ -47,15 +48,9 @@ class AgentRpcTests(unittest.TestCase):
         self.f = ChannelFixture()
         self.f.setup(self)
         self.thaw_clock = Clock()
-        agents = WorkerAgents(reactor, self.f.manager)
-        self.rpcs = AgentRpcs(
-            agents,
-            NoLibvirt(),
-            reactor,
-            self.f.manager,
-            clock=self.thaw_clock,
-            wallclock=lambda: 1_800_000_000.5,
-        )
+        self.quiesce = Quiesce(self.f.manager.request, self.thaw_clock)
+        agents = WorkerAgents(reactor, self.f.manager, self.quiesce)
+        self.rpcs = AgentRpcs(agents, NoLibvirt(), wallclock=lambda: 1_800_000_000.5)
         self.guest = self.f.peer.guest
         yield self.f.start()
 

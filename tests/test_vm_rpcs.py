@@ -364,6 +364,42 @@ class VmRpcTests(unittest.TestCase):
         self.assertEqual(code, grpc.StatusCode.UNAVAILABLE)
         self.assertIn("already frozen", details)
 
+    @defer.inlineCallbacks
+    def test_quiesced_snapshot_during_an_rpc_freeze(self):
+        """QuiesceFilesystems and a quiesced snapshot share one owner: while the RPC's freeze is
+        active the snapshot is refused without asking the guest, and the RPC's token still
+        thaws; afterwards a quiesced snapshot freezes and thaws by itself."""
+        agents = self.daemon.node.agents
+        os.makedirs(self.daemon.config.agent.socket_dir, exist_ok=True)
+        peer = GuestPeer(reactor)
+        port = reactor.listenUNIX(
+            os.path.join(self.daemon.config.agent.socket_dir, f"{RUNNING}.agent.sock"), peer
+        )
+        self.addCleanup(port.stopListening)
+        self.addCleanup(peer.hang_up)
+        agents.vm_started(RUNNING)
+        yield wait_for(lambda: agents.is_channel_open(RUNNING))
+
+        q = yield self.call("QuiesceFilesystems", node_pb2.QuiesceFilesystemsRequest(vm_id=RUNNING))
+        self.assertTrue(q.success)
+        req = node_pb2.CreateSnapshotRequest(vm_id=RUNNING, name="during", quiesce=True)
+        code, details = yield rpc_error(self.call("CreateSnapshot", req))
+        self.assertEqual(code, grpc.StatusCode.UNAVAILABLE)
+        self.assertIn("already frozen", details)
+        self.assertEqual(len(peer.requests_of("quiesce")), 1)  # decided by the owner
+        self.assertEqual(len(peer.requests_of("thaw")), 0)  # the RPC's freeze is untouched
+        self.assertIsNotNone(peer.guest.freeze)
+
+        t = yield self.call(
+            "ThawFilesystems", node_pb2.ThawFilesystemsRequest(vm_id=RUNNING, quiesce_token=q.quiesce_token)
+        )
+        self.assertTrue(t.success)
+        snap = yield self.call("CreateSnapshot", req)
+        self.assertEqual(snap.snapshot_id, "during")
+        self.assertEqual((len(peer.requests_of("quiesce")), peer.guest.thaws), (2, 2))
+        self.assertIsNone(peer.guest.freeze)
+        self.assertIsNone(self.daemon.node.quiesce.frozen(RUNNING))
+
     # -- hot-plug -----------------------------------------------------------------------------
 
     @defer.inlineCallbacks

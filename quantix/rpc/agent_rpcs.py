@@ -1,8 +1,9 @@
 """gRPC handlers of the guest agent RPCs.
 
-They run in gRPC worker threads and hop onto the reactor for every agent round trip
-(:func:`quantix.bridge.call_on_reactor`), so the channel state is only ever touched by the reactor. Every
-request field is passed on to the agent. No channel: ``Unavailable``; no answer in time:
+They run in gRPC worker threads and reach the agent box through its worker facade
+(:class:`quantix.agent.facade.WorkerAgents`), which hops onto the reactor for every round trip,
+so channel and freeze state is only ever touched by the reactor. Every request field is passed
+on to the agent. No channel: ``Unavailable``; no answer in time:
 ``Timeout``; the agent reporting a failure: a normal response with ``success=false`` and its text.
 """
 
@@ -10,18 +11,12 @@ from __future__ import annotations
 
 import itertools
 import time
-import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import Message
-from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.logger import Logger
 
-from quantix import bridge
-from quantix.agent.manager import AgentManager
 from quantix.agent.protocol import AgentError, ConnectionLost, set_timestamp
 from quantix.errors import HypervisorDown, Invalid, Unavailable
 from quantix.facades import GuestAgents, VmHost
@@ -39,50 +34,32 @@ CHUNK = 64 * 1024
 # default gRPC client accepts.
 MAX_READ = 4 * 1024 * 1024 - 64 * 1024
 
-
-class _Freeze:
-    __slots__ = ("agent_token", "mounts", "timer", "token")
-
-    def __init__(self, token: str, agent_token: str, mounts: list[str], timer: IDelayedCall) -> None:
-        self.token = token
-        self.agent_token = agent_token
-        self.mounts = mounts
-        self.timer = timer
+T = TypeVar("T")
 
 
 class AgentRpcs:
     """``PingAgent``, ``ExecuteInGuest``, file transfer, shutdown, quiesce/thaw, ``SyncTime``.
 
-    ``agents`` is the agent box seen from a worker thread; ``hypervisor`` tells a VM that does
-    not exist from one without an agent. ``reactor`` owns the freeze records and ``clock``
-    (default: the reactor) runs the automatic-thaw timers.
+    ``agents`` is the agent box seen from a worker thread (freezes are its quiesce owner's);
+    ``hypervisor`` tells a VM that does not exist from one without an agent.
     """
 
-    log = Logger()
-
     def __init__(
-        self,
-        agents: GuestAgents,
-        hypervisor: VmHost,
-        reactor: Any,
-        manager: AgentManager,
-        clock: IReactorTime | None = None,
-        wallclock: Callable[[], float] = time.time,
+        self, agents: GuestAgents, hypervisor: VmHost, wallclock: Callable[[], float] = time.time
     ) -> None:
         self.agents = agents
         self.hypervisor = hypervisor
-        self.reactor = reactor
-        self.manager = manager
-        self.clock = clock or reactor
         self.wallclock = wallclock
-        self._freezes: dict[str, _Freeze] = {}  # vm_id -> active freeze (reactor thread only)
         self._ping_seq = itertools.count(1)  # next() is atomic under the GIL
 
     def _call(self, vm_id: str, payload: Message, timeout: float) -> Any:
+        return self._guarded(vm_id, lambda: self.agents.request(vm_id, payload, timeout))
+
+    def _guarded(self, vm_id: str, call: Callable[[], T]) -> T:
         if not vm_id:
             raise Invalid("vm_id is required")
         try:
-            return self.agents.request(vm_id, payload, timeout)
+            return call()
         except Unavailable as exc:
             if not isinstance(exc, ConnectionLost):
                 self._require_vm(vm_id)
@@ -228,19 +205,22 @@ class AgentRpcs:
     def quiesce_filesystems(
         self, request: node_pb2.QuiesceFilesystemsRequest, context: grpc.ServicerContext
     ) -> node_pb2.QuiesceFilesystemsResponse:
-        """Freeze through the agent; thaw automatically once ``timeout_seconds`` pass."""
+        """Freeze through the agent box's quiesce owner; thawed automatically once
+        ``timeout_seconds`` pass without ``ThawFilesystems``."""
         seconds = request.timeout_seconds or QUIESCE_DEFAULT_SECONDS
         req = agent_pb2.QuiesceFilesystemsRequest(
             mount_points=request.mount_points,
             timeout_seconds=seconds,
             run_pre_freeze_scripts=request.run_pre_freeze_scripts,
         )
-        if bridge.call_on_reactor(self.reactor, self._freezes.__contains__, request.vm_id):
-            return node_pb2.QuiesceFilesystemsResponse(success=False, error="filesystems are already frozen")
+        vm_id = request.vm_id
         try:
-            r = self._call(request.vm_id, req, seconds + QUIESCE_GRACE)
+            frozen = self._guarded(
+                vm_id, lambda: self.agents.freeze(vm_id, req, seconds + QUIESCE_GRACE, seconds)
+            )
         except AgentError as e:
             return node_pb2.QuiesceFilesystemsResponse(success=False, error=str(e))
+        r = frozen.reply
         out = node_pb2.QuiesceFilesystemsResponse(success=r.success, error=r.error)
         for f in r.frozen:
             out.frozen.add(
@@ -251,61 +231,21 @@ class AgentRpcs:
                 error=f.error,
             )
         if r.success:
-            token = r.quiesce_token or str(uuid.uuid4())
-            mounts = [f.mount_point for f in r.frozen] or list(request.mount_points)
-            bridge.call_on_reactor(
-                self.reactor, self._remember, request.vm_id, token, r.quiesce_token, mounts, seconds
-            )
-            out.quiesce_token = token
+            out.quiesce_token = frozen.token
         return out
-
-    def _remember(self, vm_id: str, token: str, agent_token: str, mounts: list[str], seconds: float) -> None:
-        old = self._freezes.pop(vm_id, None)
-        if old is not None and old.timer.active():
-            old.timer.cancel()
-        timer = self.clock.callLater(seconds, self._auto_thaw, vm_id, token)
-        self._freezes[vm_id] = _Freeze(token, agent_token, mounts, timer)
-
-    def _auto_thaw(self, vm_id: str, token: str) -> defer.Deferred | None:
-        f = self._freezes.get(vm_id)
-        if f is None or f.token != token:
-            return None
-        del self._freezes[vm_id]
-        msg = "auto-thawing filesystems of {vm}: no ThawFilesystems within the quiesce timeout"
-        self.log.warn(msg, vm=vm_id)
-        req = agent_pb2.ThawFilesystemsRequest(quiesce_token=f.agent_token, mount_points=f.mounts)
-        d = self.manager.request(vm_id, req, DEFAULT_TIMEOUT)
-        d.addErrback(lambda fail: self.log.failure("automatic thaw of {vm} failed", fail, vm=vm_id))
-        return d
-
-    def _claim(self, vm_id: str, token: str) -> _Freeze | None:
-        """Check the token against the active freeze and take it; None when none is known."""
-        f = self._freezes.get(vm_id)
-        if f is None:
-            return None
-        if token != f.token:
-            raise Invalid("quiesce token does not match the active freeze")
-        del self._freezes[vm_id]
-        if f.timer.active():
-            f.timer.cancel()
-        return f
 
     @rpc("ThawFilesystems")
     def thaw_filesystems(
         self, request: node_pb2.ThawFilesystemsRequest, context: grpc.ServicerContext
     ) -> node_pb2.ThawFilesystemsResponse:
-        if not request.vm_id:
-            raise Invalid("vm_id is required")
-        f = bridge.call_on_reactor(self.reactor, self._claim, request.vm_id, request.quiesce_token)
-        # A freeze we do not know (daemon restarted) is passed on: the agent checks its own token.
-        agent_token = f.agent_token if f is not None else request.quiesce_token
         req = agent_pb2.ThawFilesystemsRequest(
-            quiesce_token=agent_token,
-            mount_points=request.mount_points,
-            run_post_thaw_scripts=request.run_post_thaw_scripts,
+            mount_points=request.mount_points, run_post_thaw_scripts=request.run_post_thaw_scripts
         )
+        vm_id = request.vm_id
         try:
-            r = self._call(request.vm_id, req, DEFAULT_TIMEOUT)
+            r = self._guarded(
+                vm_id, lambda: self.agents.thaw(vm_id, request.quiesce_token, req, DEFAULT_TIMEOUT)
+            )
         except AgentError as e:
             return node_pb2.ThawFilesystemsResponse(success=False, error=str(e))
         return node_pb2.ThawFilesystemsResponse(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterator, Mapping
-from typing import cast
 
 import grpc
 import libvirt
@@ -191,11 +190,12 @@ class VmRpcs:
 
     @contextlib.contextmanager
     def _quiesced(self, dom: libvirt.virDomain, wanted: bool) -> Iterator[None]:
-        """Guest filesystems frozen through our agent for the duration; thawed whatever happens.
+        """Guest filesystems frozen through the agent box's quiesce owner for the duration;
+        thawed whatever happens.
 
         Only a running VM has anything to freeze. When the freeze was asked for and cannot be had
-        (no agent connected, the guest refuses) the snapshot is not taken: the caller asked for
-        a consistent one.
+        (no agent connected, the guest refuses, or a ``QuiesceFilesystems`` freeze is active)
+        the snapshot is not taken: the caller asked for a consistent one.
         """
         if not wanted or not dom.isActive():
             yield
@@ -203,17 +203,16 @@ class VmRpcs:
         vm_id = dom.UUIDString()
         agents = self.agents
         freeze = agent_pb2.QuiesceFilesystemsRequest(timeout_seconds=QUIESCE_SECONDS)
-        frozen = cast(
-            agent_pb2.QuiesceFilesystemsResponse, agents.request(vm_id, freeze, QUIESCE_SECONDS + 10)
-        )
-        if not frozen.success:
-            raise Unavailable(f"cannot quiesce VM {vm_id}: {frozen.error or 'the guest agent refused'}")
+        frozen = agents.freeze(vm_id, freeze, QUIESCE_SECONDS + 10, QUIESCE_SECONDS)
+        if not frozen.reply.success:
+            reason = frozen.reply.error or "the guest agent refused"
+            raise Unavailable(f"cannot quiesce VM {vm_id}: {reason}")
         try:
             yield
         finally:
-            thaw = agent_pb2.ThawFilesystemsRequest(quiesce_token=frozen.quiesce_token)
+            thaw = agent_pb2.ThawFilesystemsRequest()
             try:
-                thawed = cast(agent_pb2.ThawFilesystemsResponse, agents.request(vm_id, thaw, QUIESCE_SECONDS))
+                thawed = agents.thaw(vm_id, frozen.token, thaw, QUIESCE_SECONDS)
                 if not thawed.success:
                     log.warn("thaw of {vm} failed: {err}", vm=vm_id, err=thawed.error)
             except QuantixError as exc:
