@@ -104,9 +104,11 @@ class LibvirtdKillTests(unittest.TestCase):
         for cycle in range(CYCLES):
             yield threads.deferToThread(plv.kill)
             yield wait_for(lambda: not hv.connected, timeout=10)
+            # Counted while libvirtd is down: the daemon may reconnect (and reconcile) while the
+            # change below is being made; a change made after that arrives as a live event.
+            reconciled = daemon.node.watcher.reconciliations
             yield threads.deferToThread(plv.start)
             changes.append((yield threads.deferToThread(_change, plv.uri, cycle, defined)))
-            reconciled = daemon.node.watcher.reconciliations
             # Bounded by the reconnect backoff's ceiling (30 s), not by a speed: how fast it
             # comes back depends on the machine's load (bench/ measures speed).
             yield wait_for(lambda: hv.connected, timeout=40)
