@@ -19,6 +19,11 @@ from typing import Any
 import attrs
 import yaml
 
+#: A setting as read (a YAML value, an environment string or a flag) before it is coerced to
+#: its field's type: what it holds is only known once checked against that field.
+Raw = Any
+
+
 DEFAULT_CONFIG_PATH = "/etc/limiquantix/node.yaml"
 HYPERVISOR_TYPES = ("libvirt",)
 EVENT_LOOPS = ("thread", "reactor")
@@ -277,7 +282,7 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, tuple[str, str]]:
     return out
 
 
-def _coerce(value: Any, typ: Any, where: str) -> Any:
+def _coerce(value: Raw, typ: object, where: str) -> Raw:
     """Turn YAML/env/flag values into the field's type; strings from env and flags included."""
     text = str(typ)
     if value is None:
@@ -316,9 +321,9 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
     return str(value)
 
 
-def _flatten(data: Mapping[str, Any], origin: str, warnings: list[str]) -> dict[str, tuple[Any, str]]:
+def _flatten(data: Mapping[str, Raw], origin: str, warnings: list[str]) -> dict[str, tuple[Raw, str]]:
     """YAML mapping → ``{dotted key: (value, where)}``; unknown keys become warnings."""
-    out: dict[str, tuple[Any, str]] = {}
+    out: dict[str, tuple[Raw, str]] = {}
     sections = _sections()
     for key, value in data.items():
         key = str(key)
@@ -340,7 +345,7 @@ def _flatten(data: Mapping[str, Any], origin: str, warnings: list[str]) -> dict[
     return out
 
 
-def read_file(path: str) -> Mapping[str, Any]:
+def read_file(path: str) -> Mapping[str, Raw]:
     try:
         with open(path, encoding="utf-8") as fh:
             data = yaml.safe_load(fh)
@@ -358,10 +363,10 @@ def read_file(path: str) -> Mapping[str, Any]:
     return data
 
 
-def build(values: Mapping[str, tuple[Any, str]]) -> Config:
+def build(values: Mapping[str, tuple[Raw, str]]) -> Config:
     """Assemble a :class:`Config` from dotted keys; each value knows where it came from."""
-    top: dict[str, Any] = {}
-    nested: dict[str, dict[str, Any]] = {}
+    top: dict[str, Raw] = {}
+    nested: dict[str, dict[str, Raw]] = {}
     fields = {f.name: f for f in attrs.fields(Config)}
     for key, (value, where) in values.items():
         section, _, sub = key.partition(".")
@@ -375,7 +380,7 @@ def build(values: Mapping[str, tuple[Any, str]]) -> Config:
     return _construct(Config, top, extra=sections)
 
 
-def _construct(cls: type, values: Mapping[str, tuple[Any, str]], extra: Mapping[str, Any] | None = None):
+def _construct(cls: type, values: Mapping[str, tuple[Raw, str]], extra: Mapping[str, Raw] | None = None):
     kwargs = {k: v for k, (v, _) in values.items()}
     kwargs.update(extra or {})
     try:
@@ -395,7 +400,7 @@ def load(
     *,
     path_explicit: bool = False,
     environ: Mapping[str, str] | None = None,
-    flags: Mapping[str, Any] | None = None,
+    flags: Mapping[str, Raw] | None = None,
     warnings: list[str] | None = None,
 ) -> Config:
     """Merge defaults, the file, the environment and given flags into one :class:`Config`.
@@ -404,7 +409,7 @@ def load(
     is an error rather than silently ignored.
     """
     warnings = warnings if warnings is not None else []
-    values: dict[str, tuple[Any, str]] = {}
+    values: dict[str, tuple[Raw, str]] = {}
     if path and (path_explicit or os.path.exists(path)):
         values.update(_flatten(read_file(path), path, warnings))
     for key, (value, name) in env_overrides(os.environ if environ is None else environ).items():

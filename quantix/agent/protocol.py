@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
-from typing import Any
 
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -190,7 +189,7 @@ class AgentProtocol(Protocol):
             p.deferred.errback(ConnectionLost(f"agent channel closed during {p.op}"))
 
 
-def payload_of(msg: agent_pb2.AgentMessage) -> Any:
+def payload_of(msg: agent_pb2.AgentMessage) -> Message | None:
     """The message inside the oneof, or None."""
     kind = msg.WhichOneof("payload")
     return getattr(msg, kind) if kind else None

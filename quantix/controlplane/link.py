@@ -13,11 +13,12 @@ from __future__ import annotations
 import enum
 import random
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
+from google.protobuf.message import Message
 from twisted.application import service
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
@@ -53,6 +54,19 @@ def _warning(fmt: str, **kwargs: object) -> None:
 
 
 Step = Callable[[], "defer.Deferred[tuple[float, Any] | None]"]
+
+
+M = TypeVar("M", bound=Message)
+
+
+class CallClient(Protocol):
+    """What the link needs of :class:`~quantix.controlplane.connect.ConnectClient`."""
+
+    base_url: str
+
+    def call(
+        self, service: str, method: str, request: Message, response_cls: type[M]
+    ) -> defer.Deferred[M]: ...
 
 
 class Link(enum.Enum):
@@ -126,8 +140,8 @@ class ControlPlaneLink(service.Service):
 
     def __init__(
         self,
-        reactor: Any,
-        client: Any,
+        reactor: IReactorTime,
+        client: CallClient,
         facts: Callable[[], HostFacts | defer.Deferred],
         state_dir: str,
         *,

@@ -30,7 +30,9 @@ from typing import Any
 
 import libvirt
 import psutil
+from google.protobuf.message import Message
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorThreads
 from twisted.logger import Logger
 
 from quantix import bridge, errors
@@ -255,7 +257,7 @@ def backend_type(backend: storage_pb2.StorageBackend) -> int:
     return _CONFIG_TYPES.get(which, _BACKEND.LOCAL_DIR) if which else _BACKEND.LOCAL_DIR
 
 
-def _copy_same_named(src: Any, dst: Any) -> None:
+def _copy_same_named(src: Message, dst: Message) -> None:
     """Copy every scalar or repeated scalar field ``dst`` has and ``src`` has under the same name."""
     present = src.DESCRIPTOR.fields_by_name
     for field in dst.DESCRIPTOR.fields:
@@ -348,7 +350,7 @@ class DaemonSources:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactorThreads,
         config: Config,
         host: hostinfo.HostBox,
         hypervisor: VmHost,
@@ -364,7 +366,7 @@ class DaemonSources:
         self._pool_errors_logged = False
         psutil.cpu_percent(interval=None)  # the first reading only sets the baseline
 
-    def _in_thread(self, func: Callable[..., Any], *args: Any) -> defer.Deferred:
+    def _in_thread(self, func: Callable[..., object], *args: object) -> defer.Deferred:
         return bridge.run_in_worker(func, *args, reactor=self._reactor)
 
     # RegisterNode
@@ -488,7 +490,7 @@ class DaemonSources:
 
 
 def make_link(
-    reactor: Any,
+    reactor: Any,  # the global reactor: timers for the link, threads for the sources
     config: Config,
     host: hostinfo.HostBox,
     hypervisor: VmHost,

@@ -15,10 +15,10 @@ import collections
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from twisted.application.service import Service
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import Logger
 
 from quantix import bridge, errors
@@ -127,7 +127,7 @@ class EventBus(Service):
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactorFromThreads,
         buffer_size: int = 10_000,
         subscriber_queue: int = 1_000,
         first_id: int | None = None,

@@ -8,17 +8,18 @@ publish. Anything that talks to libvirt (registration, the inventory) runs in a 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import libvirt
 from twisted.application.service import Service
 from twisted.internet import defer, task
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from quantix import bridge, errors
 from quantix.events import mapping, reconcile
 from quantix.events.bus import EventBus
+from quantix.hypervisor.connection import Hypervisor
 
 log = Logger(namespace="quantix.events")
 
@@ -27,7 +28,7 @@ class DomainWatcher(Service):
     """Turns libvirt domain events into bus events and keeps a known state per domain."""
 
     def __init__(
-        self, reactor: Any, hypervisor: Any, bus: EventBus, reconcile_interval: float = 300.0
+        self, reactor: IReactorTime, hypervisor: Hypervisor, bus: EventBus, reconcile_interval: float = 300.0
     ) -> None:
         self.reactor = reactor
         self.hypervisor = hypervisor
@@ -65,6 +66,7 @@ class DomainWatcher(Service):
         self._conn = conn
         callbacks = self._callbacks()
         loop = self.hypervisor.loop
+        assert loop is not None  # installed before the first connection
 
         def register() -> list[int]:
             ids = []

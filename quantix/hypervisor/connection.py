@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from typing import Any
 
 import attrs
 import libvirt
@@ -22,6 +21,7 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from quantix import bridge, errors
 from quantix.hypervisor import eventloop
@@ -218,7 +218,7 @@ class Hypervisor(Service):
         self._open()
 
     def stop(self) -> defer.Deferred[None] | None:
-        """Any state → STOPPED: cancel the retry, forget an open in flight, close the connection."""
+        """Every state → STOPPED: cancel the retry, forget an open in flight, close the connection."""
         self.states.fire(Input.STOP)
         self._attempt += 1
         if self._retry is not None and self._retry.active():
@@ -258,7 +258,7 @@ class Hypervisor(Service):
             except Exception:
                 log.failure("connect listener failed")
 
-    def _open_failed(self, failure: Any, attempt: int) -> None:
+    def _open_failed(self, failure: Failure, attempt: int) -> None:
         if attempt != self._attempt:
             return
         self.states.fire(Input.OPEN_FAILED)
