@@ -12,23 +12,20 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import typing
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import yaml
 
-#: A setting as read (a YAML value, an environment string or a flag) before it is coerced to
-#: its field's type: what it holds is only known once checked against that field.
-Raw = Any
-
+from quantix import configspec as spec
 
 DEFAULT_CONFIG_PATH = "/etc/limiquantix/node.yaml"
 HYPERVISOR_TYPES = ("libvirt",)
 EVENT_LOOPS = ("thread", "reactor")
 LOG_LEVELS = ("debug", "info", "warn", "error")
 LOG_FORMATS = ("text", "json", "journald")
+DOMAIN_TYPES = ("kvm", "qemu")
 
 
 class ConfigError(Exception):
@@ -54,90 +51,90 @@ def parse_address(value: str, default_port: int | None = None) -> tuple[str, int
     return host, int(port)
 
 
-def _address(inst: object, attribute: attrs.Attribute, value: str) -> None:
-    parse_address(value)
+#: libvirt URIs: ``qemu:///system``, ``qemu+ssh://host/system``, ``test:///default``, ``test:///path``.
+LIBVIRT_URI = r"[a-z][a-z0-9+.-]*:(//[^\s]*)?"
+#: RFC 1123 host names, dots between labels.
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+HOSTNAME = rf"(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*\.?"
+#: Node ids: UUIDs in practice; letters, digits and ``._:-``.
+NODE_ID = r"[A-Za-z0-9][A-Za-z0-9._:-]*"
+#: Bearer tokens go into an HTTP header: printable, no spaces.
+TOKEN = r"[!-~]+"
+#: OVS bridge names (``IFNAMSIZ`` - 1).
+BRIDGE = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+
+DAY = 86_400.0
 
 
-def _one_of(choices: tuple[str, ...]):
-    def check(inst: object, attribute: attrs.Attribute, value: str) -> None:
-        if value not in choices:
-            raise ValueError(f"must be one of {', '.join(choices)}, not {value!r}")
-
-    return check
-
-
-def _not_negative(inst: object, attribute: attrs.Attribute, value: float) -> None:
-    if value < 0:
-        raise ValueError("must not be negative")
-
-
-def _positive(inst: object, attribute: attrs.Attribute, value: float) -> None:
-    if value <= 0:
-        raise ValueError("must be positive")
+# Every key is declared with a quantix.configspec helper: its type and range, checked alike for
+# the file, the environment, flags and code (tests walk node.yaml with wrong values for each).
 
 
 @attrs.frozen
 class NodeConfig:
-    id: str | None = None
-    hostname: str | None = None
-    management_ip: str | None = None
-    labels: dict[str, str] = attrs.field(factory=dict)
+    id: str | None = spec.text(None, optional=True, max_len=128, pattern=NODE_ID, shape="a node id")
+    hostname: str | None = spec.text(None, optional=True, max_len=253, pattern=HOSTNAME, shape="a host name")
+    management_ip: str | None = spec.ip(None, optional=True)
+    labels: dict[str, str] = spec.table(max_items=64)
 
 
 @attrs.frozen
 class HypervisorConfig:
-    type: str = attrs.field(default="libvirt", validator=_one_of(HYPERVISOR_TYPES))
-    uri: str = "qemu:///system"
+    type: str = spec.choice("libvirt", HYPERVISOR_TYPES)
+    uri: str = spec.text("qemu:///system", max_len=1024, pattern=LIBVIRT_URI, shape="a libvirt URI")
     #: ``thread`` runs libvirt's own loop in one thread; ``reactor`` runs it on the reactor.
-    event_loop: str = attrs.field(default="thread", validator=_one_of(EVENT_LOOPS))
-    keepalive_interval: int = 5
-    keepalive_count: int = 3
+    event_loop: str = spec.choice("thread", EVENT_LOOPS)
+    #: libvirt keepalive: a probe every N seconds, the connection dropped after COUNT misses.
+    keepalive_interval: int = spec.integer(5, min=1, max=3600)
+    keepalive_count: int = spec.integer(3, min=1, max=100)
     #: libvirt domain type for new VMs: ``kvm`` on real hosts, ``qemu`` for TCG.
-    domain_type: str = "kvm"
+    domain_type: str = spec.choice("kvm", DOMAIN_TYPES)
     #: Default for ``StopVM`` when the request says 0.
-    stop_timeout: float = attrs.field(default=60.0, validator=_positive)
+    stop_timeout: float = spec.number(60.0, min=0, max=DAY, above_min=True)
     #: Listen address put in VNC/SPICE graphics of new VMs.
-    console_listen: str = "0.0.0.0"
+    console_listen: str = spec.ip("0.0.0.0")
     #: Where libvirt's QEMU driver writes ``<vm name>.log`` (GetVMLogs reads only there).
-    log_dir: str = "/var/log/libvirt/qemu"
+    log_dir: str = spec.path("/var/log/libvirt/qemu")
 
 
 @attrs.frozen
 class StorageConfig:
-    root: str = "/var/lib/limiquantix"
-    vm_images: str = "/var/lib/limiquantix/vms"
-    cloud_images: str = "/var/lib/limiquantix/cloud-images"
-    iso_images: str = "/var/lib/limiquantix/isos"
+    root: str = spec.path("/var/lib/limiquantix")
+    vm_images: str = spec.path("/var/lib/limiquantix/vms")
+    cloud_images: str = spec.path("/var/lib/limiquantix/cloud-images")
+    iso_images: str = spec.path("/var/lib/limiquantix/isos")
 
 
 @attrs.frozen
 class AgentConfig:
-    socket_dir: str = "/var/run/quantix-kvm/vms"
-    timeout: float = attrs.field(default=30.0, validator=_positive)
+    socket_dir: str = spec.path("/var/run/quantix-kvm/vms")
+    timeout: float = spec.number(30.0, min=0, max=DAY, above_min=True)
     #: How often guests send telemetry; three missed intervals mark the agent disconnected.
-    telemetry_interval: float = attrs.field(default=5.0, validator=_positive)
+    telemetry_interval: float = spec.number(5.0, min=0, max=3600, above_min=True)
 
 
 @attrs.frozen
 class ServerConfig:
     #: Worker threads for unary calls (0: sized to the host, see :meth:`unary_workers`).
-    max_workers: int = attrs.field(default=0, validator=_not_negative)
+    max_workers: int = spec.integer(0, min=0, max=10_000)
     #: Streams (StreamEvents, StreamMetrics, reflection) open at once; each holds a thread of a
     #: pool of its own, so open streams never take the unary workers. Over it: RESOURCE_EXHAUSTED.
-    max_streams: int = attrs.field(default=128, validator=_positive)
-    grace_seconds: float = attrs.field(default=5.0, validator=_positive)
-    metrics_listen: str | None = "0.0.0.0:9091"
-    max_message_bytes: int = attrs.field(default=64 * 1024 * 1024, validator=_positive)
+    max_streams: int = spec.integer(128, min=1, max=100_000)
+    grace_seconds: float = spec.number(5.0, min=0, max=3600, above_min=True)
+    #: ``host:port`` of the Prometheus endpoint; null, empty or ``off`` turns it off.
+    metrics_listen: str | None = spec.address("0.0.0.0:9091", optional=True)
+    #: grpc keeps message sizes in a signed 32-bit int.
+    max_message_bytes: int = spec.integer(64 * 1024 * 1024, min=1024, max=2**31 - 1)
     #: Concurrent streams one client connection may open (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS).
-    max_streams_per_connection: int = attrs.field(default=1000, validator=_positive)
+    max_streams_per_connection: int = spec.integer(1000, min=1, max=2**31 - 1)
     #: PEM server certificate and key: set both to serve TLS instead of plaintext.
-    tls_cert: str | None = None
-    tls_key: str | None = None
+    tls_cert: str | None = spec.path(None, optional=True)
+    tls_key: str | None = spec.path(None, optional=True)
     #: PEM CA bundle: when set, clients must present a certificate signed by it (mTLS).
-    tls_client_ca: str | None = None
+    tls_client_ca: str | None = spec.path(None, optional=True)
     #: Python's GIL switch interval in milliseconds (0: leave the interpreter's 5 ms). Shorter lets
     #: the reactor and woken stream threads take the GIL sooner from busy gRPC threads.
-    switch_interval_ms: float = attrs.field(default=0.0, validator=_not_negative)
+    switch_interval_ms: float = spec.number(0.0, min=0, max=1000)
 
     def unary_workers(self) -> int:
         """``max_workers``, or for 0 a pool sized to the host: more runnable threads than that
@@ -155,76 +152,67 @@ class ServerConfig:
 
 @attrs.frozen
 class EventsConfig:
-    buffer_size: int = attrs.field(default=10_000, validator=_positive)
-    subscriber_queue: int = attrs.field(default=1_000, validator=_positive)
-    reconcile_interval: float = attrs.field(default=300.0, validator=_positive)
-
-
-def _http_url(inst: object, attribute: attrs.Attribute, value: str | None) -> None:
-    if value is not None and not value.startswith(("http://", "https://")):
-        raise ValueError(f"must be an http:// or https:// URL, not {value!r}")
+    buffer_size: int = spec.integer(10_000, min=1, max=10_000_000)
+    subscriber_queue: int = spec.integer(1_000, min=1, max=1_000_000)
+    reconcile_interval: float = spec.number(300.0, min=0, max=DAY, above_min=True)
 
 
 @attrs.frozen
 class ControlPlaneConfig:
-    heartbeat_interval: float = attrs.field(default=30.0, validator=_positive)
-    ca_bundle: str | None = None
-    token: str | None = None
+    #: The control plane marks a node offline after 90 s without one.
+    heartbeat_interval: float = spec.number(30.0, min=0, max=3600, above_min=True)
+    ca_bundle: str | None = spec.path(None, optional=True)
+    token: str | None = spec.text(None, optional=True, max_len=8192, pattern=TOKEN, shape="a token")
     #: Registration starts after a random delay up to this many seconds, so hosts that boot
     #: together do not all register at once.
-    startup_jitter: float = attrs.field(default=5.0, validator=_not_negative)
-
-
-def _optional_address(inst: object, attribute: attrs.Attribute, value: str | None) -> None:
-    if value is not None:
-        parse_address(value)
+    startup_jitter: float = spec.number(5.0, min=0, max=3600)
 
 
 @attrs.frozen
 class HttpConfig:
     #: Plain-HTTP listener the control plane dials for image downloads (``None``: off).
-    listen: str | None = attrs.field(default="0.0.0.0:8080", validator=_optional_address)
+    listen: str | None = spec.address("0.0.0.0:8080", optional=True)
 
 
 @attrs.frozen
 class DownloadsConfig:
     #: Transfers running at once; further jobs wait as ``pending``.
-    max_concurrent: int = attrs.field(default=2, validator=_positive)
-    connect_timeout: float = attrs.field(default=30.0, validator=_positive)
+    max_concurrent: int = spec.integer(2, min=1, max=64)
+    connect_timeout: float = spec.number(30.0, min=0, max=3600, above_min=True)
     #: Seconds without a byte from the server before the attempt is dropped and resumed.
-    idle_timeout: float = attrs.field(default=60.0, validator=_positive)
+    idle_timeout: float = spec.number(60.0, min=0, max=DAY, above_min=True)
     #: Consecutive failed attempts without progress before a job fails.
-    retries: int = attrs.field(default=5, validator=_not_negative)
-    retry_initial_delay: float = attrs.field(default=1.0, validator=_positive)
-    retry_max_delay: float = attrs.field(default=60.0, validator=_positive)
+    retries: int = spec.integer(5, min=0, max=1000)
+    retry_initial_delay: float = spec.number(1.0, min=0, max=3600, above_min=True)
+    retry_max_delay: float = spec.number(60.0, min=0, max=DAY, above_min=True)
     #: Ended jobs stay answerable (GET, GetDownloadStatus) this long, across restarts.
-    keep_finished_hours: float = attrs.field(default=24.0, validator=_positive)
+    keep_finished_hours: float = spec.number(24.0, min=0, max=24 * 365, above_min=True)
     #: Without a checksum in the request, look for SHA256SUMS/SHA512SUMS/CHECKSUM beside the URL.
-    verify_sums: bool = True
+    verify_sums: bool = spec.boolean(True)
 
 
 @attrs.frozen
 class OvsConfig:
     #: OVSDB's unix socket (ovsdb-server ``--remote=punix:``).
-    db_socket: str = "/run/openvswitch/db.sock"
+    db_socket: str = spec.path("/run/openvswitch/db.sock")
     #: Seconds an OVSDB call (connect included) may take.
-    timeout: float = attrs.field(default=5.0, validator=_positive)
+    timeout: float = spec.number(5.0, min=0, max=3600, above_min=True)
     #: Bridge VM NICs bound to OVN ports join when OVSDB names none (``external_ids:ovn-bridge``).
-    integration_bridge: str = "br-int"
+    integration_bridge: str = spec.text("br-int", max_len=15, pattern=BRIDGE, shape="a bridge name")
 
 
 @attrs.frozen
 class LoggingConfig:
-    level: str = attrs.field(default="info", validator=_one_of(LOG_LEVELS))
-    format: str = attrs.field(default="text", validator=_one_of(LOG_FORMATS))
+    level: str = spec.choice("info", LOG_LEVELS)
+    format: str = spec.choice("text", LOG_FORMATS)
 
 
 @attrs.frozen
 class Config:
-    listen_address: str = attrs.field(default="0.0.0.0:9090", validator=_address)
-    control_plane_url: str | None = attrs.field(default=None, validator=_http_url)
-    auto_register: bool = False
-    state_dir: str = "/var/lib/quantix"
+    listen_address: str = spec.address("0.0.0.0:9090")
+    control_plane_url: str | None = spec.url(None, optional=True)
+    auto_register: bool = spec.boolean(False)
+    state_dir: str = spec.path("/var/lib/quantix")
     node: NodeConfig = attrs.field(factory=NodeConfig)
     hypervisor: HypervisorConfig = attrs.field(factory=HypervisorConfig)
     storage: StorageConfig = attrs.field(factory=StorageConfig)
@@ -248,6 +236,7 @@ FLAG_KEYS = {
     "state-dir": "state_dir",
     "agent-socket-dir": "agent.socket_dir",
     "log-level": "logging.level",
+    "metrics-listen": "server.metrics_listen",
 }
 
 ENV_PREFIX = "QUANTIX_"
@@ -282,7 +271,18 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, tuple[str, str]]:
     return out
 
 
-def _coerce(value: Raw, typ: object, where: str) -> Raw:
+def _read(field: attrs.Attribute, value: Any, where: str) -> Any:
+    """One value in its field's type and range (see :mod:`quantix.configspec`)."""
+    declared = spec.spec_of(field)
+    if declared is None:  # declared without a helper: only its type is known (tests flag it)
+        return _coerce(value, field.type, where)
+    try:
+        return declared.read(value)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
     """Turn YAML/env/flag values into the field's type; strings from env and flags included."""
     text = str(typ)
     if value is None:
@@ -321,9 +321,9 @@ def _coerce(value: Raw, typ: object, where: str) -> Raw:
     return str(value)
 
 
-def _flatten(data: Mapping[str, Raw], origin: str, warnings: list[str]) -> dict[str, tuple[Raw, str]]:
+def _flatten(data: Mapping[str, Any], origin: str, warnings: list[str]) -> dict[str, tuple[Any, str]]:
     """YAML mapping → ``{dotted key: (value, where)}``; unknown keys become warnings."""
-    out: dict[str, tuple[Raw, str]] = {}
+    out: dict[str, tuple[Any, str]] = {}
     sections = _sections()
     for key, value in data.items():
         key = str(key)
@@ -345,7 +345,7 @@ def _flatten(data: Mapping[str, Raw], origin: str, warnings: list[str]) -> dict[
     return out
 
 
-def read_file(path: str) -> Mapping[str, Raw]:
+def read_file(path: str) -> Mapping[str, Any]:
     try:
         with open(path, encoding="utf-8") as fh:
             data = yaml.safe_load(fh)
@@ -363,24 +363,23 @@ def read_file(path: str) -> Mapping[str, Raw]:
     return data
 
 
-def build(values: Mapping[str, tuple[Raw, str]]) -> Config:
+def build(values: Mapping[str, tuple[Any, str]]) -> Config:
     """Assemble a :class:`Config` from dotted keys; each value knows where it came from."""
-    top: dict[str, Raw] = {}
-    nested: dict[str, dict[str, Raw]] = {}
+    top: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {}
     fields = {f.name: f for f in attrs.fields(Config)}
     for key, (value, where) in values.items():
         section, _, sub = key.partition(".")
         if sub:
-            cls = typing.cast(type, fields[section].type)
-            typ = attrs.fields_dict(cls)[sub].type
-            nested.setdefault(section, {})[sub] = (_coerce(value, typ, where), where)
+            field = attrs.fields_dict(cast(type, fields[section].type))[sub]
+            nested.setdefault(section, {})[sub] = (_read(field, value, where), where)
         else:
-            top[key] = (_coerce(value, fields[key].type, where), where)
-    sections = {name: _construct(typing.cast(type, fields[name].type), subs) for name, subs in nested.items()}
+            top[key] = (_read(fields[key], value, where), where)
+    sections = {name: _construct(cast(type, fields[name].type), subs) for name, subs in nested.items()}
     return _construct(Config, top, extra=sections)
 
 
-def _construct(cls: type, values: Mapping[str, tuple[Raw, str]], extra: Mapping[str, Raw] | None = None):
+def _construct(cls: type, values: Mapping[str, tuple[Any, str]], extra: Mapping[str, Any] | None = None):
     kwargs = {k: v for k, (v, _) in values.items()}
     kwargs.update(extra or {})
     try:
@@ -400,7 +399,7 @@ def load(
     *,
     path_explicit: bool = False,
     environ: Mapping[str, str] | None = None,
-    flags: Mapping[str, Raw] | None = None,
+    flags: Mapping[str, Any] | None = None,
     warnings: list[str] | None = None,
 ) -> Config:
     """Merge defaults, the file, the environment and given flags into one :class:`Config`.
@@ -409,27 +408,18 @@ def load(
     is an error rather than silently ignored.
     """
     warnings = warnings if warnings is not None else []
-    values: dict[str, tuple[Raw, str]] = {}
+    values: dict[str, tuple[Any, str]] = {}
     if path and (path_explicit or os.path.exists(path)):
         values.update(_flatten(read_file(path), path, warnings))
+    # Environment variables and flags are text, parsed into the key's type; the file's values
+    # must already have it (a quoted number in YAML is a mistake worth reporting).
     for key, (value, name) in env_overrides(os.environ if environ is None else environ).items():
-        values[key] = (value, f"environment {name}")
+        values[key] = (spec.Text(value), f"environment {name}")
     for flag, value in (flags or {}).items():
-        values[FLAG_KEYS[flag]] = (value, f"--{flag}")
+        values[FLAG_KEYS[flag]] = (spec.Text(value) if isinstance(value, str) else value, f"--{flag}")
     return build(values)
 
 
-for _cls in (
-    NodeConfig,
-    HypervisorConfig,
-    StorageConfig,
-    AgentConfig,
-    ServerConfig,
-    EventsConfig,
-    ControlPlaneConfig,
-    HttpConfig,
-    DownloadsConfig,
-    LoggingConfig,
-    Config,
-):
-    attrs.resolve_types(_cls)
+attrs.resolve_types(Config)
+for _section in _sections().values():
+    attrs.resolve_types(_section)

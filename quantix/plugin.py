@@ -19,6 +19,7 @@ _PARAMS = [
     ("state-dir", "/var/lib/quantix", "directory for persistent daemon state"),
     ("agent-socket-dir", "/var/run/quantix-kvm/vms", "directory of guest-agent sockets"),
     ("log-level", "info", "debug, info, warn or error"),
+    ("metrics-listen", "0.0.0.0:9091", "Prometheus metrics address host:port, or off"),
 ]
 
 
@@ -28,6 +29,13 @@ class Options(usage.Options):
         for name, default, help in _PARAMS
     ]
     optFlags = [["register", None, "register with the control plane and send heartbeats"]]
+
+    def opt_version(self) -> None:
+        """Print the daemon's version, proto fingerprint and libvirt version, then exit."""
+        from quantix import versions
+
+        print(versions.text())
+        raise SystemExit(0)
 
     def given(self) -> dict[str, Any]:
         """The flags the user actually passed (never their defaults)."""
@@ -62,6 +70,9 @@ def make_service(options: Options):
     log = Logger(namespace="quantix")
     for warning in warnings:
         log.warn("{warning}", warning=warning)
+    from quantix.ops import shutdown
+
+    shutdown.install_fast_exit()  # before the heavy imports below (see its docstring)
     try:
         from quantix.node import NodeService
         from quantix.rpc.tls import TLSConfigError

@@ -2,12 +2,18 @@
 # One entry point for newcomers and CI:
 #   scripts/dev.sh run    install what is needed, then run the daemon on libvirt's test driver
 #   scripts/dev.sh test   install what is needed (plus libvirtd + QEMU for the integration tier), run every test
-# Idempotent: a second run reuses the apt packages and the venv.
+# Idempotent: a second run reuses the apt packages and the venv, and skips `pip install` while
+# nothing it depends on has changed (see install_fingerprint).
+# Environment: QUANTIX_VENV (default .venv), PYTHON (python3), QUANTIX_KEEP_LIBVIRTD=1 (test: leave
+# a libvirtd this script started running), QUANTIX_QEMU_LOG_DIR (/var/log/libvirt/qemu).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$(pwd)
 VENV=${QUANTIX_VENV:-$ROOT/.venv}
 PY=${PYTHON:-python3}
+STAMP=$VENV/.quantix-install-stamp
+QEMU_LOG_DIR=${QUANTIX_QEMU_LOG_DIR:-/var/log/libvirt/qemu}
+LIBVIRTD_PID=
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
@@ -22,16 +28,40 @@ apt_install() {
 
 setup() {
   local pkgs=(libvirt-dev pkg-config gcc)
-  "$PY" -c 'import venv, ensurepip' 2>/dev/null || pkgs+=(python3-venv)
-  [ -f "$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ] || pkgs+=(python3-dev)
+  if [ ! -x "$VENV/bin/python" ]; then  # what creating the venv and building libvirt-python need
+    "$PY" -c 'import venv, ensurepip' 2>/dev/null || pkgs+=(python3-venv)
+    [ -f "$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ] || pkgs+=(python3-dev)
+  fi
   apt_install "${pkgs[@]}" "$@"
   if [ ! -x "$VENV/bin/python" ]; then
     echo "== creating $VENV"
     "$PY" -m venv "$VENV"
     "$VENV/bin/pip" install -q --upgrade pip wheel
   fi
+  local want
+  want=$(install_fingerprint)
+  if [ "$(cat "$STAMP" 2>/dev/null)" = "$want" ]; then
+    echo "== $VENV is up to date (pip install skipped)"
+    return 0
+  fi
   echo "== pip install .[test]"
-  "$VENV/bin/pip" install -q --disable-pip-version-check ".[test]" 2>&1 | grep -v '^WARNING: Location' || true
+  set +e
+  "$VENV/bin/pip" install -q --disable-pip-version-check ".[test]" 2>&1 | grep -v '^WARNING: Location'
+  local rc=${PIPESTATUS[0]}
+  set -e
+  [ "$rc" = 0 ] || { echo "== pip install failed (exit $rc)" >&2; exit "$rc"; }
+  echo "$want" > "$STAMP"
+}
+
+# What `pip install .[test]` depends on: the build files, the .proto sources, and (the install is
+# not editable: the venv holds a copy) every file of the package tree. Any change means install.
+install_fingerprint() {
+  {
+    "$VENV/bin/python" -c 'import sys; print(sys.version)'
+    find setup.cfg pyproject.toml setup.py proto quantix twisted -type f \
+      ! -path '*/__pycache__/*' ! -path 'quantix/proto/_generated/*' ! -name '*.pyc' -print0 |
+      sort -z | xargs -0 sha256sum
+  } | sha256sum | cut -d' ' -f1
 }
 
 # A real libvirtd with QEMU (TCG) for the integration tier; only as root, only if not already up.
@@ -48,12 +78,43 @@ start_libvirtd() {
     "$LIBVIRTD_LOG" > "$LIBVIRTD_LOG.conf"
   # tini -s reaps QEMU promptly; this machine's PID 1 reaps orphans only once a second.
   setsid tini -s -- /usr/sbin/libvirtd --config "$LIBVIRTD_LOG.conf" > "$LIBVIRTD_LOG.out" 2>&1 &
-  LIBVIRTD_PID=$!
+  LIBVIRTD_PID=$!  # only this one is ever stopped (stop_own_libvirtd); a shared one is left alone
   for _ in $(seq 200); do virsh -q -c qemu:///system uri >/dev/null 2>&1 && break; sleep 0.05; done
   virsh -q -c qemu:///system uri >/dev/null
   echo "== libvirtd started (pid $LIBVIRTD_PID, log $LIBVIRTD_LOG.log)"
 }
 
+# When the tests end: stop the libvirtd this invocation started (never one that was already
+# answering: LIBVIRTD_PID is only set by start_libvirtd), unless QUANTIX_KEEP_LIBVIRTD=1.
+stop_own_libvirtd() {
+  [ -n "$LIBVIRTD_PID" ] || return 0
+  if [ "${QUANTIX_KEEP_LIBVIRTD:-0}" = 1 ]; then
+    echo "== leaving libvirtd running (pid $LIBVIRTD_PID, QUANTIX_KEEP_LIBVIRTD=1)"
+    return 0
+  fi
+  echo "== stopping the libvirtd started for the tests (pid $LIBVIRTD_PID)"
+  kill -TERM "$LIBVIRTD_PID" 2>/dev/null || return 0
+  for _ in $(seq 100); do kill -0 "$LIBVIRTD_PID" 2>/dev/null || return 0; sleep 0.1; done
+  kill -KILL "$LIBVIRTD_PID" 2>/dev/null || true
+}
+
+# QEMU's per-VM logs of this run's test domains: their names carry this run's tag
+# (tests/libvirtd.py NAME_PREFIX), so logs of other runs on a shared libvirtd are left alone.
+remove_test_vm_logs() {
+  local tag=$1
+  [ -d "$QEMU_LOG_DIR" ] || return 0
+  local logs=("$QEMU_LOG_DIR"/qtx-test-"$tag"-*.log)
+  [ -e "${logs[0]}" ] || return 0
+  echo "== removing ${#logs[@]} QEMU log(s) of this run's test VMs from $QEMU_LOG_DIR"
+  rm -f -- "${logs[@]}"
+}
+
+after_tests() {
+  remove_test_vm_logs "$QUANTIX_TEST_RUN"
+  stop_own_libvirtd
+}
+
+main() {
 case "${1:-}" in
   run)
     shift
@@ -67,6 +128,9 @@ case "${1:-}" in
   test)
     shift
     setup libvirt-daemon libvirt-daemon-driver-qemu qemu-system-x86 qemu-utils libvirt-clients tini openvswitch-switch
+    # Test domains are named qtx-test-<tag>-...; the tag tells this run's QEMU logs apart.
+    export QUANTIX_TEST_RUN=${QUANTIX_TEST_RUN:-r$(date +%s | tail -c 6)$$}
+    trap after_tests EXIT
     start_libvirtd
     export PYTHONPATH=$ROOT
     log=$(mktemp)
@@ -88,8 +152,15 @@ PY
     rm -f "$log"
     exit "$rc"
     ;;
+  install-fingerprint)  # for tests: what the stamp must say for `run` to skip pip install
+    install_fingerprint
+    ;;
   *)
     echo "usage: $0 run [twistd quantix-node flags] | test [trial test names]" >&2
     exit 2
     ;;
 esac
+}
+
+# Sourced (tests call the functions above one by one) or run.
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then main "$@"; fi

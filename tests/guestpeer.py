@@ -236,6 +236,7 @@ class GuestPeer(Factory):
     """Listening side of a channel; ``peer.guest`` is the state, ``peer.requests`` what arrived."""
 
     protocol = GuestPeerProtocol
+    noisy = False  # no "Starting factory" line per listen in the test log
 
     def __init__(
         self,

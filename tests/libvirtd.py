@@ -16,7 +16,12 @@ import xml.etree.ElementTree as ET
 from twisted.trial.unittest import FailTest, SkipTest
 
 SYSTEM_URI = "qemu:///system"
-NAME_PREFIX = "qtx-test"
+#: Domains the tests create on a real libvirtd are named ``<NAME_PREFIX>-...``. ``scripts/dev.sh
+#: test`` sets QUANTIX_TEST_RUN to a tag of its own, so it can remove exactly its own VMs' QEMU
+#: logs afterwards, even on a libvirtd that other runs share.
+NAME_PREFIX = "qtx-test" + (
+    f"-{os.environ['QUANTIX_TEST_RUN']}" if os.environ.get("QUANTIX_TEST_RUN") else ""
+)
 
 _probe: dict[str, str | None] = {}  # uri -> None when it answers, else why not
 

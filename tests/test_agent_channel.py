@@ -178,6 +178,29 @@ class ChannelTests(unittest.TestCase):
         self.assertEqual(self.f.events.kinds(), [AGENT_CONNECTED, AGENT_DISCONNECTED, AGENT_CONNECTED])
 
     @defer.inlineCallbacks
+    def test_one_structured_line_per_channel_state_change(self):
+        """No factory reprs ("Starting factory <...>") at any level; one line per change."""
+        from twisted.logger import globalLogPublisher
+
+        seen: list[dict] = []
+        globalLogPublisher.addObserver(seen.append)
+        self.addCleanup(globalLogPublisher.removeObserver, seen.append)
+        yield self.f.start()
+        gone = self.f.events.next(AGENT_DISCONNECTED)
+        yield self.f.stop_listening()
+        yield gone
+        back = self.f.events.next(AGENT_CONNECTED)
+        self.f.listen()
+        yield back
+        yield self.f.manager.vm_stopped(self.f.vm)
+        mine = [e for e in seen if e.get("vm_id") == self.f.vm and "channel_state" in e]
+        self.assertEqual([e["channel_state"] for e in mine], ["waiting", "open", "closed", "open", "stopped"])
+        self.assertEqual(mine[1]["path"], self.f.path)
+        self.assertTrue(mine[2]["reason"])
+        factories = [e for e in seen if "factory" in str(e.get("log_format", "")).lower()]
+        self.assertEqual(factories, [])
+
+    @defer.inlineCallbacks
     def test_socket_appearing_late_is_found(self):
         yield self.f.stop_listening()
         self.assertFalse(os.path.exists(self.f.path))

@@ -19,7 +19,7 @@ from quantix.agent.manager import AgentManager
 from quantix.agent.protocol import ConnectionLost
 from quantix.errors import Timeout
 from quantix.proto import agent_pb2
-from tests.libvirtd import real_libvirt_uri
+from tests.libvirtd import NAME_PREFIX, real_libvirt_uri
 
 try:
     import libvirt
@@ -65,7 +65,7 @@ class RealChannelTests(unittest.TestCase):
         os.chmod(self.dir, 0o755)
         self.addCleanup(shutil.rmtree, self.dir, True)
         self.vm = str(uuid.uuid4())
-        self.name = f"qtx-test-agent-{self.vm[:8]}"
+        self.name = f"{NAME_PREFIX}-agent-{self.vm[:8]}"
         self.sock = os.path.join(self.dir, f"{self.vm}.agent.sock")
         self.dom = yield threads.deferToThread(self.conn.defineXML, domain_xml(self.name, self.vm, self.sock))
         self.addCleanup(threads.deferToThread, self._remove)

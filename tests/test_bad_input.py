@@ -27,6 +27,7 @@ from quantix.events.bus import RESUME_HEADER
 from quantix.proto import node_pb2 as pb
 from quantix.rpc.server import SERVICE
 from tests import badinput as b
+from tests.libvirtd import NAME_PREFIX
 from tests.support import Daemon
 
 C = grpc.StatusCode
@@ -889,7 +890,7 @@ class QemuFallbackTests(unittest.TestCase):
         self.addCleanup(virsh, "pool-undefine", pool)
         self.addCleanup(virsh, "pool-destroy", pool)
         vm_id = b.fresh_id()
-        name = f"qtx-test-{vm_id[:8]}"
+        name = f"{NAME_PREFIX}-{vm_id[:8]}"
         self.addCleanup(virsh, "undefine", name, "--nvram")
         images = []
         for n in range(2):

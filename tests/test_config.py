@@ -7,6 +7,7 @@ import os
 from twisted.trial import unittest
 
 from quantix import config as cfg
+from quantix import configspec
 from quantix.plugin import Options, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -126,3 +127,132 @@ class ConfigTests(unittest.TestCase):
         self.assertEqual(cfg.parse_address("[::1]:9090"), ("::1", 9090))
         with self.assertRaises(ValueError):
             cfg.parse_address("host:99999")
+
+
+def example_keys() -> list[str]:
+    """Every key of the shipped node.yaml, dotted (``events.buffer_size``)."""
+    import yaml
+
+    with open(EXAMPLE) as fh:
+        data = yaml.safe_load(fh)
+    sections = cfg._sections()
+    keys = []
+    for key, value in data.items():
+        if key in sections:
+            keys.extend(f"{key}.{sub}" for sub in value)
+        else:
+            keys.append(key)
+    return keys
+
+
+def field_of(key: str):
+    import attrs
+
+    section, _, sub = key.partition(".")
+    top = attrs.fields_dict(cfg.Config)[section]
+    return attrs.fields_dict(top.type)[sub] if sub else top
+
+
+MISSING_SPEC = (
+    "node.yaml keys declared without a type and range: {keys}. Declare each with a field helper "
+    "of quantix.configspec in quantix/config.py (integer(default, min=, max=), number(...), "
+    "boolean(), choice(default, choices), text(...), path(), address(), ip(), url(), table(), "
+    "items(); or field(YourSpec(...), default) for a new kind) so this walk can check it."
+)
+
+
+class EveryKeyTests(unittest.TestCase):
+    """Walk every key of etc/limiquantix/node.yaml with a value of the wrong type and with every
+    out-of-range value its declared spec offers: each must stop the load with a ConfigError that
+    names the file and the key. Keys added later are walked the same way."""
+
+    def load_with(self, key: str, value) -> str:
+        import yaml
+
+        section, _, sub = key.partition(".")
+        data = {section: {sub: value}} if sub else {key: value}
+        path = self.mktemp() + ".yaml"
+        with open(path, "w") as fh:
+            yaml.safe_dump(data, fh)
+        with self.assertRaises(cfg.ConfigError, msg=f"{key}: {value!r} was accepted") as caught:
+            cfg.load(path, path_explicit=True, environ={})
+        message = str(caught.exception)
+        self.assertIn(f"{path}: key {key}:", message)
+        return message
+
+    def test_every_key_declares_type_and_range(self):
+        missing = [key for key in example_keys() if configspec.spec_of(field_of(key)) is None]
+        self.assertEqual(missing, [], MISSING_SPEC.format(keys=", ".join(missing)))
+
+    def test_every_key_refuses_wrong_types_and_out_of_range_values(self):
+        walked = 0
+        for key in example_keys():
+            spec = configspec.spec_of(field_of(key))
+            if spec is None:
+                continue  # reported by test_every_key_declares_type_and_range
+            self.assertIn("expected", self.load_with(key, spec.wrong_type()), key)
+            out = spec.out_of_range()
+            if not isinstance(spec, configspec.Boolean):
+                self.assertTrue(out, f"{key}: its spec offers no out-of-range value")
+            for value in out:
+                self.assertIn("must", self.load_with(key, value), (key, value))
+            walked += 1
+        self.assertGreaterEqual(walked, 40)
+
+    def test_numeric_ranges_are_documented_in_node_yaml(self):
+        """Each number's line in node.yaml ends with its declared range, so the two agree."""
+        import re
+
+        comments, section = {}, None
+        with open(EXAMPLE) as fh:
+            for line in fh:
+                top = re.match(r"^([a-z_]+):\s*(\S*)", line)
+                if top:
+                    section = None if top.group(2) else top.group(1)
+                    key = top.group(1)
+                sub = re.match(r"^  ([a-z_]+): [^#]*#\s*(.*)$", line)
+                if sub and section:
+                    comments[f"{section}.{sub.group(1)}"] = sub.group(2).strip()
+                elif top and "#" in line:
+                    comments[key] = line.split("#", 1)[1].strip()
+        for key in example_keys():
+            spec = configspec.spec_of(field_of(key))
+            if isinstance(spec, (configspec.Integer, configspec.Number)):
+                self.assertEqual(comments.get(key), spec.describe(), key)
+
+    def test_the_reported_mistakes(self):
+        message = self.load_with("hypervisor.keepalive_interval", -5)
+        self.assertIn("must be between 1 and 3600, got -5", message)
+        message = self.load_with("events.buffer_size", "100")
+        self.assertIn("expected an integer, got '100' (a str) (write it without quotes)", message)
+
+    def test_environment_and_flags_are_text_and_parsed(self):
+        c = cfg.load(
+            None,
+            environ={
+                "QUANTIX_EVENTS_BUFFER_SIZE": "100",
+                "QUANTIX_AUTO_REGISTER": "yes",
+                "QUANTIX_SERVER_METRICS_LISTEN": "off",
+                "QUANTIX_NODE_LABELS": "rack=r1,zone=z",
+                "QUANTIX_CONTROL_PLANE_TOKEN": "",
+            },
+        )
+        self.assertEqual(c.events.buffer_size, 100)
+        self.assertTrue(c.auto_register)
+        self.assertIsNone(c.server.metrics_listen)
+        self.assertEqual(c.node.labels, {"rack": "r1", "zone": "z"})
+        self.assertIsNone(c.control_plane.token)
+        with self.assertRaises(cfg.ConfigError) as caught:
+            cfg.load(None, environ={"QUANTIX_HYPERVISOR_KEEPALIVE_COUNT": "0"})
+        self.assertIn(
+            "environment QUANTIX_HYPERVISOR_KEEPALIVE_COUNT: must be between 1 and 100", str(caught.exception)
+        )
+
+    def test_code_building_a_config_gets_the_same_checks(self):
+        import attrs
+
+        with self.assertRaises(ValueError):
+            cfg.EventsConfig(buffer_size=0)
+        with self.assertRaises(ValueError):
+            cfg.HypervisorConfig(keepalive_interval="5")
+        self.assertIsNone(attrs.evolve(cfg.ServerConfig(), metrics_listen="off").metrics_listen)

@@ -19,7 +19,7 @@ from quantix.errors import Invalid
 from quantix.hypervisor import cloudinit, domaininfo, domainxml
 from quantix.hypervisor.domainxml import DiskSource, DomainContext, NicSource
 from quantix.proto import node_pb2
-from tests.libvirtd import real_libvirt_uri
+from tests.libvirtd import NAME_PREFIX, real_libvirt_uri
 
 VM_ID = "0b7e4d1c-5f3a-4e2b-9c8d-1a2b3c4d5e6f"
 SOCK_DIR = "/var/run/quantix-kvm/vms"
@@ -792,7 +792,7 @@ class TestDriverTests(unittest.TestCase):
 
     def define(self, s: node_pb2.VMSpec, **kw) -> domaininfo.DomainInfo:
         vm_id = str(uuid.uuid4())
-        kw.setdefault("name", f"qtx-test-{vm_id[:8]}")
+        kw.setdefault("name", f"{NAME_PREFIX}-{vm_id[:8]}")
         c = ctx(vm_id=vm_id, domain_type="test", arch="i686", machine=None, **kw)
         dom = self.conn.defineXML(domainxml.domain_xml(s, c))
         try:
@@ -820,7 +820,7 @@ class TestDriverTests(unittest.TestCase):
     def test_set_metadata_reads_back_the_same(self) -> None:
         """Hot-plug paths rewrite our block with virDomainSetMetadata; the parser must follow."""
         vm_id = str(uuid.uuid4())
-        c = ctx(vm_id=vm_id, name=f"qtx-test-{vm_id[:8]}", domain_type="test", arch="i686", machine=None)
+        c = ctx(vm_id=vm_id, name=f"{NAME_PREFIX}-{vm_id[:8]}", domain_type="test", arch="i686", machine=None)
         dom = self.conn.defineXML(domainxml.domain_xml(spec(), c))
         self.addCleanup(dom.undefine)
         meta = domainxml.VMMeta(
@@ -865,7 +865,7 @@ class RealLibvirtTests(unittest.TestCase):
 
     def define(self, s: node_pb2.VMSpec, **kw) -> tuple[domaininfo.DomainInfo, str]:
         vm_id = str(uuid.uuid4())
-        kw.setdefault("name", f"qtx-test-{vm_id[:8]}")
+        kw.setdefault("name", f"{NAME_PREFIX}-{vm_id[:8]}")
         kw.setdefault("labels", LABELS_SAMPLE)
         c = ctx(
             vm_id=vm_id,
@@ -908,7 +908,7 @@ class RealLibvirtTests(unittest.TestCase):
     @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(name=SAFE_NAMES, labels=LABELS, path=PATHS)
     def test_qemu_driver_round_trips(self, name: str, labels: dict[str, str], path: str) -> None:
-        name = f"qtx-test-{uuid.uuid4().hex[:8]}-{name.strip()}"[:120]
+        name = f"{NAME_PREFIX}-{uuid.uuid4().hex[:8]}-{name.strip()}"[:120]
         s = spec()
         s.disks.add(id="d", path=path)
         try:
@@ -928,7 +928,7 @@ class RealLibvirtTests(unittest.TestCase):
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", disk, "16M"], check=True)
         iso = os.path.join(work, "cloud-init.iso")
         vm_id = str(uuid.uuid4())
-        name = f"qtx-test-{vm_id[:8]}"
+        name = f"{NAME_PREFIX}-{vm_id[:8]}"
         cloudinit.write_nocloud_iso(iso, vm_id, name, node_pb2.CloudInitConfig(user_data="#cloud-config\n"))
         s = spec(cpu_cores=1, memory_mib=64, guest_os="debian")
         s.disks.add(id="root", path=disk, iops_limit=1000)

@@ -36,6 +36,29 @@ class MappingTests(unittest.TestCase):
         self.assertEqual(meta, {"libvirt_event": "stopped", "libvirt_detail": "shutdown"})
         self.assertIn("web", message)
 
+    def test_texts_say_what_libvirt_reported(self):
+        shutdown = libvirt.VIR_DOMAIN_EVENT_SHUTDOWN
+        for detail, text in (
+            (libvirt.VIR_DOMAIN_EVENT_SHUTDOWN_FINISHED, "VM web shutdown finished"),
+            (libvirt.VIR_DOMAIN_EVENT_SHUTDOWN_GUEST, "VM web shutdown finished (requested by the guest)"),
+        ):
+            kind, message, _ = m.lifecycle("web", shutdown, detail)
+            self.assertEqual((kind, message), (m.UNKNOWN, text))
+        # Every (event, detail) this libvirt knows has its own text.
+        for name in m.LIFECYCLE_EVENTS.values():
+            for det in m.DETAILS[name].values():
+                self.assertIn((name, det), m.LIFECYCLE_TEXT, (name, det))
+
+    def test_defined_and_undefined_keep_unknown_but_say_so(self):
+        for event, word in (
+            (libvirt.VIR_DOMAIN_EVENT_DEFINED, "defined"),
+            (libvirt.VIR_DOMAIN_EVENT_UNDEFINED, "undefined"),
+        ):
+            kind, message, meta = m.lifecycle("web", event, 0)
+            self.assertEqual(kind, m.UNKNOWN)  # the contract has no type for them
+            self.assertTrue(message.startswith(f"VM web {word}"), message)
+            self.assertEqual(meta["libvirt_event"], word)
+
     def test_other_callbacks(self):
         self.assertEqual(m.reboot("vm")[0], 6)
         self.assertEqual(m.device("vm", "virtio-disk1", True)[0], 12)

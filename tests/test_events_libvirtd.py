@@ -12,7 +12,7 @@ from twisted.trial import unittest
 
 from quantix.events import mapping as m
 from quantix.proto import node_pb2
-from tests.libvirtd import real_libvirt_uri
+from tests.libvirtd import NAME_PREFIX, real_libvirt_uri
 from tests.support import Daemon, wait_for
 
 URI = "qemu:///system"
@@ -38,7 +38,7 @@ class LibvirtdEventTests(unittest.TestCase):
     def setUp(self):
         self.conn = libvirt.open(real_libvirt_uri(URI))
         self.addCleanup(self.conn.close)
-        self.name = f"qtx-test-{uuid.uuid4().hex[:8]}"
+        self.name = f"{NAME_PREFIX}-{uuid.uuid4().hex[:8]}"
         self.uuid = str(uuid.uuid4())
         self.addCleanup(self._destroy)
 

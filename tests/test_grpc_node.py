@@ -46,6 +46,22 @@ class NodeRpcTests(unittest.TestCase):
         self.assertNotIn("lo", [n.name for n in reply.network])
 
     @defer.inlineCallbacks
+    def test_node_info_metadata_names_the_build(self):
+        """Daemon version, proto fingerprint and libvirt version ride as response metadata: the
+        contract's NodeInfoResponse has no field for them."""
+        from twisted.internet import threads
+
+        from quantix import __version__, versions
+        from quantix.proto import codegen
+
+        stub = self.daemon.stub
+        _, call = yield threads.deferToThread(stub.GetNodeInfo.with_call, empty_pb2.Empty(), timeout=10)
+        built = dict(call.initial_metadata())
+        self.assertEqual(built[versions.VERSION_KEY], __version__)
+        self.assertEqual(built[versions.PROTO_KEY], codegen.fingerprint(codegen.source_root()))
+        self.assertEqual(built[versions.LIBVIRT_KEY], self.daemon.node.hypervisor.identity.libvirt_version)
+
+    @defer.inlineCallbacks
     def test_node_id_persists_across_restart(self):
         first = self.daemon.node.node_id
         yield self.daemon.stop()

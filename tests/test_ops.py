@@ -462,14 +462,17 @@ class MetricsTests(unittest.TestCase):
         with self.assertRaises(ListenError) as caught:
             service.startService()
         self.assertEqual(
-            str(caught.exception), f"cannot listen on {address} (metrics): address already in use"
+            str(caught.exception),
+            f"metrics listener: cannot listen on {address}: address already in use"
+            " (choose another with --metrics-listen HOST:PORT or server.metrics_listen; 'off' disables it)",
         )
 
     def test_disabled_binds_nothing(self):
-        service = MetricsService(reactor, None)
-        service.startService()
-        self.assertIsNone(service.port)
-        service.stopService()
+        for listen in (None, "", "off", "OFF"):
+            service = MetricsService(reactor, listen)
+            service.startService()
+            self.assertIsNone(service.port)
+            service.stopService()
 
 
 # -- quantix-nodectl --------------------------------------------------------------------------
@@ -524,8 +527,59 @@ class NodectlTests(unittest.TestCase):
         self.assertEqual((code, err), (0, ""))
         self.assertRegex(out, rf"(?m)^node id:\s+{self.daemon.node.node_id}$")
         self.assertIn("2 sockets x 2 cores x 2 threads = 8", out)
+        self.assertRegex(out, r"(?m)^daemon:\s+\d+\.\d+\.\d+$")
+        self.assertRegex(out, r"(?m)^proto:\s+[0-9a-f]{12}$")
         self.assertRegex(out, r"(?m)^DEVICE\s+MOUNT\s+FS\s+SIZE\s+USED\s+AVAIL$")
         self.assertRegex(out, r"(?m)^NIC\s+MAC\s+UP\s+SPEED\s+ADDRESSES$")
+
+    @defer.inlineCallbacks
+    def test_call_any_rpc_by_reflection(self):
+        code, out, err = yield self.ctl("call", "HealthCheck")
+        self.assertEqual((code, err), (0, ""))
+        self.assertTrue(json.loads(out)["healthy"])
+        code, out, _ = yield self.ctl(
+            "--json", "call", "NodeDaemonService/GetVMStatus", f'{{"vm_id": "{RUNNING_VM}"}}'
+        )
+        self.assertEqual(code, 0)
+        reply = json.loads(out)
+        self.assertEqual((reply["name"], reply["state"]), ("vm-running", "POWER_STATE_RUNNING"))
+        code, out, err = yield self.ctl(
+            "call", "limiquantix.node.v1.NodeDaemonService/GetVMStatus", '{"vm_id": "nope"}'
+        )
+        self.assertEqual((code, out), (nodectl.EXIT_RPC_ERROR, ""))
+        self.assertIn("NOT_FOUND: VM not found: nope", err)
+
+    @defer.inlineCallbacks
+    def test_call_a_stream_prints_one_line_per_message(self):
+        code, out, err = yield self.ctl(
+            "call", "StreamEvents", "--metadata", "x-quantix-resume-after=1", "--count", "1"
+        )
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(len(out.splitlines()), 1)
+        self.assertIn("id", json.loads(out))
+
+    @defer.inlineCallbacks
+    def test_call_usage_errors(self):
+        for argv, text in (
+            (("call", "NoSuchRpc"), "unknown RPC 'NoSuchRpc'"),
+            (("call", "GetVMStatus", "{not json"), "VMIdRequest:"),
+            (("call", "GetVMStatus", '{"no_such_field": 1}'), "no_such_field"),
+        ):
+            code, out, err = yield self.ctl(*argv)
+            self.assertEqual((code, out), (nodectl.EXIT_USAGE, ""), argv)
+            self.assertIn(text, err, argv)
+
+    @defer.inlineCallbacks
+    def test_list_names_every_rpc(self):
+        code, out, err = yield self.ctl("list")
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn(
+            "limiquantix.node.v1.NodeDaemonService/GetVMStatus(VMIdRequest) returns VMStatusResponse", out
+        )
+        self.assertIn("StreamEvents(Empty) returns stream NodeEvent", out)
+        from quantix.rpc.server import SERVICE
+
+        self.assertEqual(out.count("NodeDaemonService/"), len(SERVICE.methods))
 
     @defer.inlineCallbacks
     def test_vms(self):

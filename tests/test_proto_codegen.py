@@ -13,6 +13,7 @@ from pathlib import Path
 from twisted.trial import unittest
 
 from quantix.proto import cli, codegen
+from tests.stderr import capture_stderr
 
 
 class CodegenTests(unittest.TestCase):
@@ -69,6 +70,7 @@ class CodegenTests(unittest.TestCase):
     def test_broken_proto_fails_cleanly(self):
         proto = self.src / "limiquantix/agent/v1/agent.proto"
         proto.write_text(proto.read_text() + "\nmessage Broken { nonsense }\n")
+        capture_stderr(self, expect="Expected field name.")  # protoc's own report of the break
         rc, text = self.run_cli("--regenerate", "--proto-root", str(self.src), "--out", str(self.out))
         self.assertEqual(rc, 1)
         self.assertIn("protoc failed", text)

@@ -11,6 +11,7 @@ from twisted.trial import unittest
 from quantix import config as cfg
 from quantix.proto import node_grpc, node_pb2
 from tests.certs import CA, write
+from tests.stderr import capture_stderr
 from tests.support import Daemon
 
 
@@ -22,6 +23,8 @@ class TLSTests(unittest.TestCase):
     timeout = 60
 
     def setUp(self):
+        # grpc's core logs each refused handshake these tests provoke ("Handshake failed ...").
+        capture_stderr(self)
         self.dir = os.path.abspath(self.mktemp())
         os.makedirs(self.dir)
         self.ca = CA("quantix-test-ca")

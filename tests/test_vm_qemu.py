@@ -20,7 +20,7 @@ from twisted.internet import defer, threads
 from twisted.trial import unittest
 
 from quantix.proto import node_pb2
-from tests.libvirtd import real_libvirt_uri, virsh
+from tests.libvirtd import NAME_PREFIX, real_libvirt_uri, virsh
 from tests.support import Daemon, rpc_error, wait_for
 
 URI = "qemu:///system"
@@ -75,7 +75,7 @@ class QemuVmTests(unittest.TestCase):
                 pass
             _bridge(SIOCBRADDBR, bridge)
             self.addCleanup(_bridge, SIOCBRDELBR, bridge)
-            name = f"qtx-test-{self.tag}"
+            name = f"{NAME_PREFIX}-{self.tag}"
             net = ET.Element("network")
             ET.SubElement(net, "name").text = name
             ET.SubElement(net, "forward", mode="bridge")
@@ -99,7 +99,7 @@ class QemuVmTests(unittest.TestCase):
     def test_tiny_vm_lifecycle(self):
         network = yield self.network()
         vm_id = str(uuid.uuid4())
-        name = f"qtx-test-{self.tag}"
+        name = f"{NAME_PREFIX}-{self.tag}"
         self.addCleanup(virsh, "undefine", name, "--snapshots-metadata", "--nvram")
         self.addCleanup(virsh, "destroy", name)
         root = os.path.join(self.daemon.tmp, "root.qcow2")
@@ -217,7 +217,7 @@ class QemuVmTests(unittest.TestCase):
         """A live disk-only snapshot stacks an overlay on the disk the daemon created; DeleteVM
         removes both, and never the backing image under the created disk."""
         vm_id = str(uuid.uuid4())
-        name = f"qtx-test-{self.tag}"
+        name = f"{NAME_PREFIX}-{self.tag}"
         self.addCleanup(virsh, "undefine", name, "--snapshots-metadata", "--nvram")
         self.addCleanup(virsh, "destroy", name)
         base = os.path.join(self.daemon.tmp, "base.qcow2")

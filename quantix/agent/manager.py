@@ -146,8 +146,12 @@ class AgentManager:
 
         endpoint = _FirstSocketEndpoint(cast(IReactorUNIX, self.reactor), candidates, self._connect_timeout)
         factory = Factory.forProtocol(lambda: self._build(vm_id))
+        # Not "Starting factory <...Factory object at 0x...>" at every (re)connect: the
+        # channel's state changes are logged once each by _changed.
+        factory.noisy = False
         service = ClientService(endpoint, factory, retryPolicy=self._retry, clock=self.reactor)
         self._vms[vm_id] = _VM(service, endpoint)
+        self._changed(vm_id, "waiting")
         service.startService()
 
     @bridge.reactor_only
@@ -157,6 +161,7 @@ class AgentManager:
         self.guests.forget(vm_id)
         if vm is None:
             return defer.succeed(None)
+        self._changed(vm_id, "stopped")
         return vm.service.stopService()
 
     def stop_all(self) -> defer.Deferred:
@@ -208,13 +213,21 @@ class AgentManager:
         vm = self._vms.get(vm_id)
         if vm is not None:
             vm.proto = proto
-            self.log.info("agent channel for {vm} open at {path}", vm=vm_id, path=vm.endpoint.last_path)
+            self._changed(vm_id, "open", path=vm.endpoint.last_path)
 
-    def _lost(self, vm_id: str, proto: AgentProtocol) -> None:
+    def _lost(self, vm_id: str, proto: AgentProtocol, reason: object = None) -> None:
         vm = self._vms.get(vm_id)
         if vm is not None and vm.proto is proto:
             vm.proto = None
             self.guests.channel_down(vm_id)
+            why = getattr(reason, "value", reason)
+            self._changed(vm_id, "closed", path=vm.endpoint.last_path, reason=str(why or "closed"))
+
+    def _changed(self, vm_id: str, state: str, **fields: object) -> None:
+        """One structured line per channel state change: ``waiting`` (supervised, no socket
+        yet), ``open``, ``closed`` (will reconnect), ``stopped`` (the VM stopped). Fields:
+        ``vm_id``, ``channel_state``, and ``path``/``reason`` where known."""
+        self.log.info("agent channel {vm_id} {channel_state}", vm_id=vm_id, channel_state=state, **fields)
 
     def _unsolicited(self, vm_id: str, proto: _TrackedProtocol, msg: agent_pb2.AgentMessage) -> None:
         kind = msg.WhichOneof("payload")
@@ -249,7 +262,7 @@ class _TrackedProtocol(AgentProtocol):
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         super().connectionLost(reason)
-        self.manager._lost(self.vm_id, self)
+        self.manager._lost(self.vm_id, self, reason)
 
     def _dispatch(self, msg: agent_pb2.AgentMessage) -> None:
         self.manager.guests.seen(self.vm_id)  # any frame proves the agent is alive

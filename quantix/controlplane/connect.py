@@ -32,6 +32,7 @@ from twisted.web.client import (
     RequestTransmissionFailed,
     ResponseFailed,
     ResponseNeverReceived,
+    _HTTP11ClientFactory,
 )
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
@@ -172,6 +173,13 @@ _TRANSPORT_ERRORS = (
 )
 
 
+class _QuietHTTP11ClientFactory(_HTTP11ClientFactory):
+    """Twisted's per-connection client factory, minus its "Starting factory" line at info for
+    every request (heartbeats every 30 s made that most of an idle daemon's log)."""
+
+    noisy = False
+
+
 class ConnectClient:
     """Unary Connect calls against one control-plane base URL.
 
@@ -204,6 +212,7 @@ class ConnectClient:
             self._headers[b"Authorization"] = [b"Bearer " + token.encode()]
         policy = tls_policy(ca_file) if base.startswith("https://") else BrowserLikePolicyForHTTPS()
         pool = HTTPConnectionPool(reactor, persistent=False)
+        pool._factory = _QuietHTTP11ClientFactory
         self._http = treq.client.HTTPClient(Agent(reactor, contextFactory=policy, pool=pool))
 
     def call(self, service: str, method: str, request: Message, response_cls: type[M]) -> defer.Deferred:

@@ -66,36 +66,79 @@ IO_ERROR_ACTIONS = _names("VIR_DOMAIN_EVENT_IO_ERROR_")
 AGENT_REASONS = _names("VIR_CONNECT_DOMAIN_EVENT_AGENT_LIFECYCLE_REASON_")
 
 
+#: What libvirt reports for each lifecycle (event, detail), in its own terms (see libvirt's
+#: ``virDomainEventType`` and ``virDomainEvent*DetailType`` documentation). A SHUTDOWN event
+#: means the guest has *finished* shutting down, not that it is about to.
+LIFECYCLE_TEXT = {
+    ("started", "booted"): "booted",
+    ("started", "migrated"): "migrated in",
+    ("started", "restored"): "started: restored from a saved state",
+    ("started", "from_snapshot"): "started from a snapshot",
+    ("started", "wakeup"): "started by a wakeup event",
+    ("suspended", "paused"): "paused",
+    ("suspended", "migrated"): "paused for migration",
+    ("suspended", "ioerror"): "paused after a disk I/O error",
+    ("suspended", "watchdog"): "paused by its watchdog",
+    ("suspended", "restored"): "paused after a restore from a saved state",
+    ("suspended", "from_snapshot"): "paused after a snapshot revert",
+    ("suspended", "api_error"): "paused after a failed libvirt call",
+    ("suspended", "postcopy"): "paused for post-copy migration",
+    ("suspended", "postcopy_failed"): "paused: post-copy migration failed",
+    ("resumed", "unpaused"): "resumed",
+    ("resumed", "migrated"): "resumed after migration",
+    ("resumed", "from_snapshot"): "resumed after a snapshot revert",
+    ("resumed", "postcopy"): "resumed, post-copy migration running",
+    ("resumed", "postcopy_failed"): "resumed: post-copy migration failed",
+    ("stopped", "shutdown"): "stopped: shut down",
+    ("stopped", "destroyed"): "stopped: destroyed (powered off)",
+    ("stopped", "crashed"): "stopped: crashed",
+    ("stopped", "migrated"): "migrated out",
+    ("stopped", "saved"): "stopped: saved to a file",
+    ("stopped", "failed"): "stopped: the emulator failed",
+    ("stopped", "from_snapshot"): "stopped for a snapshot revert",
+    ("shutdown", "finished"): "shutdown finished",
+    ("shutdown", "guest"): "shutdown finished (requested by the guest)",
+    ("shutdown", "host"): "shutdown finished (requested by the host)",
+    ("pmsuspended", "memory"): "suspended to memory by the guest",
+    ("pmsuspended", "disk"): "suspended to disk by the guest",
+    ("crashed", "panicked"): "crashed: guest kernel panic",
+    ("crashed", "crashloaded"): "crashed: the guest loaded its crash kernel",
+    ("defined", "added"): "defined (new domain)",
+    ("defined", "updated"): "defined (configuration updated)",
+    ("defined", "renamed"): "defined (renamed)",
+    ("defined", "from_snapshot"): "defined (configuration restored from a snapshot)",
+    ("undefined", "removed"): "undefined",
+    ("undefined", "renamed"): "undefined (renamed)",
+}
+
+#: Contract type per (event, detail), then per event; everything else is EVENT_TYPE_UNKNOWN.
+#: The contract has no type for defined/undefined: those keep UNKNOWN, and the message and
+#: ``metadata["libvirt_event"]`` say ``defined``/``undefined``.
+_TYPES = {
+    ("started", "migrated"): VM_MIGRATED_IN,
+    ("stopped", "crashed"): VM_CRASHED,
+    ("stopped", "failed"): VM_CRASHED,
+    ("stopped", "migrated"): VM_MIGRATED_OUT,
+    "started": VM_STARTED,
+    "suspended": VM_PAUSED,
+    "resumed": VM_RESUMED,
+    "stopped": VM_STOPPED,
+    "crashed": VM_CRASHED,
+    "pmsuspended": VM_PAUSED,
+}
+
+
 def lifecycle(name: str, event: int, detail: int) -> Mapped:
-    """A ``VIR_DOMAIN_EVENT_ID_LIFECYCLE`` event of domain ``name``."""
+    """A ``VIR_DOMAIN_EVENT_ID_LIFECYCLE`` event of domain ``name``; the message says what
+    libvirt reported, and libvirt's event and detail names travel in the metadata."""
     ev = LIFECYCLE_EVENTS.get(event, f"event-{event}")
     det = DETAILS.get(ev, {}).get(detail, str(detail))
     meta = {"libvirt_event": ev, "libvirt_detail": det}
-    if ev == "started":
-        if det == "migrated":
-            return VM_MIGRATED_IN, f"VM {name} migrated in", meta
-        return VM_STARTED, f"VM {name} started ({det})", meta
-    if ev == "suspended":
-        return VM_PAUSED, f"VM {name} paused ({det})", meta
-    if ev == "resumed":
-        return VM_RESUMED, f"VM {name} resumed ({det})", meta
-    if ev == "stopped":
-        if det in ("crashed", "failed"):
-            return VM_CRASHED, f"VM {name} stopped: {det}", meta
-        if det == "migrated":
-            return VM_MIGRATED_OUT, f"VM {name} migrated out", meta
-        return VM_STOPPED, f"VM {name} stopped ({det})", meta
-    if ev == "crashed":
-        return VM_CRASHED, f"VM {name} crashed ({det})", meta
-    if ev == "pmsuspended":
-        return VM_PAUSED, f"VM {name} suspended by the guest ({det})", meta
-    if ev == "shutdown":
-        return UNKNOWN, f"VM {name} is shutting down ({det})", meta
-    if ev == "defined":
-        return UNKNOWN, f"VM {name} defined ({det})", meta
-    if ev == "undefined":
-        return UNKNOWN, f"VM {name} undefined ({det})", meta
-    return UNKNOWN, f"VM {name}: libvirt event {ev} ({det})", meta
+    kind = _TYPES.get((ev, det), _TYPES.get(ev, UNKNOWN))
+    text = LIFECYCLE_TEXT.get((ev, det))
+    if text is None:  # a detail newer than this table: say exactly what libvirt sent
+        text = f"{ev} ({det})" if ev in DETAILS else f"libvirt event {ev} ({det})"
+    return kind, f"VM {name} {text}", meta
 
 
 def reboot(name: str) -> Mapped:

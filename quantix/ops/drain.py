@@ -42,7 +42,10 @@ class Drain:
     def start(self) -> None:
         with self._idle:
             if not self.draining.is_set():
-                self._since = self._last = time.monotonic()
+                # The quiet period counts from the last call that ended, not from now: with
+                # nothing recent there is no client about to send its next call, and an idle
+                # daemon stops at once.
+                self._since = time.monotonic()
             self.draining.set()
             self._idle.notify_all()
 

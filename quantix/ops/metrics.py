@@ -56,6 +56,12 @@ class LibvirtStats(Protocol):
     reconnects: int
 
 
+#: How to move the metrics endpoint when its port is taken (a second daemon on the same host).
+CHANGE_HINT = "choose another with --metrics-listen HOST:PORT or server.metrics_listen; 'off' disables it"
+#: Values of ``--metrics-listen``/``server.metrics_listen`` that turn the endpoint off.
+OFF = ("", "off")
+
+
 class EventStats(Protocol):
     @property
     def subscriber_count(self) -> int: ...
@@ -237,7 +243,8 @@ def build_registry(collector: NodeCollector) -> tuple[CollectorRegistry, RpcMetr
 
 
 class MetricsService(Service):
-    """Listen on ``listen`` (``host:port``; ``None`` disables) and count RPCs while running."""
+    """Listen on ``listen`` (``host:port``; ``None``, empty or ``off`` disables) and count RPCs
+    while running."""
 
     def __init__(
         self,
@@ -248,7 +255,7 @@ class MetricsService(Service):
     ) -> None:
         self.reactor = reactor
         self.observers = observers if observers is not None else status.RpcObservers()
-        self.listen = listen or None
+        self.listen = None if listen is None or listen.strip().lower() in OFF else listen
         self.registry, self.rpc = build_registry(collector or NodeCollector())
         self.port: int | None = None
         self._listening: Any = None
@@ -260,7 +267,8 @@ class MetricsService(Service):
         try:
             host, port = parse_address(self.listen)
         except ValueError as exc:
-            raise ListenError(f"invalid metrics address {self.listen!r}: {exc}") from None
+            reason = f"invalid address: {exc}"
+            raise ListenError.of("metrics", repr(self.listen), reason, CHANGE_HINT) from None
         root = Resource()
         root.putChild(b"metrics", MetricsPage(self.registry))
         site = Site(root)
@@ -269,7 +277,7 @@ class MetricsService(Service):
             self._listening = self.reactor.listenTCP(port, site, interface=host)
         except CannotListenError as exc:
             reason = getattr(exc.socketError, "strerror", None) or str(exc.socketError)
-            raise ListenError(f"cannot listen on {self.listen} (metrics): {reason.lower()}") from None
+            raise ListenError.of("metrics", self.listen, reason.lower(), CHANGE_HINT) from None
         self.port = self._listening.getHost().port
         self.observers.add(self.rpc.observe)
         log.info("metrics on http://{listen}/metrics (port {port})", listen=self.listen, port=self.port)

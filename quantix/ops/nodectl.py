@@ -15,6 +15,7 @@ from typing import IO, TYPE_CHECKING, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from _typeshed import SupportsWrite
+    from google.protobuf.descriptor import MethodDescriptor
     from google.protobuf.message import Message
     from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -116,8 +117,11 @@ def format_health(r: node_pb2.HealthCheckResponse) -> str:
     )
 
 
-def format_info(r: node_pb2.NodeInfoResponse) -> str:
+def format_info(r: node_pb2.NodeInfoResponse, built: dict[str, str] | None = None) -> str:
+    """``built``: the ``x-quantix-*`` response metadata (daemon version, proto fingerprint,
+    libvirt version), shown when the daemon sent it."""
     cpu, mem, caps = r.cpu, r.memory, r.capabilities
+    built = built or {}
     supports = [
         name
         for name, flag in (
@@ -142,6 +146,7 @@ def format_info(r: node_pb2.NodeInfoResponse) -> str:
             ),
             ("memory", f"{human_bytes(mem.used_bytes)} used of {human_bytes(mem.total_bytes)}"),
             ("hypervisor", f"{caps.name} {caps.version}".strip()),
+            *daemon_build(built),
             ("max vcpus", caps.max_vcpus),
             ("supports", ", ".join(supports) or "-"),
         ]
@@ -174,6 +179,18 @@ def format_info(r: node_pb2.NodeInfoResponse) -> str:
         ],
     )
     return f"{head}\n\n{storage}\n\n{network}"
+
+
+def daemon_build(built: dict[str, str]) -> list[tuple[str, str]]:
+    from quantix import versions
+
+    if versions.VERSION_KEY not in built:
+        return []
+    return [
+        ("daemon", built[versions.VERSION_KEY]),
+        ("proto", built.get(versions.PROTO_KEY, "-")[:12]),
+        ("libvirt", built.get(versions.LIBVIRT_KEY, "-")),
+    ]
 
 
 def _state(vm: node_pb2.VMStatusResponse, pb: ModuleType) -> str:
@@ -330,6 +347,10 @@ def format_metrics_line(m: node_pb2.NodeMetrics) -> str:
 # -- command line -----------------------------------------------------------------------------
 
 
+class UsageError(Exception):
+    """A request nodectl cannot send (unknown RPC, bad JSON): exit code 2."""
+
+
 class _Parser(argparse.ArgumentParser):
     """Writes to the streams ``main`` was given (subclassed per call: subparsers share the class)."""
 
@@ -364,6 +385,19 @@ def build_parser(out: IO[str], err: IO[str]) -> argparse.ArgumentParser:
     metrics.add_argument("--interval", type=int, default=1, help="seconds between samples [%(default)s]")
     metrics.add_argument("--follow", action="store_true", help="keep printing samples")
     metrics.add_argument("--count", type=int, metavar="N", help="with --follow: stop after N samples")
+    call = sub.add_parser(
+        "call",
+        help="call any RPC by name with a JSON request (types learnt from the server's reflection)",
+        description='Call any RPC: `call GetVMStatus \'{"vm_id": "..."}\'`. Replies are printed as '
+        "JSON (proto field names); a streaming RPC prints one line per message.",
+    )
+    call.add_argument("rpc", help="RPC name: HealthCheck, or Service/Method with the package")
+    call.add_argument("request", nargs="?", default="{}", help="request as JSON [{}]")
+    call.add_argument("--count", type=int, metavar="N", help="streaming RPCs: stop after N messages")
+    call.add_argument(
+        "--metadata", action="append", default=[], metavar="KEY=VALUE", help="request metadata (repeatable)"
+    )
+    sub.add_parser("list", help="the RPCs the server offers, with request and reply types (reflection)")
     return parser
 
 
@@ -396,7 +430,9 @@ class _Ctl:
         return EXIT_OK if reply.healthy else EXIT_UNHEALTHY
 
     def info(self) -> int:
-        self.emit(self.stub.GetNodeInfo(self.empty(), timeout=self.args.timeout), format_info)
+        reply, call = self.stub.GetNodeInfo.with_call(self.empty(), timeout=self.args.timeout)
+        built = {k: v for k, v in call.initial_metadata() or () if isinstance(v, str)}
+        self.emit(reply, lambda r: format_info(r, built))
         return EXIT_OK
 
     def vms(self) -> int:
@@ -422,6 +458,37 @@ class _Ctl:
             call = self.stub.StreamMetrics(request, timeout=interval + self.args.timeout)
             return self._follow(call, format_metrics, 1)
         return self._follow(self.stub.StreamMetrics(request), format_metrics_line, self.args.count)
+
+    def call(self) -> int:
+        from quantix.ops import rpccall
+
+        reflector = rpccall.Reflector(self.channel)
+        try:
+            method = reflector.find(self.args.rpc)
+            request = rpccall.request_from_json(method, self.args.request)
+            metadata = [tuple(kv.split("=", 1)) for kv in self.args.metadata if "=" in kv] or None
+            replies = rpccall.invoke(self.channel, method, request, self._deadline(method), metadata)
+        except rpccall.CallError as exc:
+            raise UsageError(str(exc)) from None
+        indent = None if self.args.json or method.server_streaming else 2
+        seen = 0
+        for reply in replies:
+            self.out.write(rpccall.to_json(reply, indent) + "\n")
+            self.out.flush()
+            seen += 1
+            if self.args.count is not None and seen >= self.args.count:
+                break
+        return EXIT_OK
+
+    def _deadline(self, method: MethodDescriptor) -> float | None:
+        return None if method.server_streaming else self.args.timeout
+
+    def list(self) -> int:
+        from quantix.ops import rpccall
+
+        for method in rpccall.Reflector(self.channel).methods():
+            self.out.write(rpccall.describe(method) + "\n")
+        return EXIT_OK
 
     def _follow(
         self, call: _Stream[M], render: Callable[[M], str], count: int | None, header: str | None = None
@@ -463,6 +530,9 @@ def main(
             return EXIT_UNREACHABLE
         err.write(f"quantix-nodectl: {code.name}: {exc.details()}\n")
         return EXIT_RPC_ERROR
+    except UsageError as exc:
+        err.write(f"quantix-nodectl: {exc}\n")
+        return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_OK
     finally:

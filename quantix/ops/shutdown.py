@@ -10,7 +10,11 @@ refused before the server stops.
 
 from __future__ import annotations
 
+import atexit
+import os
 import signal
+import sys
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -56,6 +60,7 @@ def exit_zero_on_sigterm(reactor: Any) -> None:
     """
 
     def stop() -> None:
+        _sigterm.set()
         log.info("SIGTERM received: draining and shutting down")
         try:
             reactor.stop()
@@ -66,3 +71,35 @@ def exit_zero_on_sigterm(reactor: Any) -> None:
         bridge.post_to_reactor(reactor, stop)  # signal-safe: only wakes the reactor
 
     signal.signal(signal.SIGTERM, handler)
+
+
+#: Set once a SIGTERM stop has begun: the process will exit 0 (see :func:`install_fast_exit`).
+_sigterm = threading.Event()
+
+
+def _exit_after_sigterm() -> None:
+    if not _sigterm.is_set():
+        return
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(0)
+
+
+def install_fast_exit() -> None:
+    """After a SIGTERM stop, skip the interpreter's teardown: exit 0 from the last atexit hook.
+
+    Once twistd has stopped every service, closed its log and run the other atexit hooks,
+    CPython still finalizes every module and garbage-collects the whole heap (grpc, protobuf
+    descriptors, libvirt, Twisted); on a busy 2-vCPU host that took 1.3 to 3.4 s of the time
+    from SIGTERM to exit, against 0.1 to 0.2 s for the drain and every service stop together
+    (measured with gdb attached after the atexit hooks: the main thread was in
+    ``finalize_modules``). Nothing is left to flush by then but the standard streams.
+
+    Call before the daemon's heavy imports: atexit hooks run last-registered first, so this one
+    runs after theirs. Other stops (a fatal start-up error, SIGINT) exit as before.
+    """
+    atexit.register(_exit_after_sigterm)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 from google.protobuf import empty_pb2
 
-from quantix import __version__
+from quantix import __version__, versions
 from quantix.facades import VmHost
 from quantix.hypervisor import hostinfo
 from quantix.proto import node_pb2
@@ -96,4 +96,18 @@ class NodeRpcs:
         facts = self.host.facts(hv.conn())
         ident = hv.identity
         name, version = (ident.name, ident.version) if ident else ("", "")
+        context.send_initial_metadata(build_metadata(ident.libvirt_version if ident else ""))
         return node_info_message(self.host.node_id, facts, name, version)
+
+
+def build_metadata(libvirt_version: str) -> tuple[tuple[str, str], ...]:
+    """What the daemon is built from, as ``GetNodeInfo`` response metadata: the contract's
+    ``NodeInfoResponse`` has no field for it (``capabilities.version`` is the hypervisor's)."""
+    return (
+        (versions.VERSION_KEY, __version__),
+        (versions.PROTO_KEY, _FINGERPRINT),
+        (versions.LIBVIRT_KEY, libvirt_version),
+    )
+
+
+_FINGERPRINT = versions.proto_fingerprint()

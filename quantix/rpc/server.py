@@ -32,7 +32,16 @@ SERVICE = node_pb2.DESCRIPTOR.services_by_name["NodeDaemonService"]
 
 
 class ListenError(Exception):
-    """The gRPC address cannot be bound; the message is one line naming it."""
+    """An address cannot be bound; the message is one line naming the listener, its address and
+    how to change it (a second daemon on the same host meets this first)."""
+
+    @classmethod
+    def of(cls, listener: str, address: str, reason: str, hint: str) -> ListenError:
+        return cls(f"{listener} listener: cannot listen on {address}: {reason} ({hint})")
+
+
+#: How to move the gRPC endpoint when its port is taken.
+CHANGE_HINT = "choose another with --listen HOST:PORT or listen_address"
 
 
 def passthrough(serialize: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
@@ -97,20 +106,20 @@ def check_bindable(address: str) -> None:
     try:
         host, port = parse_address(address)
     except ValueError as exc:
-        raise ListenError(f"invalid listen address {address!r}: {exc}") from None
+        raise ListenError.of("gRPC", repr(address), f"invalid address: {exc}", CHANGE_HINT) from None
     if port == 0:
         return
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        raise ListenError(f"cannot listen on {address}: {exc.strerror}") from None
+        raise ListenError.of("gRPC", address, exc.strerror or str(exc), CHANGE_HINT) from None
     family, kind, proto, _, sockaddr = infos[0]
     with socket.socket(family, kind, proto) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(sockaddr)
         except OSError as exc:
-            raise ListenError(f"cannot listen on {address}: {(exc.strerror or str(exc)).lower()}") from None
+            raise ListenError.of("gRPC", address, (exc.strerror or str(exc)).lower(), CHANGE_HINT) from None
 
 
 class HealthOnItsOwnThread:
@@ -198,7 +207,8 @@ class GrpcServer(Service):
             else:
                 self.port = server.add_insecure_port(self.listen)
         except RuntimeError:
-            raise ListenError(f"cannot listen on {self.listen}: address unavailable or in use") from None
+            reason = "address unavailable or in use"
+            raise ListenError.of("gRPC", self.listen, reason, CHANGE_HINT) from None
         server.start()
         self.server = server
         self.set_serving(SERVICE.full_name, False)

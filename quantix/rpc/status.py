@@ -202,6 +202,12 @@ def stream(
         try:
             _check_decoded(request)
             yield from handler(request, context)
+        except grpc.RpcError:
+            # A bidi handler (reflection) reading the requests of a client that went away: the
+            # call is over, there is no one to answer and nothing went wrong here.
+            if context is not None and context.is_active():
+                raise
+            code = grpc.StatusCode.CANCELLED
         except Exception as exc:
             code = classify(exc)[0]
             _abort(method, exc, context)
