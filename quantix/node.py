@@ -41,6 +41,7 @@ from quantix.ops.shutdown import stop_in_order
 from quantix.rpc import registry, status, tls
 from quantix.rpc.agent_rpcs import AgentRpcs
 from quantix.rpc.event_rpcs import EventRpcs
+from quantix.rpc.image_rpcs import ImageRpcs
 from quantix.rpc.network_rpcs import NetworkRpcs
 from quantix.rpc.node_rpcs import NodeRpcs
 from quantix.rpc.server import SERVICE, GrpcServer, ListenError
@@ -172,6 +173,7 @@ class NodeService(MultiService):
                 bound_nics=self.network.store.sources_for,
             ),
             NetworkRpcs(self.network),
+            ImageRpcs(self.downloads, self.reactor, self.bus.closed),
         ]
 
     @property

@@ -36,9 +36,6 @@ C = grpc.StatusCode
 #: UNIMPLEMENTED.
 NOT_IMPLEMENTED = frozenset(
     {
-        "CancelDownload",
-        "DownloadImage",
-        "GetDownloadStatus",
         "MigrateVM",
         "PrepareMigration",
         "ReceiveMigration",
@@ -716,11 +713,41 @@ def _rows() -> list[Row]:
         ]
     )
 
+    # -- image downloads (no row reaches a server: every one fails before the transfer) -----------
+    dl = pb.DownloadImageOnNodeRequest
+    url = "http://127.0.0.1:9/x.img"
+    add(
+        [
+            Row("DownloadImage", "no url", dl(), INVALID),
+            Row("DownloadImage", "XML url", dl(url=b.XML), INVALID),
+            Row("DownloadImage", "file url", dl(url=f"file:///etc/{b.MARK}"), INVALID),
+            Row("DownloadImage", "ftp url", dl(url=f"ftp://h/{b.MARK}.img"), INVALID),
+            Row("DownloadImage", "target with ..", dl(url=url, target_dir=b.DOTS), INVALID),
+            Row("DownloadImage", "target outside", dl(url=url, target_dir=b.ABS), INVALID),
+            Row("DownloadImage", "absolute filename", dl(url=url, filename=b.ABS), INVALID),
+            Row("DownloadImage", "dotted filename", dl(url=url, filename=b.DOTS), INVALID),
+            Row("DownloadImage", "huge filename", dl(url=url, filename=b.BIG), INVALID),
+            Row("DownloadImage", "bad checksum", dl(url=url, checksum=b.XML), INVALID),
+            Row(
+                "DownloadImage",
+                "bad checksum type",
+                dl(url=url, checksum="a" * 32, checksum_type="md5"),
+                INVALID,
+            ),
+            Row("DownloadImage", "bad job id", dl(url=url, job_id=b.XML), INVALID),
+            Row(
+                "GetDownloadStatus", "unknown job", pb.GetDownloadStatusRequest(job_id=b.UNKNOWN), not_found()
+            ),
+            Row("GetDownloadStatus", "empty job id", pb.GetDownloadStatusRequest(), INVALID),
+            Row("GetDownloadStatus", "XML job id", pb.GetDownloadStatusRequest(job_id=b.XML), not_found()),
+            Row("CancelDownload", "unknown job", pb.CancelDownloadRequest(job_id=b.UNKNOWN), not_found()),
+            Row("CancelDownload", "huge job id", pb.CancelDownloadRequest(job_id=b.BIG), not_found()),
+            Row("CancelDownload", "empty job id", pb.CancelDownloadRequest(), INVALID),
+        ]
+    )
+
     # -- not implemented -------------------------------------------------------------------------
     no = {
-        "CancelDownload": pb.CancelDownloadRequest(job_id=b.XML),
-        "DownloadImage": pb.DownloadImageOnNodeRequest(url=b.XML, target_dir=b.DOTS, filename=b.ABS),
-        "GetDownloadStatus": pb.GetDownloadStatusRequest(job_id=b.UNKNOWN),
         "MigrateVM": pb.MigrateVMRequest(vm_id=b.UNKNOWN, target_node_uri=b.XML),
         "PrepareMigration": pb.PrepareMigrationRequest(vm_id=b.BIG),
         "ReceiveMigration": pb.MigrationToken(token=b.XML, vm_id=b.DOTS),

@@ -6,9 +6,10 @@ import hashlib
 import json
 import os
 import subprocess
+import time
 
 import treq
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task, threads
 from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool
 
@@ -382,3 +383,74 @@ class BadInputTests(DownloadTestCase):
     def test_unknown_job(self):
         code, body = yield self.status("no-such-job")
         self.assertEqual((code, body["error"]), (404, "job_not_found"))
+
+
+class GrpcTests(DownloadTestCase):
+    """The same engine through gRPC: a real grpcio client against the daemon's port."""
+
+    def stream(self, **fields):
+        from quantix.proto import node_pb2 as pb
+
+        request = pb.DownloadImageOnNodeRequest(**fields)
+        call = self.daemon.stub.DownloadImage(request)
+        return call, threads.deferToThread(list, call)
+
+    @defer.inlineCallbacks
+    def test_stream_reports_every_status_until_completed(self):
+        from quantix.proto import node_pb2 as pb
+
+        data = payload(1024 * 1024, b"grpc")
+        self.server.add("/g/cloud.img", data, rate=700_000)
+        began = time.monotonic()
+        _, messages = self.stream(url=self.server.url("/g/cloud.img"), image_id="img-g", job_id="job-g")
+        messages = yield messages
+        elapsed = time.monotonic() - began
+        S = pb.DownloadProgress.Status
+        statuses = [m.status for m in messages]
+        self.assertEqual(statuses[-1], S.STATUS_COMPLETED, messages[-1])
+        self.assertIn(S.STATUS_DOWNLOADING, statuses)
+        self.assertIn(S.STATUS_CONVERTING, statuses)  # raw bytes under a .qcow2 name
+        last = messages[-1]
+        self.assertEqual((last.job_id, last.image_id, last.progress_percent), ("job-g", "img-g", 100))
+        self.assertEqual(last.path, os.path.join(self.images, "cloud.qcow2"))
+        # At most one progress message a second while downloading (plus the status change).
+        downloading = [m for m in messages if m.status == S.STATUS_DOWNLOADING]
+        self.assertLessEqual(len(downloading), elapsed + 2, downloading)
+        status = yield self.daemon.call("GetDownloadStatus", pb.GetDownloadStatusRequest(job_id="job-g"))
+        self.assertEqual(status.status, S.STATUS_COMPLETED)
+        code, rest = yield self.status("job-g")
+        self.assertEqual((code, rest["status"]), (200, "completed"))
+
+    @defer.inlineCallbacks
+    def test_client_going_away_does_not_cancel_and_cancel_is_idempotent(self):
+        from quantix.proto import node_pb2 as pb
+
+        data = payload(2 * 1024 * 1024)
+        self.server.add("/g/slow.raw", data, rate=500_000)
+        call, done = self.stream(url=self.server.url("/g/slow.raw"), filename="slow.raw", job_id="job-s")
+        engine = self.daemon.node.downloads
+        yield wait_for(lambda: "job-s" in engine.jobs and engine.jobs["job-s"].bytes_downloaded > 100_000)
+        call.cancel()
+        yield self.assertFailure(done, Exception)
+        yield task.deferLater(reactor, 0.3, lambda: None)
+        self.assertEqual(engine.jobs["job-s"].status, "downloading")
+        yield self.daemon.call("CancelDownload", pb.CancelDownloadRequest(job_id="job-s"))
+        self.assertNoPartials()
+        _, rest = yield self.status("job-s")
+        self.assertEqual((rest["status"], rest["errorMessage"]), ("failed", "cancelled"))
+        yield self.daemon.call("CancelDownload", pb.CancelDownloadRequest(job_id="job-s"))
+        status = yield self.daemon.call("GetDownloadStatus", pb.GetDownloadStatusRequest(job_id="job-s"))
+        self.assertEqual(status.status, pb.DownloadProgress.Status.STATUS_CANCELLED)
+        self.assertFalse(os.path.exists(os.path.join(self.images, "slow.raw")))
+
+    @defer.inlineCallbacks
+    def test_same_job_from_http_and_grpc(self):
+        data = payload(600_000)
+        self.server.add("/g/both.raw", data, rate=1_000_000)
+        _, body = yield self.start("/g/both.raw", filename="both.raw")
+        _, messages = self.stream(
+            url=self.server.url("/g/both.raw"), filename="both.raw", target_dir=self.images
+        )
+        messages = yield messages
+        self.assertEqual({m.job_id for m in messages}, {body["jobId"]})
+        self.assertEqual(len(self.server.seen("/g/both.raw")), 1)

@@ -152,7 +152,7 @@ class DownloadEngine(Service):
     def get(self, job_id: str) -> Job:
         job = self.jobs.get(job_id)
         if job is None:
-            raise errors.NotFound(f"download job not found: {job_id}")
+            raise errors.NotFound(f"download job not found: {job_id[:200]}")
         snapshot = job.copy()
         run = self._active.get(job_id)
         if run is not None:
@@ -236,7 +236,7 @@ class DownloadEngine(Service):
         """Stop ``job_id`` and remove its partial file; a job that has ended stays as it is."""
         job = self.jobs.get(job_id)
         if job is None:
-            raise errors.NotFound(f"download job not found: {job_id}")
+            raise errors.NotFound(f"download job not found: {job_id[:200]}")
         if job.ended:
             return job.copy()
         run = self._active.get(job_id)

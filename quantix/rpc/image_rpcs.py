@@ -1,0 +1,111 @@
+"""DownloadImage, GetDownloadStatus and CancelDownload on the download engine (research note A.2).
+
+The engine lives on the reactor; these handlers run in gRPC threads and reach it through
+:mod:`quantix.bridge`. ``DownloadImage`` streams the job: once at each status change and at most
+once a second in between, ending normally when the job ends. A client that goes away only stops
+its stream; the job carries on (it is also the control plane's 8080 job).
+"""
+
+from __future__ import annotations
+
+import queue
+from typing import Any
+
+from google.protobuf import empty_pb2
+
+from quantix import bridge, errors
+from quantix.images import jobs
+from quantix.images.engine import DownloadRequest
+from quantix.images.jobs import Job
+from quantix.proto import node_pb2
+from quantix.rpc.registry import rpc
+
+INTERVAL = 1.0
+_STATUS = node_pb2.DownloadProgress.Status
+STATUS = {
+    jobs.PENDING: _STATUS.STATUS_PENDING,
+    jobs.DOWNLOADING: _STATUS.STATUS_DOWNLOADING,
+    jobs.VERIFYING: _STATUS.STATUS_VERIFYING,
+    jobs.CONVERTING: _STATUS.STATUS_CONVERTING,
+    jobs.COMPLETED: _STATUS.STATUS_COMPLETED,
+    jobs.FAILED: _STATUS.STATUS_FAILED,
+    jobs.CANCELLED: _STATUS.STATUS_CANCELLED,
+}
+
+
+def progress(job: Job) -> Any:
+    return node_pb2.DownloadProgress(
+        job_id=job.job_id,
+        image_id=job.image_id,
+        status=STATUS[job.status],
+        progress_percent=job.percent,
+        bytes_downloaded=job.bytes_downloaded,
+        bytes_total=job.bytes_total,
+        download_speed=int(job.speed),
+        eta_seconds=min(job.eta_seconds, 2**32 - 1),
+        path=job.target_path,
+        error=job.error or "",
+    )
+
+
+def _job_id(value: str) -> str:
+    if not value:
+        raise errors.Invalid("job_id is required")
+    return value
+
+
+class ImageRpcs:
+    """``engine`` is the node's :class:`~quantix.images.engine.DownloadEngine` (reactor-only
+    methods); ``closed`` is set when the node stops, ending open streams with UNAVAILABLE."""
+
+    def __init__(self, engine: Any, reactor: Any, closed: Any) -> None:
+        self.engine = engine
+        self.reactor = reactor
+        self.closed = closed
+
+    def _call(self, fn: Any, *args: Any) -> Any:
+        return bridge.call_on_reactor(self.reactor, fn, *args)
+
+    @rpc("DownloadImage")
+    def download_image(self, request: Any, context: Any) -> Any:
+        engine = self.engine
+        job = self._call(
+            engine.submit,
+            DownloadRequest(
+                url=request.url,
+                image_id=request.image_id,
+                target_dir=request.target_dir,
+                filename=request.filename,
+                checksum=request.checksum,
+                checksum_type=request.checksum_type,
+                job_id=request.job_id,
+            ),
+        )
+        changes: queue.SimpleQueue[Job] = queue.SimpleQueue()
+        unwatch = self._call(engine.watch, job.job_id, changes.put)
+        closed = self.closed
+        try:
+            job = self._call(engine.get, job.job_id)
+            while True:
+                yield progress(job)
+                if job.ended:
+                    return
+                try:
+                    job = changes.get(timeout=INTERVAL)
+                except queue.Empty:
+                    job = self._call(engine.get, job.job_id)
+                if closed.is_set():
+                    raise errors.Unavailable("node daemon is shutting down")
+                if not context.is_active():
+                    return
+        finally:
+            bridge.post_to_reactor(self.reactor, unwatch)
+
+    @rpc("GetDownloadStatus")
+    def get_download_status(self, request: Any, context: Any) -> Any:
+        return progress(self._call(self.engine.get, _job_id(request.job_id)))
+
+    @rpc("CancelDownload")
+    def cancel_download(self, request: Any, context: Any) -> Any:
+        self._call(self.engine.cancel, _job_id(request.job_id))
+        return empty_pb2.Empty()
