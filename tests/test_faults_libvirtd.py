@@ -18,6 +18,7 @@ from twisted.internet import defer, threads
 from twisted.trial import unittest
 
 from quantix.proto import node_grpc, node_pb2
+from quantix.util.backoff import Backoff
 from tests.libvirtd import tiny_domain_xml, unique_name
 from tests.privlibvirtd import PrivateLibvirtd
 from tests.support import Daemon, wait_for
@@ -96,6 +97,10 @@ class LibvirtdKillTests(unittest.TestCase):
         yield threads.deferToThread(plv.start)
         daemon = yield Daemon(self, **{"hypervisor.uri": plv.uri, "server.max_workers": 16}).start()
         hv = daemon.node.hypervisor
+        # Reconnect 2 s after a loss (no jitter): the change each cycle makes once libvirtd is
+        # back then lands before the daemon returns, so reconciliation (not a live event) must
+        # report it, however slowly this machine runs the change.
+        hv._backoff = Backoff(2.0, 30.0, rand=lambda: 0.0)
         load = Load(daemon.address)
         self.addCleanup(load.stop)
         yield wait_for(lambda: daemon.node.watcher.reconciliations >= 1)
