@@ -9,7 +9,10 @@ through plain queues, read by the same client process: grpcio's per-message cost
 wakeup and a completion-queue round trip per message per stream, on both sides) bounds fan-out
 latency and rate, so read the daemon against it.
 
-usage: python bench/bench_events.py [--toggles 300] [--burst 5000] [--pace 0.02]
+Everything is measured ``--runs`` times (five by default) and reported as min / median / max,
+so one lucky or unlucky run on a shared machine shows as spread rather than as the result.
+
+usage: python bench/bench_events.py [--toggles 300] [--burst 5000] [--pace 0.02] [--runs 5]
 """
 
 from __future__ import annotations
@@ -256,9 +259,11 @@ def bare_burst(node, subscribers: int, burst: int) -> float:
     return burst / (max(times[-1] for _, times, *_ in results) - t0)
 
 
-def body(node, args) -> None:
-    while node.watcher.reconciliations == 0:
-        time.sleep(0.01)
+RAW = ("raw libvirt callback (baseline)", "-", "")
+
+
+def one_run(node, args) -> dict[tuple, tuple]:
+    """Every measurement once: {row key: values}."""
     # libvirt-python allows one callback per event id on a connection (the daemon's), so the
     # baseline uses a second connection to a private copy of the same test host.
     conn = libvirt.open(node.hypervisor.uri)
@@ -266,29 +271,62 @@ def body(node, args) -> None:
         raw_lat, raw_rate = raw_baseline(conn, args.toggles, args.burst)
     finally:
         conn.close()
-    rows = [
-        ["raw libvirt callback (baseline)", "-", median(raw_lat) * 1e3, pct(raw_lat, 0.99) * 1e3, 1.0, 1.0]
-    ]
-    base50, base99 = median(raw_lat), pct(raw_lat, 0.99)
+    out: dict[tuple, tuple] = {
+        ("raw libvirt callback (baseline)", "-", ""): (median(raw_lat), pct(raw_lat, 0.99))
+    }
     for n in (1, 100):
         for name, measure in (("bare grpcio (floor)", bare_latency), ("StreamEvents", daemon_latency)):
             med, last = measure(node, n, args.toggles, args.pace)
             for who, lat in (("median", med), ("last", last))[: 1 if n == 1 else 2]:
-                p50, p99 = median(lat), pct(lat, 0.99)
-                rows.append([f"{name}, {who} client", n, p50 * 1e3, p99 * 1e3, p50 / base50, p99 / base99])
-    table(
-        "Latency: libvirt state change -> event received",
-        ["path", "subs", "p50 ms", "p99 ms", "p50 ratio", "p99 ratio"],
-        rows,
-    )
+                out[(name, n, who)] = (median(lat), pct(lat, 0.99))
     bare = bare_burst(node, 10, args.burst)
     rate, lost, resumes = daemon_burst(node, 10, args.burst)
+    out[("burst",)] = (raw_rate, bare, rate, lost, resumes)
+    return out
+
+
+def spread3(values: list[float], scale: float = 1.0, fmt: str = "{:.3g}") -> str:
+    """min / median / max."""
+    ordered = sorted(v * scale for v in values)
+    return " / ".join(fmt.format(v) for v in (ordered[0], median(ordered), ordered[-1]))
+
+
+def body(node, args) -> None:
+    while node.watcher.reconciliations == 0:
+        time.sleep(0.01)
+    runs = []
+    for n in range(args.runs):
+        runs.append(one_run(node, args))
+        print(f"run {n + 1}/{args.runs} done", file=sys.stderr, flush=True)
+    rows = []
+    for key in runs[0]:
+        if key == ("burst",):
+            continue
+        p50s = [r[key][0] for r in runs]
+        p99s = [r[key][1] for r in runs]
+        floor = ("bare grpcio (floor)", *key[1:])
+        ratio = spread3([r[key][1] / r[floor][1] for r in runs]) if key[0] == "StreamEvents" else ""
+        label = key[0] if not key[2] else f"{key[0]}, {key[2]} client"
+        rows.append([label, key[1], median(p50s) * 1e3, spread3(p99s, 1e3), ratio])
     table(
-        f"Throughput: {args.burst} back-to-back suspend/resume events, subscriber queue {args.queue}",
+        f"Latency: libvirt state change -> event received ({args.runs} runs)",
+        ["path", "subs", "p50 ms (median)", "p99 ms min / median / max", "p99 x floor, min / median / max"],
+        rows,
+    )
+    bursts = [r[("burst",)] for r in runs]
+    raw_rates = [b[0] for b in bursts]
+    bares = [b[1] for b in bursts]
+    rates = [b[2] for b in bursts]
+    lost = sum(b[3] for b in bursts)
+    resumes = sum(b[4] for b in bursts)
+    ratios = [b[2] / b[1] for b in bursts]
+    table(
+        f"Throughput: {args.burst} back-to-back suspend/resume events, subscriber queue {args.queue} "
+        f"({args.runs} runs; events/s min / median / max)",
         ["path", "subscribers", "events/s", "lost", "resumes", "ratio to bare grpcio"],
-        [["raw libvirt callback", 1, round(raw_rate), 0, 0, raw_rate / bare],
-         ["bare grpcio stream, pre-serialized (floor)", 10, round(bare), 0, 0, 1.0],
-         ["StreamEvents", 10, round(rate), lost, resumes, rate / bare]],
+        [["raw libvirt callback", 1, spread3(raw_rates, fmt="{:.0f}"), 0, 0, ""],
+         ["bare grpcio stream, pre-serialized (floor)", 10, spread3(bares, fmt="{:.0f}"), 0, 0, "1"],
+         ["StreamEvents", 10, spread3(rates, fmt="{:.0f}"), lost, resumes, spread3(ratios, fmt="{:.2f}")]],
     )  # fmt: skip
 
 
@@ -296,15 +334,16 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--toggles", type=int, default=300)
     parser.add_argument("--burst", type=int, default=5000)
-    parser.add_argument("--queue", type=int, default=1000, help="events.subscriber_queue (daemon default)")
+    parser.add_argument("--queue", type=int, default=10000, help="events.subscriber_queue (daemon default)")
     parser.add_argument("--pace", type=float, default=0.02, help="seconds between paced state changes")
-    parser.add_argument("--switch-interval-ms", type=float, default=1.0, help="server.switch_interval_ms")
+    parser.add_argument("--runs", type=int, default=5, help="repeat everything; min/median/max")
+    parser.add_argument("--switch-interval-ms", type=float, default=0.0, help="server.switch_interval_ms")
     args = parser.parse_args()
     from quantix.node import NodeService
 
     tmp = tempfile.mkdtemp(prefix="qtx-bench-")
     overrides = {
-        "server.max_workers": 256,
+        "server.max_workers": 0,
         "events.subscriber_queue": args.queue,
         "server.switch_interval_ms": args.switch_interval_ms,
     }

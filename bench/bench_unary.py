@@ -4,7 +4,10 @@ Both servers run as separate processes on this machine; the client threads share
 per server. Absolute numbers drift on shared machines; the ratio column is what to read.
 Target: daemon throughput >= 0.7x the bare servicer.
 
-usage: python bench/bench_unary.py [--seconds 3] [--concurrency 1,8,64]
+When the real libvirtd answers on qemu:///system, GetVMStatus is also measured there, for a
+tiny running TCG domain defined for the run (the daemon then pays real libvirt round trips).
+
+usage: python bench/bench_unary.py [--seconds 3] [--concurrency 1,8,64] [--no-libvirtd]
 """
 
 from __future__ import annotations
@@ -25,10 +28,13 @@ from quantix.proto import node_grpc, node_pb2
 VM_ID = "11111111-2222-3333-4444-555555555555"
 
 
-def requests() -> dict[str, object]:
+LIBVIRTD = "qemu:///system"
+
+
+def requests(vm_id: str = VM_ID) -> dict[str, object]:
     return {
         "HealthCheck": node_pb2.HealthCheckRequest(),
-        "GetVMStatus": node_pb2.VMIdRequest(vm_id=VM_ID),
+        "GetVMStatus": node_pb2.VMIdRequest(vm_id=vm_id),
     }
 
 
@@ -64,32 +70,28 @@ def load(
     return len(latencies) / elapsed, latencies
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--seconds", type=float, default=3.0)
-    parser.add_argument("--concurrency", default="1,8,64")
-    args = parser.parse_args()
-    levels = [int(x) for x in args.concurrency.split(",")]
-    fixture = f"test://{os.path.join(ROOT, 'tests', 'fixtures', 'node.xml')}"
-    daemon, address, _ = start_daemon(uri=fixture)
+def measure(uri: str, vm_id: str, methods: list[str], levels: list[int], seconds: float, tier: str) -> list:
+    """Rows for ``methods`` against a daemon on ``uri`` and a bare servicer with its answers."""
+    daemon, address, _ = start_daemon(uri=uri)
     baseline = None
+    rows = []
     try:
         # Record the daemon's real answers; the baseline serves exactly those bytes.
         channel = grpc.insecure_channel(address)
         stub = node_grpc.NodeDaemonServiceStub(channel)
-        canned, methods = [], []
+        canned, served = [], []
         tmp = tempfile.mkdtemp(prefix="qtx-bench-")
-        for method, request in requests().items():
+        for method in methods:
             try:
-                reply = getattr(stub, method)(request)
+                reply = getattr(stub, method)(requests(vm_id)[method])
             except grpc.RpcError as exc:
-                print(f"skipping {method}: {exc.code().name}")
+                print(f"skipping {method} on {tier}: {exc.code().name}")
                 continue
             path = os.path.join(tmp, method)
             with open(path, "wb") as fh:
                 fh.write(method.encode() + b"\n" + reply.SerializeToString())
             canned.append(path)
-            methods.append(method)
+            served.append(method)
         channel.close()
         port = free_port()
         baseline = subprocess.Popen(
@@ -97,23 +99,62 @@ def main() -> None:
             stdout=subprocess.PIPE,
         )
         baseline.stdout.readline()
-        rows = []
-        for method in methods:
+        for method in served:
+            request = requests(vm_id)[method]
             for n in levels:
-                base_rps, base_lat = load(f"127.0.0.1:{port}", method, requests()[method], n, args.seconds)
-                rps, lat = load(address, method, requests()[method], n, args.seconds)
+                base_rps, base_lat = load(f"127.0.0.1:{port}", method, request, n, seconds)
+                rps, lat = load(address, method, request, n, seconds)
                 ms = [median(base_lat), median(lat), pct(base_lat, 0.99), pct(lat, 0.99)]
-                rows.append([method, n, round(base_rps), round(rps), rps / base_rps, *(x * 1e3 for x in ms)])
-        table(
-            "Unary RPCs: daemon vs bare grpcio servicer (target ratio >= 0.7)",
-            ["rpc", "clients", "bare rps", "daemon rps", "ratio", "bare p50 ms", "daemon p50 ms",
-             "bare p99 ms", "daemon p99 ms"],
-            rows,
-        )  # fmt: skip
+                rates = [round(base_rps), round(rps), rps / base_rps]
+                rows.append([method, tier, n, *rates, *(x * 1e3 for x in ms)])
     finally:
         stop(daemon)
         if baseline is not None:
             stop(baseline)
+    return rows
+
+
+def libvirtd_domain() -> tuple[object, str] | None:
+    """A tiny running TCG domain on ``qemu:///system`` (connection, uuid), or None without libvirtd."""
+    import libvirt
+
+    libvirt.registerErrorHandler(lambda *a: None, None)
+    try:
+        conn = libvirt.open(LIBVIRTD)
+    except libvirt.libvirtError:
+        return None
+    from tests.libvirtd import tiny_domain_xml, unique_name
+
+    _, xml = tiny_domain_xml(unique_name("qtx-bench"))
+    dom = conn.defineXML(xml)
+    dom.create()
+    return (conn, dom), dom.UUIDString()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--concurrency", default="1,8,64")
+    parser.add_argument("--no-libvirtd", action="store_true", help="skip the qemu:///system GetVMStatus rows")
+    args = parser.parse_args()
+    levels = [int(x) for x in args.concurrency.split(",")]
+    fixture = f"test://{os.path.join(ROOT, 'tests', 'fixtures', 'node.xml')}"
+    rows = measure(fixture, VM_ID, ["HealthCheck", "GetVMStatus"], levels, args.seconds, "test driver")
+    found = None if args.no_libvirtd else libvirtd_domain()
+    if found is not None:
+        (conn, dom), uuid = found
+        try:
+            rows += measure(LIBVIRTD, uuid, ["GetVMStatus"], levels, args.seconds, "libvirtd, TCG VM")
+        finally:
+            dom.destroy()
+            dom.undefine()
+            conn.close()
+    table(
+        "Unary RPCs: daemon vs bare grpcio servicer (target ratio >= 0.7)",
+        ["rpc", "host", "clients", "bare rps", "daemon rps", "ratio", "bare p50 ms", "daemon p50 ms",
+         "bare p99 ms", "daemon p99 ms"],
+        rows,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

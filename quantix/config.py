@@ -153,7 +153,10 @@ class ServerConfig:
 @attrs.frozen
 class EventsConfig:
     buffer_size: int = spec.integer(10_000, min=1, max=10_000_000)
-    subscriber_queue: int = spec.integer(1_000, min=1, max=1_000_000)
+    #: Events queued per subscriber before it is cut off. Queued events are shared objects (a
+    #: reference each), so the default matches the resume buffer: a subscriber is cut off only
+    #: when it could not have resumed either.
+    subscriber_queue: int = spec.integer(10_000, min=1, max=1_000_000)
     reconcile_interval: float = spec.number(300.0, min=0, max=DAY, above_min=True)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import libvirt
 from twisted.application.service import MultiService
@@ -22,20 +22,18 @@ from quantix.agent.manager import AgentManager
 from quantix.agent.quiesce import Quiesce
 from quantix.bridge import run_in_worker
 from quantix.config import Config
-from quantix.controlplane import sources as cp_sources
-from quantix.controlplane.link import ControlPlaneLink
 from quantix.events import mapping
 from quantix.events.bus import EventBus
 from quantix.events.metrics import MetricsHub, stats_flags
 from quantix.events.watcher import DomainWatcher
 from quantix.hypervisor import hostinfo
 from quantix.hypervisor.connection import Hypervisor
+from quantix.hypervisor.statuscache import DomainCache
 from quantix.hypervisor.storage import StorageManager
 from quantix.images.engine import DownloadEngine
 from quantix.network.ovsdb import OvsdbClient
 from quantix.network.ports import PortStore
 from quantix.network.service import NetworkPorts
-from quantix.ops.metrics import NodeCollector
 from quantix.ops.service import Operations
 from quantix.ops.shutdown import stop_in_order
 from quantix.rpc import registry, status, tls
@@ -48,6 +46,10 @@ from quantix.rpc.server import SERVICE, GrpcServer, ListenError
 from quantix.rpc.storage_rpcs import StorageRpcs
 from quantix.rpc.vm_rpcs import VmRpcs
 from quantix.web import images as web_images
+
+if TYPE_CHECKING:
+    from quantix.controlplane.link import ControlPlaneLink
+    from quantix.ops.metrics import NodeCollector
 
 log = Logger(namespace="quantix.node")
 
@@ -102,6 +104,7 @@ class NodeService(MultiService):
         self.watcher = DomainWatcher(
             reactor, self.hypervisor, self.bus, reconcile_interval=ev.reconcile_interval
         )
+        self.domain_cache = DomainCache()
         self.agents = AgentManager(
             reactor,
             socket_dir=config.agent.socket_dir,
@@ -113,6 +116,9 @@ class NodeService(MultiService):
         #: The control-plane link (``.registered``, ``.node_id``), when registering.
         self.cplink: ControlPlaneLink | None = None
         if config.auto_register and config.control_plane_url:
+            # Imported only when registering: the HTTP client stack is most of its weight.
+            from quantix.controlplane import sources as cp_sources
+
             try:
                 self.cplink = cp_sources.make_link(reactor, config, self.host, self.hypervisor, self.storage)
             except OSError as exc:
@@ -133,8 +139,7 @@ class NodeService(MultiService):
             extra_options=(("grpc.max_concurrent_streams", config.server.max_streams_per_connection),),
             observers=rpc_observers,
         )
-        collector = NodeCollector(self.host, self.hypervisor, self.bus, self.agents, self.cplink)
-        self.ops = Operations(reactor, config, self.grpc, collector, rpc_observers=rpc_observers)
+        self.ops = Operations(reactor, config, self.grpc, self._collector, rpc_observers=rpc_observers)
 
         # First child: starts before gRPC, stops last (metrics and the access log see the drain).
         self.ops.setServiceParent(self)
@@ -149,6 +154,8 @@ class NodeService(MultiService):
         # Stops (ending StreamMetrics with UNAVAILABLE) before the bus.
         self.metrics_hub.setServiceParent(self)
         self.watcher.setServiceParent(self)
+        # GetVMStatus's per-domain cache of what the XML says, dropped when libvirt says it changed.
+        self.watcher.xml_listeners.append(self.domain_cache.forget)
         # Agent channels follow the VMs: opened when one runs, closed when it stops.
         self.watcher.state_listeners.append(self._domain_state)
         # Last child: it stops first, before the gRPC server and libvirt go away.
@@ -171,10 +178,17 @@ class NodeService(MultiService):
                 self.bus,
                 self.host,
                 bound_nics=self.network.store.sources_for,
+                domain_cache=self.domain_cache,
             ),
             NetworkRpcs(self.network),
             ImageRpcs(self.downloads, self.reactor, self.bus.closed),
         ]
+
+    def _collector(self) -> NodeCollector:
+        """The Prometheus gauges, built (and prometheus_client imported) only when metrics are on."""
+        from quantix.ops.metrics import NodeCollector
+
+        return NodeCollector(self.host, self.hypervisor, self.bus, self.agents, self.cplink)
 
     @property
     def node_id(self) -> str:
@@ -224,6 +238,8 @@ class NodeService(MultiService):
             self.agents.vm_stopped(vm_id)
         if self.cplink is not None:
             # Best effort (today's control plane answers unimplemented; the heartbeat sync repairs).
+            from quantix.controlplane import sources as cp_sources
+
             self.cplink.notify_vm_change(*cp_sources.vm_change(vm_id, name, state))
 
     def _hypervisor_up(self, conn: libvirt.virConnect) -> None:
@@ -235,5 +251,6 @@ class NodeService(MultiService):
                 self.cplink.start_registration()
 
     def _hypervisor_down(self) -> None:
+        self.domain_cache.clear()  # events missed while away could have changed any domain
         if self.grpc.server is not None:
             self.grpc.set_serving(SERVICE.full_name, False)

@@ -15,6 +15,7 @@ import collections
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from twisted.application.service import Service
@@ -44,6 +45,27 @@ def make_event(
     )
 
 
+class Published:
+    """A published event and its wire form. The bytes are made once, by the first stream that
+    sends the event (off the reactor), and shared by every other subscriber: grpc would otherwise
+    serialize the message again for each stream. Reads like the ``NodeEvent`` it carries."""
+
+    __slots__ = ("_wire", "event")
+
+    def __init__(self, event: node_pb2.NodeEvent) -> None:
+        self.event = event
+        self._wire: bytes | None = None
+
+    @property
+    def wire(self) -> bytes:
+        if self._wire is None:
+            self._wire = self.event.SerializeToString()  # a benign race: same bytes either way
+        return self._wire
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.event, name)
+
+
 class Subscription:
     """One subscriber: the backlog it resumed with, then live events through a bounded queue.
 
@@ -52,7 +74,7 @@ class Subscription:
     wakeup, so a burst costs one wakeup rather than one per event.
     """
 
-    def __init__(self, bus: EventBus, backlog: list[node_pb2.NodeEvent], maxsize: int) -> None:
+    def __init__(self, bus: EventBus, backlog: list[Published], maxsize: int) -> None:
         self._bus = bus
         self.backlog = backlog
         self.maxsize = maxsize
@@ -61,7 +83,7 @@ class Subscription:
         self.error: Exception | None = None
         self.cancelled = False
 
-    def offer(self, event: node_pb2.NodeEvent) -> bool:
+    def offer(self, event: Published) -> bool:
         """Called under the bus lock; False when the subscriber overflowed and must go."""
         with self._ready:
             if len(self.queue) >= self.maxsize:
@@ -87,7 +109,7 @@ class Subscription:
             self.error = error
             self._ready.notify()
 
-    def _take(self, poll: float) -> list[node_pb2.NodeEvent]:
+    def _take(self, poll: float) -> list[Published]:
         """Everything queued (waiting up to ``poll`` seconds for something); [] on timeout.
         Queued events go out before an error ends the stream, except an overflow, which ends
         it at once (the client resumes from the last id it got)."""
@@ -102,9 +124,7 @@ class Subscription:
                 raise self.error
             return []
 
-    def events(
-        self, is_active: Callable[[], bool] = lambda: True, poll: float = 0.5
-    ) -> Iterator[node_pb2.NodeEvent]:
+    def events(self, is_active: Callable[[], bool] = lambda: True, poll: float = 0.5) -> Iterator[Published]:
         """Blocking iterator (gRPC thread): returns when ``is_active()`` turns false, raises
         the subscriber's error when it is cut off or the bus stops."""
         try:
@@ -155,10 +175,11 @@ class EventBus(Service):
         """Number, buffer and fan out one event; never blocks. Returns the ``NodeEvent``."""
         with self._lock:
             event = make_event(self._next_id, event_type, vm_id, message, metadata)
+            item = Published(event)
             self._next_id += 1
             self.published += 1
-            self.buffer.append(event)
-            slow = [sub for sub in self._subscribers if not sub.offer(event)]
+            self.buffer.append(item)
+            slow = [sub for sub in self._subscribers if not sub.offer(item)]
             for sub in slow:
                 self._subscribers.discard(sub)
         for _ in slow:
@@ -185,7 +206,7 @@ class EventBus(Service):
             self._subscribers.add(sub)
         return sub
 
-    def _backlog(self, after: int) -> list[node_pb2.NodeEvent]:
+    def _backlog(self, after: int) -> list[Published]:
         last = self._next_id - 1
         first = int(self.buffer[0].id) if self.buffer else self._next_id
         if after == last:
@@ -200,7 +221,7 @@ class EventBus(Service):
             f"events after {after} are no longer available; resync the node's state",
             {"gap": "true", "resume_after": str(after), "first_available": str(first)},
         )
-        return [gap, *self.buffer]
+        return [Published(gap), *self.buffer]
 
     def unsubscribe(self, sub: Subscription) -> None:
         with self._lock:

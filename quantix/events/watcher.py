@@ -1,34 +1,56 @@
 """Domain event callbacks on every libvirt connection, and reconciliation against libvirt.
 
-Callbacks run on the reactor (through ``loop.dispatch``): they read the domain's uuid and name
-(local to the ``virDomain`` object, no round trip), map the event, update the known state and
-publish. Anything that talks to libvirt (registration, the inventory) runs in a pool thread.
+Callbacks run on the reactor (through ``loop.dispatch``): they map the event, update the known
+state and publish. The domain's uuid and name are read before that, in the thread libvirt calls
+back on: each libvirt-python call, however local, releases and re-takes the GIL, and on a busy
+daemon every re-take is a wait the reactor would pay per event (see bench/README.md). Anything
+that talks to libvirt (registration, the inventory) runs in a pool thread.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import libvirt
 from twisted.application.service import Service
 from twisted.internet import defer, task
-from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from quantix import bridge, errors
 from quantix.events import mapping, reconcile
 from quantix.events.bus import EventBus
-from quantix.hypervisor.connection import Hypervisor
 
 log = Logger(namespace="quantix.events")
+
+
+#: Lifecycle events after which the domain's XML is what it was (pausing changes no device).
+_XML_KEPT = frozenset((libvirt.VIR_DOMAIN_EVENT_SUSPENDED, libvirt.VIR_DOMAIN_EVENT_RESUMED))
+
+
+class Domain(NamedTuple):
+    """What a callback needs of a ``virDomain``, read once in libvirt's calling thread."""
+
+    uuid: str
+    name: str
+
+
+def identified(callback: Callable[..., None]) -> Callable[..., None]:
+    """``callback(conn, Domain, ...)`` from libvirt's ``(conn, virDomain, ...)``, the two
+    libvirt-python calls made by whichever thread libvirt calls back on."""
+
+    def call(conn: Any, dom: Any, *rest: Any) -> None:
+        callback(conn, Domain(dom.UUIDString(), dom.name()), *rest)
+
+    return call
 
 
 class DomainWatcher(Service):
     """Turns libvirt domain events into bus events and keeps a known state per domain."""
 
     def __init__(
-        self, reactor: IReactorTime, hypervisor: Hypervisor, bus: EventBus, reconcile_interval: float = 300.0
+        self, reactor: Any, hypervisor: Any, bus: EventBus, reconcile_interval: float = 300.0
     ) -> None:
         self.reactor = reactor
         self.hypervisor = hypervisor
@@ -47,6 +69,9 @@ class DomainWatcher(Service):
         #: state changes (``state`` None: gone); the baseline counts as a change, so a listener
         #: also learns what was already running when the daemon started.
         self.state_listeners: list[Callable[[str, str, str | None], None]] = []
+        #: Called on the reactor as ``listener(uuid)`` when what a domain's XML says may have
+        #: changed: defined, undefined, started, stopped, a device added or removed.
+        self.xml_listeners: list[Callable[[str], None]] = []
         hypervisor.listen(self._connected, self._disconnected)
 
     # -- connection lifecycle -----------------------------------------------------------------
@@ -66,13 +91,12 @@ class DomainWatcher(Service):
         self._conn = conn
         callbacks = self._callbacks()
         loop = self.hypervisor.loop
-        assert loop is not None  # installed before the first connection
 
         def register() -> list[int]:
             ids = []
             for ev, cb in callbacks:
                 try:
-                    ids.append(conn.domainEventRegisterAny(None, ev, loop.dispatch(cb), None))
+                    ids.append(conn.domainEventRegisterAny(None, ev, identified(loop.dispatch(cb)), None))
                 except libvirt.libvirtError as exc:
                     # One unsupported event id (an old libvirtd) must not cost us the others.
                     log.warn("cannot watch libvirt event {ev}: {err}", ev=ev, err=exc)
@@ -124,26 +148,22 @@ class DomainWatcher(Service):
             (libvirt.VIR_DOMAIN_EVENT_ID_CONTROL_ERROR, self._on_control_error),
         ]
 
-    # -- callbacks (reactor thread; no libvirt round trips) -----------------------------------
+    # -- callbacks (reactor thread; no libvirt calls at all) ----------------------------------
 
-    def _emit(
-        self, conn: libvirt.virConnect, dom: libvirt.virDomain, mapped: mapping.Mapped
-    ) -> tuple[str, str]:
-        uuid, name = dom.UUIDString(), dom.name()
+    def _emit(self, dom: Domain, mapped: mapping.Mapped) -> None:
         event_type, message, meta = mapped
-        self.bus.publish(event_type, uuid, message, {**meta, "vm_name": name, "source": "libvirt"})
-        return uuid, name
+        self.bus.publish(event_type, dom.uuid, message, {**meta, "vm_name": dom.name, "source": "libvirt"})
 
-    def _on_lifecycle(
-        self, conn: libvirt.virConnect, dom: libvirt.virDomain, event: int, detail: int, opaque: object = None
-    ) -> None:
+    def _on_lifecycle(self, conn: Any, dom: Domain, event: int, detail: int, opaque: Any = None) -> None:
         if conn is not self._conn:
             return
-        uuid, name = dom.UUIDString(), dom.name()
+        uuid, name = dom
+        if event not in _XML_KEPT:
+            self._xml_changed(uuid)
         before = self.known.get(uuid)
         before_state = before[1] if before else None
         if not mapping.redundant(event, before_state):
-            self._emit(conn, dom, mapping.lifecycle(name, event, detail))
+            self._emit(dom, mapping.lifecycle(name, event, detail))
         after = mapping.state_after(event, detail, before_state)
         if after is None:
             self.known.pop(uuid, None)
@@ -160,45 +180,37 @@ class DomainWatcher(Service):
             except Exception:
                 log.failure("domain state listener failed")
 
-    def _on_reboot(self, conn: libvirt.virConnect, dom: libvirt.virDomain, opaque: object = None) -> None:
-        self._emit(conn, dom, mapping.reboot(dom.name()))
+    def _xml_changed(self, uuid: str) -> None:
+        for listener in self.xml_listeners:
+            try:
+                listener(uuid)
+            except Exception:
+                log.failure("domain XML listener failed")
 
-    def _on_device_added(
-        self, conn: libvirt.virConnect, dom: libvirt.virDomain, alias: str, opaque: object = None
-    ) -> None:
-        self._emit(conn, dom, mapping.device(dom.name(), alias, True))
+    def _on_reboot(self, conn: Any, dom: Domain, opaque: Any = None) -> None:
+        self._emit(dom, mapping.reboot(dom.name))
 
-    def _on_device_removed(
-        self, conn: libvirt.virConnect, dom: libvirt.virDomain, alias: str, opaque: object = None
-    ) -> None:
-        self._emit(conn, dom, mapping.device(dom.name(), alias, False))
+    def _on_device_added(self, conn: Any, dom: Domain, alias: str, opaque: Any = None) -> None:
+        self._xml_changed(dom.uuid)
+        self._emit(dom, mapping.device(dom.name, alias, True))
+
+    def _on_device_removed(self, conn: Any, dom: Domain, alias: str, opaque: Any = None) -> None:
+        self._xml_changed(dom.uuid)
+        self._emit(dom, mapping.device(dom.name, alias, False))
 
     def _on_io_error(
-        self,
-        conn: libvirt.virConnect,
-        dom: libvirt.virDomain,
-        src: str,
-        alias: str,
-        action: int,
-        reason: str,
-        opaque: object = None,
+        self, conn: Any, dom: Domain, src: str, alias: str, action: int, reason: str, opaque: Any = None
     ) -> None:
-        self._emit(conn, dom, mapping.io_error(dom.name(), src, alias, action, reason))
+        self._emit(dom, mapping.io_error(dom.name, src, alias, action, reason))
 
-    def _on_watchdog(
-        self, conn: libvirt.virConnect, dom: libvirt.virDomain, action: int, opaque: object = None
-    ) -> None:
-        self._emit(conn, dom, mapping.watchdog(dom.name(), action))
+    def _on_watchdog(self, conn: Any, dom: Domain, action: int, opaque: Any = None) -> None:
+        self._emit(dom, mapping.watchdog(dom.name, action))
 
-    def _on_agent(
-        self, conn: libvirt.virConnect, dom: libvirt.virDomain, state: int, reason: int, opaque: object = None
-    ) -> None:
-        self._emit(conn, dom, mapping.agent_lifecycle(dom.name(), state, reason))
+    def _on_agent(self, conn: Any, dom: Domain, state: int, reason: int, opaque: Any = None) -> None:
+        self._emit(dom, mapping.agent_lifecycle(dom.name, state, reason))
 
-    def _on_control_error(
-        self, conn: libvirt.virConnect, dom: libvirt.virDomain, opaque: object = None
-    ) -> None:
-        self._emit(conn, dom, mapping.control_error(dom.name()))
+    def _on_control_error(self, conn: Any, dom: Domain, opaque: Any = None) -> None:
+        self._emit(dom, mapping.control_error(dom.name))
 
     # -- reconciliation -----------------------------------------------------------------------
 
@@ -245,7 +257,7 @@ class DomainWatcher(Service):
                 log.info("reconciliation found {n} missed transitions", n=len(changes))
             return changes
 
-        def done(result: object) -> object:
+        def done(result: Any) -> Any:
             self._reconciling = None
             return result
 

@@ -11,7 +11,6 @@ import io
 import re
 from collections.abc import Mapping
 
-import pycdlib
 import yaml
 
 from quantix.errors import Invalid
@@ -74,6 +73,8 @@ def nocloud_files(vm_id: str, name: str, cfg) -> dict[str, bytes]:
 
 def nocloud_iso(files: Mapping[str, bytes]) -> bytes:
     """An ISO 9660 image with Joliet and Rock Ridge names, labelled ``cidata``."""
+    import pycdlib  # on first use: most daemons never build a seed ISO (idle memory)
+
     iso = pycdlib.PyCdlib()
     iso.new(interchange_level=3, vol_ident=VOLUME_LABEL, joliet=3, rock_ridge="1.09")
     try:

@@ -14,17 +14,15 @@ import time
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import libvirt
 import psutil
 from twisted.logger import Logger
 
 from quantix import errors
-from quantix.hypervisor import domaininfo
+from quantix.hypervisor import domaininfo, statuscache
 from quantix.proto import node_pb2
-
-#: One domain's ``getAllDomainStats`` record (``"balloon.rss": 1234``, ``"state.state": 1`` …).
-DomainStats = Mapping[str, int | float | str]
 
 log = Logger(namespace="quantix.hypervisor.vms")
 
@@ -198,14 +196,14 @@ class CpuSampler:
                     del self._last[vm_id]
 
 
-def _sum(stats: DomainStats, prefix: str, count_key: str, suffix: str) -> int:
+def _sum(stats: Mapping[str, Any], prefix: str, count_key: str, suffix: str) -> int:
     count = stats.get(count_key)
     if not count:  # the common case on a large host (no disks/NICs reported): skip the loop
         return 0
     return sum(int(stats.get(f"{prefix}.{i}.{suffix}", 0)) for i in range(int(count)))
 
 
-def usage_from_stats(stats: DomainStats, cpu_percent: float = 0.0) -> node_pb2.ResourceUsage:
+def usage_from_stats(stats: Mapping[str, Any], cpu_percent: float = 0.0) -> Any:
     """``ResourceUsage`` from one domain's ``getAllDomainStats`` dict (pure).
 
     Memory in use is what the guest reports through the balloon (available - unused) when it
@@ -216,7 +214,7 @@ def usage_from_stats(stats: DomainStats, cpu_percent: float = 0.0) -> node_pb2.R
     return usage
 
 
-def _fill_usage(usage: node_pb2.ResourceUsage, stats: DomainStats, cpu_percent: float) -> None:
+def _fill_usage(usage: Any, stats: Mapping[str, Any], cpu_percent: float) -> None:
     """:func:`usage_from_stats` written into an existing message (ListVMs fills thousands in place
     rather than building each one and copying it into the response). The fields have no presence,
     so a figure libvirt did not report is simply left at zero."""
@@ -243,7 +241,7 @@ def _fill_usage(usage: node_pb2.ResourceUsage, stats: DomainStats, cpu_percent: 
         usage.network_tx_bytes = _sum(stats, "net", "net.count", "tx.bytes")
 
 
-def _fill_from_info(usage: node_pb2.ResourceUsage, dom: libvirt.virDomain) -> None:
+def _fill_from_info(usage: Any, dom: libvirt.virDomain) -> None:
     """Memory and CPU time from ``virDomainGetInfo`` for drivers whose bulk stats carry no balloon
     figures (the test driver): they still know the configured and current memory. One call per
     such domain; drivers that report balloon stats (QEMU, running or not) never pay it."""
@@ -276,9 +274,7 @@ _DISK_BUS = {"virtio": node_pb2.DISK_BUS_VIRTIO, "scsi": node_pb2.DISK_BUS_SCSI}
 _DISK_BUS |= {"sata": node_pb2.DISK_BUS_SATA, "ide": node_pb2.DISK_BUS_IDE}
 
 
-def disk_specs(
-    info: domaininfo.DomainInfo, sizes: Mapping[str, int] | None = None
-) -> list[node_pb2.DiskSpec]:
+def disk_specs(info: domaininfo.DomainInfo, sizes: Mapping[str, int] | None = None) -> list[Any]:
     """The domain's hard disks (not CD-ROMs) as ``DiskSpec`` messages (pure)."""
     sizes = sizes or {}
     out = []
@@ -298,12 +294,12 @@ def disk_specs(
     return out
 
 
-def _capacities(stats: DomainStats) -> dict[str, int]:
-    out: dict[str, int] = {}
+def _capacities(stats: Mapping[str, Any]) -> dict[str, int]:
+    out = {}
     for i in range(int(stats.get("block.count", 0))):
         name = stats.get(f"block.{i}.name")
         if name and f"block.{i}.capacity" in stats:
-            out[str(name)] = int(stats[f"block.{i}.capacity"])
+            out[name] = int(stats[f"block.{i}.capacity"])
     return out
 
 
@@ -311,15 +307,16 @@ _LIVE = frozenset((libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_BLOCKED, libvi
 
 
 def _fill_status(
-    msg: node_pb2.VMStatusResponse,
+    msg: Any,
     dom: libvirt.virDomain,
-    stats: DomainStats,
+    vm_id: str,
+    name: str,
+    stats: Mapping[str, Any],
     sampler: CpuSampler,
     pid_dir: str | None,
 ) -> str:
-    """Write one VM's ``VMStatusResponse`` fields into ``msg``; returns the VM id."""
-    vm_id = dom.UUIDString()
-    name = dom.name()
+    """Write one VM's ``VMStatusResponse`` fields into ``msg``; returns the VM id. The caller
+    passes the domain's uuid and name (each libvirt-python call re-takes the GIL)."""
     state = int(stats.get("state.state", libvirt.VIR_DOMAIN_NOSTATE))
     running = state in _LIVE
     percent = 0.0
@@ -339,47 +336,49 @@ def _fill_status(
     return vm_id
 
 
-def _vm_status(
-    dom: libvirt.virDomain, stats: DomainStats, sampler: CpuSampler, pid_dir: str | None
-) -> node_pb2.VMStatusResponse:
-    msg = node_pb2.VMStatusResponse()
-    _fill_status(msg, dom, stats, sampler, pid_dir)
-    return msg
-
-
-def list_response(
-    conn: libvirt.virConnect, sampler: CpuSampler, pid_dir: str | None = None
-) -> node_pb2.ListVMsOnNodeResponse:
+def list_response(conn: libvirt.virConnect, sampler: CpuSampler, pid_dir: str | None = None) -> Any:
     """``ListVMsOnNodeResponse`` for every defined VM from one bulk libvirt query (no per-domain
     round trips); each entry is filled in place in the response."""
     out = node_pb2.ListVMsOnNodeResponse()
     add = out.vms.add
     seen = [
-        _fill_status(add(), dom, stats, sampler, pid_dir)
+        _fill_status(add(), dom, dom.UUIDString(), dom.name(), stats, sampler, pid_dir)
         for dom, stats in conn.getAllDomainStats(STATS, NOWAIT)
     ]
     sampler.forget(seen)
     return out
 
 
-def list_vms(
-    conn: libvirt.virConnect, sampler: CpuSampler, pid_dir: str | None = None
-) -> list[node_pb2.VMStatusResponse]:
+def list_vms(conn: libvirt.virConnect, sampler: CpuSampler, pid_dir: str | None = None) -> list[Any]:
     """Every defined VM in one bulk libvirt query, as a list of ``VMStatusResponse``."""
     return list(list_response(conn, sampler, pid_dir).vms)
 
 
 def vm_status(
     conn: libvirt.virConnect, dom: libvirt.virDomain, sampler: CpuSampler, pid_dir: str | None = None
-) -> node_pb2.VMStatusResponse:
+) -> Any:
     """One VM: bulk stats for that domain plus the disks from its live XML."""
-    found = conn.domainListGetStats([dom], STATS, NOWAIT)
+    name, info = dom.name(), domaininfo.parse_domain(dom.XMLDesc(0))
+    return status_of(conn, statuscache.Entry(conn, dom, dom.UUIDString(), name, info), sampler, pid_dir)
+
+
+def status_of(
+    conn: libvirt.virConnect, entry: statuscache.Entry, sampler: CpuSampler, pid_dir: str | None
+) -> Any:
+    """One VM from one bulk stats query for its domain; uuid, name and disks come from
+    ``entry`` (see :mod:`quantix.hypervisor.statuscache`)."""
+    try:
+        found = conn.domainListGetStats([entry.dom], STATS, NOWAIT)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            raise errors.VMNotFound(entry.uuid) from None
+        raise
     if not found:  # undefined since the lookup
-        raise errors.VMNotFound(dom.UUIDString())
+        raise errors.VMNotFound(entry.uuid)
     stats = found[0][1]
-    msg = _vm_status(dom, stats, sampler, pid_dir)
-    info = domaininfo.parse_domain(dom.XMLDesc(0))
-    msg.disks.extend(disk_specs(info, _capacities(stats)))
+    msg = node_pb2.VMStatusResponse()
+    _fill_status(msg, entry.dom, entry.uuid, entry.name, stats, sampler, pid_dir)
+    msg.disks.extend(disk_specs(entry.info, _capacities(stats)))
     return msg
 
 

@@ -98,11 +98,17 @@ class DownloadEngine(Service):
         self._saver: task.LoopingCall | None = None
         self._started: defer.Deferred[None] | None = None
 
+    def _http(self) -> Any:
+        """The HTTP client, made on the first download: treq and Twisted's web client are
+        imported only by a daemon that downloads (idle memory)."""
+        if self.client is None:
+            self.client = self._client_factory(self.reactor, self.settings)
+        return self.client
+
     # -- service ---------------------------------------------------------------------------
 
     def startService(self) -> None:
         super().startService()
-        self.client = self._client_factory(self.reactor, self.settings)
         self._saver = task.LoopingCall(self._save)
         self._saver.clock = self.reactor
         self._saver.start(SAVE_INTERVAL, now=False)
@@ -319,7 +325,7 @@ class DownloadEngine(Service):
         )
         while True:
             attempt = run.attempt = transfer.Attempt(
-                self.reactor, self.client, request, self._progress(job, run)
+                self.reactor, self._http(), request, self._progress(job, run)
             )
             progress_before = job.bytes_downloaded
             try:
@@ -382,7 +388,7 @@ class DownloadEngine(Service):
         for sums in checksum.SUMS_FILES:
             url = f"{base}/{sums}"
             try:
-                response = yield self.client.get(url, timeout=self.settings.idle_timeout, unbuffered=True)
+                response = yield self._http().get(url, timeout=self.settings.idle_timeout, unbuffered=True)
                 if response.code != 200:
                     transfer.drop(response)
                     continue

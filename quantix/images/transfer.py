@@ -26,7 +26,7 @@ from typing import Any
 import attrs
 from twisted.internet import defer
 from twisted.internet.protocol import Protocol
-from twisted.web.client import ResponseDone
+from twisted.web._newclient import ResponseDone  # twisted.web.client re-exports it, with its TLS stack
 from twisted.web.http import PotentialDataLoss
 
 from quantix import bridge

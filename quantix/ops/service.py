@@ -8,6 +8,7 @@ access log see the whole drain). The node passes its handler table through :meth
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import MultiService
@@ -16,7 +17,6 @@ from twisted.logger import ILogObserver
 from quantix.config import Config
 from quantix.ops import access, logs, shutdown
 from quantix.ops.drain import Drain
-from quantix.ops.metrics import MetricsService, NodeCollector
 from quantix.ops.notify import Notifier
 from quantix.rpc import status
 from quantix.rpc.server import SERVICE, GrpcServer
@@ -31,7 +31,7 @@ class Operations(MultiService):
         reactor: Any,
         config: Config,
         grpc: GrpcServer,
-        collector: NodeCollector,
+        collector: Callable[[], Any],
         environ: dict[str, str] | None = None,
         rpc_observers: status.RpcObservers | None = None,
     ) -> None:
@@ -42,10 +42,17 @@ class Operations(MultiService):
         #: Where the gRPC server reports finished calls; metrics and the access log listen here.
         self.rpc_observers = rpc_observers if rpc_observers is not None else status.RpcObservers()
         self.notifier = Notifier(reactor, environ)
-        self.metrics = MetricsService(
-            reactor, config.server.metrics_listen, collector, observers=self.rpc_observers
-        )
-        self.metrics.setServiceParent(self)
+        #: The Prometheus endpoint, ``collector()``'s gauges beside the RPC counters; None when
+        #: ``server.metrics_listen`` is off (prometheus_client and twisted.web are then never
+        #: imported: idle memory).
+        self.metrics: Any = None
+        if config.server.metrics_listen:
+            from quantix.ops.metrics import MetricsService
+
+            self.metrics = MetricsService(
+                reactor, config.server.metrics_listen, collector(), observers=self.rpc_observers
+            )
+            self.metrics.setServiceParent(self)
         #: Set by :meth:`configure_twistd`; handed to twistd when the node joins its application.
         self.log_observer: ILogObserver | None = None
         #: In front of every RPC handler (see :meth:`gate`); refuses new calls once stopping.

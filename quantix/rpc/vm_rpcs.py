@@ -22,6 +22,7 @@ from quantix.errors import Invalid, QuantixError, Unavailable
 from quantix.facades import EventFeed, GuestAgents, VmHost
 from quantix.hypervisor import consoles, devices, hostinfo, provision, snapshots, vms
 from quantix.hypervisor.domainxml import NicSource
+from quantix.hypervisor.statuscache import DomainCache
 from quantix.proto import agent_pb2, node_pb2
 from quantix.rpc.registry import rpc
 from quantix.util.locks import KeyedLocks
@@ -48,6 +49,7 @@ class VmRpcs:
         events: EventFeed,
         host: hostinfo.HostBox,
         bound_nics: Callable[[str], Mapping[str, NicSource]] = lambda vm_id: {},
+        domain_cache: DomainCache | None = None,
     ) -> None:
         self.config = config
         self.hypervisor = hypervisor
@@ -57,6 +59,9 @@ class VmRpcs:
         self.host = host
         #: The network box's ports bound to a VM's NICs (by MAC), used when defining it.
         self.bound_nics = bound_nics
+        #: What GetVMStatus keeps of each domain's XML; the watcher drops entries on libvirt's
+        #: events, and this class on its own changes (the event comes a moment later).
+        self.domain_cache = domain_cache if domain_cache is not None else DomainCache()
         self.sampler = vms.CpuSampler()
         # One lock per VM id, so concurrent CreateVM/DeleteVM of one VM run one after the other.
         self._vm_locks = KeyedLocks()
@@ -80,6 +85,8 @@ class VmRpcs:
         return SYSTEM_PID_DIR if uri.split("?")[0] in ("qemu:///system", "qemu+unix:///system") else None
 
     def _publish(self, event_type: int, vm_id: str, message: str, **metadata: str) -> None:
+        """After a change made here; also drops GetVMStatus's cached XML of the VM."""
+        self.domain_cache.forget(vm_id)
         self.events.publish_from_thread(event_type, vm_id, message, metadata)
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -140,7 +147,8 @@ class VmRpcs:
         self, request: node_pb2.VMIdRequest, context: grpc.ServicerContext
     ) -> node_pb2.VMStatusResponse:
         conn = self._conn()
-        msg = vms.vm_status(conn, vms.lookup(conn, request.vm_id), self.sampler, self._pid_dir())
+        entry = self.domain_cache.entry(conn, request.vm_id, vms.lookup)
+        msg = vms.status_of(conn, entry, self.sampler, self._pid_dir())
         agent = self._guest_agent(msg.vm_id)
         if agent is not None:
             msg.guest_agent.CopyFrom(agent)
@@ -260,8 +268,11 @@ class VmRpcs:
     ) -> None:
         """Device events for a stopped VM only: for a running one the event box already
         reports libvirt's DEVICE_ADDED/DEVICE_REMOVED, and twice would mislead a consumer."""
-        if not was_running:
-            self._publish(event_type, dom.UUIDString(), text, **metadata)
+        vm_id = dom.UUIDString()
+        if was_running:
+            self.domain_cache.forget(vm_id)
+        else:
+            self._publish(event_type, vm_id, text, **metadata)
 
     @rpc("AttachNIC")
     def attach_nic(
@@ -342,4 +353,5 @@ class VmRpcs:
     ) -> empty_pb2.Empty:
         dom = self._dom(request.vm_id)
         devices.change_media(dom, request.device, request.iso_path, self.config.storage.iso_images)
+        self.domain_cache.forget(dom.UUIDString())
         return _EMPTY
