@@ -32,6 +32,16 @@ class ConfigError(Exception):
     """A configuration value is unusable; the message names where it came from."""
 
 
+class ListenError(Exception):
+    """An address cannot be bound; the message is one line naming the listener, its address and
+    how to change it (a second daemon on the same host meets this first). Raised by every
+    listener (gRPC, metrics, HTTP), so it lives here rather than in one of them."""
+
+    @classmethod
+    def of(cls, listener: str, address: str, reason: str, hint: str) -> ListenError:
+        return cls(f"{listener} listener: cannot listen on {address}: {reason} ({hint})")
+
+
 def parse_address(value: str, default_port: int | None = None) -> tuple[str, int]:
     """Split ``host:port`` (IPv6 as ``[::1]:9090``); raises ValueError on anything else."""
     if not isinstance(value, str) or not value:

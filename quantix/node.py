@@ -21,7 +21,7 @@ from quantix.agent.facade import WorkerAgents
 from quantix.agent.manager import AgentManager
 from quantix.agent.quiesce import Quiesce
 from quantix.bridge import run_in_worker
-from quantix.config import Config
+from quantix.config import Config, ListenError
 from quantix.events import mapping
 from quantix.events.bus import EventBus
 from quantix.events.metrics import MetricsHub, stats_flags
@@ -42,7 +42,7 @@ from quantix.rpc.event_rpcs import EventRpcs
 from quantix.rpc.image_rpcs import ImageRpcs
 from quantix.rpc.network_rpcs import NetworkRpcs
 from quantix.rpc.node_rpcs import NodeRpcs
-from quantix.rpc.server import SERVICE, GrpcServer, ListenError
+from quantix.rpc.server import SERVICE, GrpcServer
 from quantix.rpc.storage_rpcs import StorageRpcs
 from quantix.rpc.vm_rpcs import VmRpcs
 from quantix.web import images as web_images

@@ -29,9 +29,9 @@ from quantix.controlplane import sources, state
 from quantix.controlplane.facts import VMFacts
 from quantix.hypervisor import hostinfo
 from quantix.hypervisor.storage import manager as sm
+from quantix.hypervisor.storage import wire as storage_wire
 from quantix.node import NodeService
 from quantix.proto import node_pb2, storage_pb2
-from quantix.rpc import storage_rpcs
 from quantix.rpc.server import SERVICE
 from tests.fakecp import FakeControlPlane, FakeCPServer
 from tests.support import Daemon, wait_for
@@ -59,7 +59,7 @@ class PoolConversionTests(unittest.TestCase):
         self.assertEqual(req.pool_id, POOL_ID)
         self.assertEqual(req.type, node_pb2.STORAGE_POOL_TYPE_LOCAL_DIR)
         self.assertEqual(req.config.local.path, "/srv/p")
-        plain = storage_rpcs.pool_request(req)
+        plain = storage_wire.pool_request(req)
         self.assertEqual((plain.type, plain.local_path), (sm.LOCAL_DIR, "/srv/p"))
 
     def test_absent_type_is_a_local_dir(self) -> None:
@@ -78,7 +78,7 @@ class PoolConversionTests(unittest.TestCase):
         )
         req = self.convert(Backend(type=Backend.NFS, nfs=nfs))
         self.assertEqual(req.type, node_pb2.STORAGE_POOL_TYPE_NFS)
-        plain = storage_rpcs.pool_request(req)
+        plain = storage_wire.pool_request(req)
         self.assertEqual(
             (plain.nfs_server, plain.nfs_export, plain.nfs_version, plain.nfs_options, plain.nfs_mount_point),
             ("nas1", "/export/vms", "4.1", "noatime", "/mnt/x"),
@@ -124,7 +124,7 @@ class PoolConversionTests(unittest.TestCase):
         for backend, name in ((Backend.CEPH_CEPHFS, "CEPH_FS"), (Backend.LOCAL_LVM, "LOCAL_LVM")):
             req = self.convert(Backend(type=backend))
             with self.assertRaises(errors.Invalid) as caught:
-                storage_rpcs.pool_request(req)
+                storage_wire.pool_request(req)
             self.assertIn(name, str(caught.exception))
 
     def test_pool_without_id(self) -> None:
@@ -288,9 +288,9 @@ class FactsTests(unittest.TestCase):
             ("cache", ["/pools/ab/cache.qcow2", "rbd/x"]),
             ("rbd-user", ["rbd/vol1"]),
         ]
-        self.assertEqual(sources.pool_users([], "/pools/a/", domains), ["web", "db"])
-        self.assertEqual(sources.pool_users(["rbd/vol1"], "", domains), ["rbd-user"])
-        self.assertEqual(sources.pool_users([], "", domains), [])
+        self.assertEqual(sm.pool_users([], "/pools/a/", domains), ["web", "db"])
+        self.assertEqual(sm.pool_users(["rbd/vol1"], "", domains), ["rbd-user"])
+        self.assertEqual(sm.pool_users([], "", domains), [])
 
 
 class ConfigTests(unittest.TestCase):

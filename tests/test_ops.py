@@ -23,13 +23,12 @@ from twisted.logger import Logger, globalLogPublisher
 from twisted.trial import unittest
 
 from quantix import __version__
-from quantix.config import LoggingConfig
+from quantix.config import ListenError, LoggingConfig
 from quantix.hypervisor.hostinfo import HostBox
 from quantix.ops import logs, nodectl
 from quantix.ops.metrics import MetricsService, NodeCollector
 from quantix.ops.notify import Notifier, notify_address, watchdog_interval
 from quantix.proto import node_pb2
-from quantix.rpc.server import ListenError
 from tests.support import Daemon, DatagramSink, wait_for
 
 RUNNING_VM = "11111111-2222-3333-4444-555555555555"

@@ -13,7 +13,7 @@ from twisted.web.client import HTTPConnectionPool
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
-from quantix.rpc.server import ListenError
+from quantix.config import ListenError
 from quantix.web import ClientAllowList, HttpError, Router, WebListener
 from quantix.web.allow import resolve_host
 from quantix.web.router import Reply

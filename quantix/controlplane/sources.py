@@ -41,11 +41,10 @@ from quantix.controlplane import facts as cf
 from quantix.controlplane.connect import ConnectClient
 from quantix.controlplane.link import ControlPlaneLink
 from quantix.facades import VmHost
-from quantix.hypervisor import domaininfo, hostinfo
+from quantix.hypervisor import hostinfo
 from quantix.hypervisor.storage import manager as sm
-from quantix.hypervisor.storage import xml as sxml
+from quantix.hypervisor.storage import wire as storage_wire
 from quantix.proto import node_pb2, storage_pb2
-from quantix.rpc import storage_rpcs
 
 log = Logger(namespace="quantix.controlplane")
 
@@ -289,21 +288,6 @@ def init_pool_request(pool: storage_pb2.StoragePool) -> node_pb2.InitStoragePool
     return req
 
 
-def pool_users(
-    volume_paths: Iterable[str], target_dir: str, domains: Iterable[tuple[str, Iterable[str]]]
-) -> list[str]:
-    """Names of the domains with a disk among ``volume_paths`` or under ``target_dir``."""
-    paths = set(volume_paths)
-    prefix = sxml.os_norm(target_dir) + os.sep if target_dir else None
-    users = []
-    for name, disks in domains:
-        for path in disks:
-            if path in paths or (prefix and sxml.os_norm(path).startswith(prefix)):
-                users.append(name)
-                break
-    return users
-
-
 # -- sysfs / psutil readers (best effort) -------------------------------------------------------
 
 
@@ -451,42 +435,18 @@ class DaemonSources:
         return self._in_thread(self._ensure_pool, pool)
 
     def _ensure_pool(self, pool: storage_pb2.StoragePool) -> sm.PoolInfo:
-        return self.storage.init_pool(storage_rpcs.pool_request(init_pool_request(pool)))
+        return self.storage.init_pool(storage_wire.pool_request(init_pool_request(pool)))
 
     def release_pool(self, pool_id: str) -> defer.Deferred:
         return self._in_thread(self._release_pool, pool_id)
 
     def _release_pool(self, pool_id: str) -> None:
-        conn = self.hypervisor.conn()
-        users = self._pool_users(conn, pool_id)
+        users = self.storage.pool_users(pool_id)
         if users:
             raise errors.WrongState(
                 f"storage pool {pool_id} is in use by running VMs ({', '.join(sorted(users))}); kept"
             )
         self.storage.destroy_pool(pool_id)
-
-    @staticmethod
-    def _pool_users(conn: libvirt.virConnect, pool_id: str) -> list[str]:
-        try:
-            pool = conn.storagePoolLookupByName(pool_id)
-            if not pool.isActive():
-                return []
-            target = sxml.parse_pool(pool.XMLDesc(0))
-            target_dir = target.target_path if target.kind in sm.FILE_KINDS else ""
-            paths = [vol.path() for vol in pool.listAllVolumes(0)]
-            domains = conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
-        except libvirt.libvirtError as exc:
-            if exc.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_POOL:
-                return []
-            raise
-        in_use = []
-        for dom in domains:
-            try:
-                disks = [d.path for d in domaininfo.parse_domain(dom.XMLDesc(0)).disks if d.path]
-                in_use.append((dom.name(), disks))
-            except libvirt.libvirtError:
-                continue  # stopped while we looked
-        return pool_users(paths, target_dir, in_use)
 
 
 def make_link(

@@ -17,6 +17,8 @@ import attrs
 import libvirt
 import psutil
 
+from quantix.proto import node_pb2
+
 #: Interface name prefixes that never carry the management address.
 _VIRTUAL_PREFIXES = ("lo", "virbr", "vnet", "tap", "docker", "veth", "br-", "qtx")
 
@@ -241,3 +243,61 @@ class HostBox:
     def management_ip(self) -> str:
         """Worker (may read the routing table): the configured management IP, else detected."""
         return self.configured_ip or management_ip()
+
+
+# -- protobuf mapping (pure) --------------------------------------------------------------------
+
+
+def node_info_message(
+    node_id: str, facts: HostFacts, hv_name: str, hv_version: str
+) -> node_pb2.NodeInfoResponse:
+    """Map host facts onto ``NodeInfoResponse`` (pure)."""
+    cpu = facts.cpu
+    caps = facts.capabilities
+    return node_pb2.NodeInfoResponse(
+        node_id=node_id,
+        hostname=facts.hostname,
+        management_ip=facts.management_ip,
+        cpu=node_pb2.CpuInfo(
+            model=cpu.model,
+            sockets=cpu.sockets,
+            cores_per_socket=cpu.cores_per_socket,
+            threads_per_core=cpu.threads_per_core,
+            total_threads=cpu.total_threads,
+            frequency_mhz=cpu.mhz,
+            features=list(cpu.features),
+        ),
+        memory=node_pb2.MemoryInfo(
+            total_bytes=facts.memory_total,
+            available_bytes=facts.memory_available,
+            used_bytes=facts.memory_total - facts.memory_available,
+        ),
+        storage=[
+            node_pb2.StorageInfo(
+                device=d.device,
+                mount_point=d.mount_point,
+                total_bytes=d.total_bytes,
+                used_bytes=d.used_bytes,
+                available_bytes=d.available_bytes,
+                filesystem=d.filesystem,
+            )
+            for d in facts.disks
+        ],
+        network=[
+            node_pb2.NetworkInfo(
+                name=n.name, mac_address=n.mac, ip_addresses=list(n.ips), speed_mbps=n.speed_mbps, up=n.up
+            )
+            for n in facts.nics
+        ],
+        capabilities=node_pb2.HypervisorCapabilities(
+            name=hv_name,
+            version=hv_version,
+            supports_live_migration=caps.live_migration,
+            supports_snapshots=caps.snapshots,
+            supports_hotplug=caps.hotplug,
+            supports_gpu_passthrough=caps.gpu_passthrough,
+            supports_nested_virtualization=caps.nested,
+            max_vcpus=caps.max_vcpus,
+            max_memory_bytes=facts.memory_total,
+        ),
+    )

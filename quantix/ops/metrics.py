@@ -37,11 +37,10 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from quantix import __version__
-from quantix.config import parse_address
+from quantix.config import ListenError, parse_address
 from quantix.facades import ControlPlaneStatus
 from quantix.hypervisor.hostinfo import HostBox
 from quantix.rpc import status
-from quantix.rpc.server import ListenError
 
 log = Logger(namespace="quantix.ops.metrics")
 

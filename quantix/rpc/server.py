@@ -21,7 +21,7 @@ from twisted.application.service import Service
 from twisted.internet import threads
 from twisted.logger import Logger
 
-from quantix.config import ServerConfig, parse_address
+from quantix.config import ListenError, ServerConfig, parse_address
 from quantix.proto import node_pb2
 from quantix.rpc import status
 from quantix.rpc.streams import StreamBudget
@@ -29,15 +29,6 @@ from quantix.rpc.streams import StreamBudget
 log = Logger(namespace="quantix.rpc")
 
 SERVICE = node_pb2.DESCRIPTOR.services_by_name["NodeDaemonService"]
-
-
-class ListenError(Exception):
-    """An address cannot be bound; the message is one line naming the listener, its address and
-    how to change it (a second daemon on the same host meets this first)."""
-
-    @classmethod
-    def of(cls, listener: str, address: str, reason: str, hint: str) -> ListenError:
-        return cls(f"{listener} listener: cannot listen on {address}: {reason} ({hint})")
 
 
 #: How to move the gRPC endpoint when its port is taken.

@@ -15,8 +15,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import WrappingFactory
 
 from quantix import bridge
-from quantix.config import parse_address
-from quantix.rpc.server import ListenError
+from quantix.config import ListenError, parse_address
 from quantix.web.allow import ClientAllowList, resolve_host
 from quantix.web.request import MAX_BODY, JsonSite
 

@@ -15,13 +15,14 @@ import hashlib
 import os
 import uuid as uuidlib
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import attrs
 import libvirt
 
 from quantix import errors
+from quantix.hypervisor import domaininfo
 from quantix.hypervisor.errors import translate
 from quantix.hypervisor.storage import files
 from quantix.hypervisor.storage import xml as sxml
@@ -482,6 +483,31 @@ class StorageManager:
                 with contextlib.suppress(OSError):
                     os.rmdir(current.target_path)  # only when empty
 
+    def pool_users(self, pool_id: str) -> list[str]:
+        """Names of the running domains with a disk in the pool (a volume of it, or a file under
+        its directory); none for a pool that is unknown or not active."""
+        conn = self._conn()
+        try:
+            pool = conn.storagePoolLookupByName(pool_id)
+            if not pool.isActive():
+                return []
+            target = sxml.parse_pool(pool.XMLDesc(0))
+            target_dir = target.target_path if target.kind in FILE_KINDS else ""
+            paths = [vol.path() for vol in pool.listAllVolumes(0)]
+            domains = conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_POOL:
+                return []
+            raise
+        in_use = []
+        for dom in domains:
+            try:
+                disks = [d.path for d in domaininfo.parse_domain(dom.XMLDesc(0)).disks if d.path]
+                in_use.append((dom.name(), disks))
+            except libvirt.libvirtError:
+                continue  # stopped while we looked
+        return pool_users(paths, target_dir, in_use)
+
     def pool_info(self, pool_id: str) -> PoolInfo:
         return self._info(self._pool(pool_id), refresh=True)
 
@@ -870,3 +896,18 @@ class StorageManager:
         if not active:
             raise errors.WrongState(f"storage pool {pool_id} is not active (no mount path)")
         return files.list_dir(d.target_path, path)
+
+
+def pool_users(
+    volume_paths: Iterable[str], target_dir: str, domains: Iterable[tuple[str, Iterable[str]]]
+) -> list[str]:
+    """Names of the domains with a disk among ``volume_paths`` or under ``target_dir``."""
+    paths = set(volume_paths)
+    prefix = sxml.os_norm(target_dir) + os.sep if target_dir else None
+    users = []
+    for name, disks in domains:
+        for path in disks:
+            if path in paths or (prefix and sxml.os_norm(path).startswith(prefix)):
+                users.append(name)
+                break
+    return users
