@@ -134,10 +134,14 @@ class InstallStampTests(unittest.TestCase):
             port = probe.getsockname()[1]
         state = os.path.abspath(self.mktemp())
         out_path = os.path.join(state + ".out")
+        config = state + ".yaml"  # no 8080 listener: other runs on this host may hold the port
+        with open(config, "w") as fh:
+            fh.write("http:\n  listen: null\n")
         began = time.monotonic()
+        argv = [DEVSH, "run", "--listen", f"127.0.0.1:{port}", "--metrics-listen", "off", "--config", config]
         with open(out_path, "w") as out:
             proc = subprocess.Popen(
-                [DEVSH, "run", "--listen", f"127.0.0.1:{port}", "--metrics-listen", "off"],
+                argv,
                 env=dict(os.environ, QUANTIX_VENV=VENV, QUANTIX_STATE_DIR=state),
                 stdout=out,
                 stderr=subprocess.STDOUT,

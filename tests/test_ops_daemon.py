@@ -133,6 +133,7 @@ class DaemonShutdownTests(unittest.TestCase):
             json.dump(  # YAML is a superset of JSON
                 {
                     "server": {"grace_seconds": GRACE, "metrics_listen": None},
+                    "http": {"listen": None},  # 8080 may be held by another run on this host
                     "logging": {"level": "debug", "format": "json"},
                 },
                 fh,

@@ -87,6 +87,9 @@ class PluginTests(unittest.TestCase):
 
     def start_on(self, listen: str, metrics: str) -> subprocess.CompletedProcess:
         state = os.path.abspath(self.mktemp())
+        config = state + ".yaml"  # no 8080 listener: another run on this host may hold the port
+        with open(config, "w") as fh:
+            fh.write("http:\n  listen: null\n")
         return twistd(
             "-n",
             "--pidfile=",
@@ -101,7 +104,7 @@ class PluginTests(unittest.TestCase):
             "--state-dir",
             state,
             "--config",
-            os.devnull,
+            config,
         )
 
     def test_port_in_use_is_one_line(self):

@@ -225,7 +225,9 @@ class ListenerTests(WebTestCase):
         busy = WebListener(reactor, f"127.0.0.1:{first.port}", _router(), name="downloads")
         with self.assertRaises(ListenError) as caught:
             busy.startService()
-        self.assertIn("(downloads)", str(caught.exception))
+        message = str(caught.exception)
+        self.assertIn(f"downloads listener: cannot listen on 127.0.0.1:{first.port}", message)
+        self.assertIn("choose another with downloads.listen", message)  # how to move it
         self.assertRaises(ListenError, WebListener(reactor, "nonsense", _router()).startService)
 
     @defer.inlineCallbacks

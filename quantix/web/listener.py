@@ -51,6 +51,7 @@ class WebListener(Service):
         self.site = JsonSite(resource, reactor=reactor, max_body=max_body, allow=allow)
         # Tracks open connections, so a stop can close keep-alive clients too.
         self._factory = WrappingFactory(self.site)
+        self._factory.noisy = False  # no "Starting factory <...WrappingFactory object at 0x...>"
         self.port: int | None = None
         self._listening: Any = None
 
@@ -62,7 +63,8 @@ class WebListener(Service):
         try:
             host, port = parse_address(self.listen)
         except ValueError as exc:
-            raise ListenError(f"invalid {self.name} address {self.listen!r}: {exc}") from None
+            reason = f"invalid address: {exc}"
+            raise ListenError.of(self.name, repr(self.listen), reason, self._hint()) from None
         try:
             if self.tls is not None:
                 self._listening = self.reactor.listenSSL(port, self._factory, self.tls, interface=host)
@@ -70,7 +72,7 @@ class WebListener(Service):
                 self._listening = self.reactor.listenTCP(port, self._factory, interface=host)
         except CannotListenError as exc:
             reason = getattr(exc.socketError, "strerror", None) or str(exc.socketError)
-            raise ListenError(f"cannot listen on {self.listen} ({self.name}): {reason.lower()}") from None
+            raise ListenError.of(self.name, self.listen, reason.lower(), self._hint()) from None
         self.port = self._listening.getHost().port
         self._resolve_control_plane()
         scheme = "https" if self.tls is not None else "http"
@@ -82,6 +84,10 @@ class WebListener(Service):
             port=self.port,
         )
         super().startService()
+
+    def _hint(self) -> str:
+        """How to move this listener (a second daemon on the same host meets its port too)."""
+        return f"choose another with {self.name}.listen in the configuration; null turns it off"
 
     def _resolve_control_plane(self) -> None:
         policy = self.site.allow
