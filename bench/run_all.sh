@@ -29,6 +29,7 @@ run bench_events.py --toggles 200 --burst 5000
 run bench_reactor_lag.py --clients 200 --seconds 5
 run bench_metrics.py --domains 1000 --subscribers 1,50 --seconds 8
 run bench_agent.py --pings 1000 --agents 500 --window 10
+run bench_codec.py --mib 4 --runs 3
 if "$PY" -c "import libvirt, sys; libvirt.registerErrorHandler(lambda *a: None, None); libvirt.open('qemu:///system').close()" 2>/dev/null; then
     run bench_eventloop.py --pairs 4000 --threads 1 4 --runs 1
 else

@@ -61,6 +61,15 @@ def parse_address(value: str, default_port: int | None = None) -> tuple[str, int
     return host, int(port)
 
 
+def _listen_address(value: str) -> None:
+    """gRPC listens on ``host:port`` or on a unix socket path (``unix:/run/quantix.sock``)."""
+    if value.startswith("unix:"):
+        if len(value) == len("unix:"):
+            raise ValueError("missing socket path")
+        return
+    parse_address(value)
+
+
 #: libvirt URIs: ``qemu:///system``, ``qemu+ssh://host/system``, ``test:///default``, ``test:///path``.
 LIBVIRT_URI = r"[a-z][a-z0-9+.-]*:(//[^\s]*)?"
 #: RFC 1123 host names, dots between labels.
@@ -113,6 +122,13 @@ class StorageConfig:
     vm_images: str = spec.path("/var/lib/limiquantix/vms")
     cloud_images: str = spec.path("/var/lib/limiquantix/cloud-images")
     iso_images: str = spec.path("/var/lib/limiquantix/isos")
+    #: More places request paths (disk images, backing files, ISOs, block devices) may point,
+    #: beside the directories above and active pools.
+    allowed_paths: list[str] = spec.items(
+        [],
+        spec.String(max_len=4096, pattern=r"/.*", shape="an absolute path", bad_sample="relative"),
+        max_items=256,
+    )
 
 
 @attrs.frozen
@@ -181,6 +197,35 @@ class ControlPlaneConfig:
     startup_jitter: float = spec.number(5.0, min=0, max=3600)
 
 
+def _host_template(value: str) -> None:
+    if "{host}" not in value or "://" not in value:
+        raise ValueError("it must contain {host}")
+    value.format(host="node")  # no other placeholders
+
+
+@attrs.frozen
+class MigrationConfig:
+    #: libvirt URI of a target given as a bare host; ``qemu+tcp://{host}/system`` or
+    #: ``qemu+ssh://root@{host}/system`` where TLS certificates are not set up.
+    uri_template: str = spec.text(
+        "qemu+tls://{host}/system",
+        max_len=1024,
+        pattern=LIBVIRT_URI,
+        shape="a libvirt URI with {host}",
+        bad_sample="qemu+tls://node/system",
+        validate=_host_template,
+    )
+    #: Migration bandwidth limit in MiB/s (0: unlimited).
+    bandwidth_mib: int = spec.integer(0, min=0, max=1_000_000)
+    #: Encrypt QEMU's data channel with TLS too (needs QEMU's own certificates on both hosts).
+    tls: bool = spec.boolean(False)
+    #: Directories mounted at the same path on every node (cluster file systems); disks there
+    #: move without a copy, like those in NFS, Ceph and other network pools.
+    shared_paths: list[str] = spec.items((), spec.String(max_len=4096, shape="a path", bad_sample=""))
+    #: Seconds between progress messages of a MigrateVM stream.
+    progress_interval: float = spec.number(1.0, min=0, max=60, above_min=True)
+
+
 @attrs.frozen
 class HttpConfig:
     #: Plain-HTTP listener the control plane dials for image downloads (``None``: off).
@@ -222,7 +267,10 @@ class LoggingConfig:
 
 @attrs.frozen
 class Config:
-    listen_address: str = spec.address("0.0.0.0:9090")
+    #: ``host:port``, or ``unix:<path>`` for a local socket.
+    listen_address: str = spec.field(
+        spec.Address(validate=_listen_address, shape="host:port or unix:<path>"), "0.0.0.0:9090"
+    )
     control_plane_url: str | None = spec.url(None, optional=True)
     auto_register: bool = spec.boolean(False)
     state_dir: str = spec.path("/var/lib/quantix")
@@ -233,6 +281,7 @@ class Config:
     server: ServerConfig = attrs.field(factory=ServerConfig)
     events: EventsConfig = attrs.field(factory=EventsConfig)
     control_plane: ControlPlaneConfig = attrs.field(factory=ControlPlaneConfig)
+    migration: MigrationConfig = attrs.field(factory=MigrationConfig)
     ovs: OvsConfig = attrs.field(factory=OvsConfig)
     http: HttpConfig = attrs.field(factory=HttpConfig)
     downloads: DownloadsConfig = attrs.field(factory=DownloadsConfig)

@@ -28,6 +28,7 @@ from quantix.events.metrics import MetricsHub, stats_flags
 from quantix.events.watcher import DomainWatcher
 from quantix.hypervisor import hostinfo
 from quantix.hypervisor.connection import Hypervisor
+from quantix.hypervisor.migration_target import Tokens
 from quantix.hypervisor.statuscache import DomainCache
 from quantix.hypervisor.storage import StorageManager
 from quantix.images.engine import DownloadEngine
@@ -40,6 +41,7 @@ from quantix.rpc import registry, status, tls
 from quantix.rpc.agent_rpcs import AgentRpcs
 from quantix.rpc.event_rpcs import EventRpcs
 from quantix.rpc.image_rpcs import ImageRpcs
+from quantix.rpc.migration_rpcs import MigrationRpcs
 from quantix.rpc.network_rpcs import NetworkRpcs
 from quantix.rpc.node_rpcs import NodeRpcs
 from quantix.rpc.server import SERVICE, GrpcServer
@@ -158,6 +160,9 @@ class NodeService(MultiService):
         self.watcher.xml_listeners.append(self.domain_cache.forget)
         # Agent channels follow the VMs: opened when one runs, closed when it stops.
         self.watcher.state_listeners.append(self._domain_state)
+        #: Migration tokens handed out by PrepareMigration (kept across gRPC restarts).
+        self.migration_tokens = Tokens()
+        self.watcher.state_listeners.append(self._migrated_in)
         # Last child: it stops first, before the gRPC server and libvirt go away.
         if self.cplink is not None:
             self.cplink.setServiceParent(self)
@@ -181,6 +186,7 @@ class NodeService(MultiService):
                 domain_cache=self.domain_cache,
             ),
             NetworkRpcs(self.network),
+            MigrationRpcs(self.config, self.hypervisor, self.bus, self.migration_tokens),
             ImageRpcs(self.downloads, self.reactor, self.bus.closed),
         ]
 
@@ -227,6 +233,12 @@ class NodeService(MultiService):
 
     def _agent_event(self, vm_id: str, kind: int, message: str) -> None:
         self.bus.publish(kind, vm_id, message)
+
+    def _migrated_in(self, vm_id: str, name: str, state: str | None) -> None:
+        """An offline arrival announced by ReceiveMigration: no libvirt event names it one."""
+        if self.migration_tokens.arrived(vm_id, state):
+            message = f"VM {name} migrated in (offline)"
+            self.bus.publish(mapping.VM_MIGRATED_IN, vm_id, message, {"vm_name": name})
 
     def _domain_state(self, vm_id: str, name: str, state: str | None) -> None:
         if state == mapping.RUNNING:

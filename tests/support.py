@@ -109,6 +109,12 @@ def rpc_error(d: defer.Deferred) -> defer.Deferred:
     return d.addCallbacks(ok, err)
 
 
+def storage_dir(daemon: Daemon) -> str:
+    """The daemon's storage root, created: files a request names must lie in a storage location."""
+    os.makedirs(daemon.config.storage.root, exist_ok=True)
+    return daemon.config.storage.root
+
+
 class DatagramSink:
     """A bound AF_UNIX datagram socket: what systemd's notify socket or journald's socket is."""
 

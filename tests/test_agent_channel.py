@@ -6,6 +6,7 @@ import os
 
 from twisted.internet import defer, reactor, task
 from twisted.internet.task import Clock
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from quantix.agent import codec
@@ -250,6 +251,23 @@ class ChannelTests(unittest.TestCase):
         for seq in (1, 2, 3):
             pong = yield self.f.manager.request(self.f.vm, agent_pb2.PingRequest(sequence=seq), 10)
             self.assertEqual(pong.sequence, seq)
+
+    @defer.inlineCallbacks
+    def test_hostile_stream_is_dropped_logged_and_held(self):
+        """A guest flooding its channel with garbage is hung up on and not reconnected at once."""
+        yield self.f.start()
+        logged = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        gone = self.f.peer.wait_for("disconnected")
+        self.f.peer.inject(b"\x00garbage" * (codec.GARBAGE_LIMIT // 8 + 10))
+        yield gone
+        self.assertGreater(self.f.manager.held_for(self.f.vm), 20)
+        self.assertFalse(self.f.manager.is_channel_open(self.f.vm))
+        texts = [formatEvent(e) for e in logged]
+        self.assertTrue(any("hostile stream" in t and self.f.vm in t for t in texts), texts)
+        yield self.f.manager.vm_stopped(self.f.vm)
+        self.assertEqual(self.f.manager.held_for(self.f.vm), 0)
 
     @defer.inlineCallbacks
     def test_replies_out_of_order(self):

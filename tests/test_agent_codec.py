@@ -119,7 +119,9 @@ class PropertyTests(unittest.TestCase):
         """Guaranteed: garbage without the magic, zero and oversize lengths, undecodable payloads."""
         data = b"".join(codec.encode(p) if isinstance(p, agent_pb2.AgentMessage) else p for p in parts)
         expected = [p for p in parts if isinstance(p, agent_pb2.AgentMessage)]
-        self.assertEqual(feed_chunks(FrameDecoder(max_frame=SMALL), data, cut), expected)
+        dec = FrameDecoder(max_frame=SMALL)
+        self.assertEqual(feed_chunks(dec, data, cut), expected)
+        self.assertIsNone(dec.hostile)  # recovering from noise is within the parse budget
 
     @SETTINGS
     @given(st.lists(messages, max_size=6), messages, st.integers(1, 40), cuts)
@@ -163,3 +165,58 @@ class PropertyTests(unittest.TestCase):
         flood = (MAGIC + struct.pack(">I", SMALL) + b"\xff" * SMALL) * n + b"y" * (CAP * 3)
         self.assertEqual(dec.feed(flood + codec.encode(ping(1))), [ping(1)])
         self.assertLessEqual(dec.buffered, CAP)
+
+
+class HostileInputTests(unittest.TestCase):
+    """A guest crafting false headers cannot make the host's work grow faster than its bytes."""
+
+    def counting_decoder(self, **kw) -> tuple[FrameDecoder, dict]:
+        seen = {"bytes": 0, "calls": 0, "types": set()}
+
+        def parse(payload):
+            seen["bytes"] += len(payload)
+            seen["calls"] += 1
+            seen["types"].add(type(payload))
+            return codec._parse(payload)
+
+        return FrameDecoder(parse=parse, **kw), seen
+
+    def test_overlapping_false_headers_cost_linear_parse_work(self) -> None:
+        # Every 8 bytes a header claiming 64 KiB: each one's payload covers the next 8,000 headers.
+        claim = 64 * 1024
+        data = (MAGIC + struct.pack(">I", claim)) * 32_768 + b"\0" * (claim + 8)
+        dec, seen = self.counting_decoder()
+        self.assertEqual(dec.feed(data + codec.encode(ping(1))), [ping(1)])
+        self.assertLessEqual(seen["bytes"], codec.WORK_RATIO * (len(data) + 100))
+        self.assertEqual(seen["types"], {memoryview})  # parsed in place, never copied
+        self.assertIn("false frame headers", dec.hostile)
+        self.assertGreater(dec.throttled, 30_000)
+
+    def test_parse_budget_is_per_byte_received_not_banked(self) -> None:
+        """A long honest history does not buy a later burst of unbounded parsing."""
+        dec, seen = self.counting_decoder(max_frame=SMALL)
+        for i in range(2000):
+            dec.feed(codec.encode(ping(i)))
+        honest = seen["bytes"]
+        burst = (MAGIC + struct.pack(">I", SMALL)) * 4096 + b"\0" * CAP
+        dec.feed(burst)
+        self.assertLessEqual(seen["bytes"] - honest, codec.WORK_RATIO * (len(burst) + CAP))
+        self.assertIsNotNone(dec.hostile)
+
+    def test_honest_stream_behind_a_stale_false_header_is_not_hostile(self) -> None:
+        dec = FrameDecoder(max_frame=SMALL)
+        stale = MAGIC + struct.pack(">I", 2000) + b"stale"
+        frames = [ping(i) for i in range(300)]
+        got = dec.feed(stale + b"".join(map(codec.encode, frames)))
+        self.assertEqual(got[-150:], frames[-150:])
+        self.assertIsNone(dec.hostile)
+
+    def test_endless_garbage_is_hostile(self) -> None:
+        dec = FrameDecoder(garbage_limit=100_000)
+        for _ in range(9):
+            dec.feed(b"z" * 10_000)
+            dec.feed(codec.encode(ping(1)))  # a valid frame resets the run
+        self.assertIsNone(dec.hostile)
+        dec.feed(b"z" * 100_001)
+        self.assertIn("without a valid frame", dec.hostile)
+        self.assertLessEqual(dec.buffered, 3)

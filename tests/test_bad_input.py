@@ -12,6 +12,7 @@ directories.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
@@ -28,19 +29,12 @@ from quantix.proto import node_pb2 as pb
 from quantix.rpc.server import SERVICE
 from tests import badinput as b
 from tests.libvirtd import NAME_PREFIX
-from tests.support import Daemon
+from tests.support import Daemon, storage_dir
 
 C = grpc.StatusCode
 
-#: RPCs no box implements (migration, image download): the only ones that may answer
-#: UNIMPLEMENTED.
-NOT_IMPLEMENTED = frozenset(
-    {
-        "MigrateVM",
-        "PrepareMigration",
-        "ReceiveMigration",
-    }
-)
+#: RPCs no box implements: the only ones that may answer UNIMPLEMENTED (none left).
+NOT_IMPLEMENTED: frozenset[str] = frozenset()
 
 
 @attrs.frozen
@@ -52,6 +46,22 @@ class Expect:
 
 OK = Expect(C.OK)
 INVALID = Expect(C.INVALID_ARGUMENT, bool, "a message")
+#: A path outside the node's storage locations: refused without saying whether anything is there.
+OUTSIDE = Expect(
+    C.INVALID_ARGUMENT,
+    lambda d: "outside the storage locations" in d and "not found" not in d and "exist" not in d,
+    "outside the storage locations, nothing about existence",
+)
+CONTROL = Expect(C.INVALID_ARGUMENT, lambda d: "character (U+" in d, "names the control character")
+
+
+def over_limit(field: str, limit: int) -> Expect:
+    """INVALID_ARGUMENT naming the field and its limit, checked before any work."""
+    return Expect(
+        C.INVALID_ARGUMENT, lambda d: field in d and f"the limit is {limit}" in d, f"{field} .. {limit}"
+    )
+
+
 WRONG_STATE = Expect(C.FAILED_PRECONDITION, bool, "a message")
 NO_AGENT = Expect(C.UNAVAILABLE, lambda d: "agent" in d, "mentions the agent")
 
@@ -94,6 +104,8 @@ def vm_id_rows(rpc: str, make: Callable[[str], Any], empty: Expect = INVALID) ->
         Row(rpc, "XML vm_id", make(b.XML), vm_missing(b.XML)),
         Row(rpc, "'..' vm_id", make(b.DOTS), vm_missing(b.DOTS)),
         Row(rpc, "absolute-path vm_id", make(b.ABS), vm_missing(b.ABS)),
+        Row(rpc, "NUL in vm_id", make(b.NUL), CONTROL),
+        Row(rpc, "control characters in vm_id", make(b.CTRL), CONTROL),
     ]
 
 
@@ -193,11 +205,13 @@ def _rows() -> list[Row]:
             Row(cr, "'..' disk id", create(disks=[disk(id=b.DOTS)]), INVALID),
             Row(cr, "'..' backing file", create(disks=[disk(backing_file=b.DOTS)]), INVALID),
             Row(
-                cr,
-                "absolute backing file that does not exist",
-                create(disks=[disk(backing_file=b.ABS)]),
-                not_found(),
+                cr, "absolute backing file outside storage", create(disks=[disk(backing_file=b.ABS)]), OUTSIDE
             ),
+            Row(cr, "/etc/passwd as backing file", create(disks=[disk(backing_file="/etc/passwd")]), OUTSIDE),
+            Row(cr, "/etc/shadow as disk", create(disks=[disk(path="/etc/shadow")]), OUTSIDE),
+            Row(cr, "/dev/sda as disk", create(disks=[disk(path="/dev/sda")]), OUTSIDE),
+            Row(cr, "/dev/zero as disk", create(disks=[disk(path="/dev/zero")]), OUTSIDE),
+            Row(cr, "missing disk outside storage", create(disks=[disk(path=b.ABS)]), OUTSIDE),
             Row(cr, "bad MAC", create(nics=[pb.NicSpec(id="n0", mac_address=b.XML)]), INVALID),
             Row(
                 cr,
@@ -210,7 +224,20 @@ def _rows() -> list[Row]:
             Row(cr, "1 MiB bridge name", create(nics=[pb.NicSpec(id="n0", bridge=b.BIG)]), INVALID),
             Row(cr, "'..' ISO path", create(cdroms=[pb.CdromSpec(id="c0", iso_path=b.DOTS)]), INVALID),
             # Not checked at define time: libvirt refuses to start the VM instead.
-            Row(cr, "missing ISO", create(cdroms=[pb.CdromSpec(id="c0", iso_path=b.ABS)]), OK),
+            Row(cr, "ISO outside storage", create(cdroms=[pb.CdromSpec(id="c0", iso_path=b.ABS)]), OUTSIDE),
+            Row(
+                cr,
+                "/etc/shadow as ISO",
+                create(cdroms=[pb.CdromSpec(id="c0", iso_path="/etc/shadow")]),
+                OUTSIDE,
+            ),
+            # Not checked at define time: libvirt refuses to start the VM instead.
+            Row(
+                cr,
+                "missing ISO in the ISO directory",
+                create(cdroms=[pb.CdromSpec(id="c0", iso_path=b.MARK + ".iso")]),
+                OK,
+            ),
             Row(
                 cr,
                 "uint32-max VNC port",
@@ -222,6 +249,65 @@ def _rows() -> list[Row]:
                 "XML cloud-init",
                 create(cloud_init=pb.CloudInitConfig(user_data=b.XML, meta_data=b.XML)),
                 OK,
+            ),
+            Row(
+                cr,
+                "100,000 labels",
+                create(labels={f"k{i}": "v" for i in range(100_000)}),
+                over_limit("labels", 64),
+            ),
+            Row(
+                cr,
+                "5,000 disks",
+                create(disks=[disk(id=f"d{i}") for i in range(5000)]),
+                over_limit("disks", 64),
+            ),
+            Row(
+                cr,
+                "5,000 NICs",
+                create(nics=[pb.NicSpec(id=f"n{i}") for i in range(5000)]),
+                over_limit("nics", 32),
+            ),
+            Row(
+                cr,
+                "100 CD-ROMs",
+                create(cdroms=[pb.CdromSpec(id=f"c{i}") for i in range(100)]),
+                over_limit("cdroms", 8),
+            ),
+            Row(
+                cr,
+                "2 MiB cloud-init user-data",
+                create(cloud_init=pb.CloudInitConfig(user_data="#cloud-config\n" + "x" * (2 << 20))),
+                over_limit("user_data", 1 << 20),
+            ),
+            Row(
+                cr,
+                "NUL in cloud-init user-data",
+                create(cloud_init=pb.CloudInitConfig(user_data=b.NUL)),
+                CONTROL,
+            ),
+            Row(
+                cr,
+                "tabs and newlines in cloud-init",
+                create(cloud_init=pb.CloudInitConfig(user_data="#cloud-config\r\nruncmd:\n\t- [true]\n")),
+                OK,
+            ),
+            Row(cr, "NUL in name", create(name=b.NUL), CONTROL),
+            Row(cr, "control characters in name", create(name=b.CTRL), CONTROL),
+            Row(cr, "NUL in a label key", create(labels={b.NUL: "v"}), CONTROL),
+            Row(cr, "newline in a label value", create(labels={"k": b.CTRL}), CONTROL),
+            Row(cr, "NUL in a disk path", create(disks=[disk(path="/" + b.NUL)]), CONTROL),
+            Row(
+                cr,
+                "NUL in an ISO path",
+                create(cdroms=[pb.CdromSpec(id="c0", iso_path="/" + b.NUL)]),
+                CONTROL,
+            ),
+            Row(
+                cr,
+                "control character in a bridge",
+                create(nics=[pb.NicSpec(id="n0", bridge=b.CTRL)]),
+                CONTROL,
             ),
         ]
     )
@@ -272,6 +358,19 @@ def _rows() -> list[Row]:
                 INVALID,
             ),
             Row(cs, "XML description", pb.CreateSnapshotRequest(vm_id=S, name="s2", description=b.XML), OK),
+            Row(cs, "NUL in name", pb.CreateSnapshotRequest(vm_id=S, name=b.NUL), CONTROL),
+            Row(
+                cs,
+                "NUL in description",
+                pb.CreateSnapshotRequest(vm_id=S, name="s4", description=b.NUL),
+                CONTROL,
+            ),
+            Row(
+                cs,
+                "multi-line description",
+                pb.CreateSnapshotRequest(vm_id=S, name="s5", description="line 1\n\tline 2\r\n"),
+                OK,
+            ),
             Row(
                 cs,
                 "quiesce without an agent",
@@ -360,7 +459,8 @@ def _rows() -> list[Row]:
     add(
         [
             Row(cm, "'..' ISO path", media(b.DOTS), INVALID, setup=has_cd),
-            Row(cm, "missing absolute ISO", media(b.ABS), not_found("ISO not found"), setup=has_cd),
+            Row(cm, "absolute ISO outside storage", media(b.ABS), OUTSIDE, setup=has_cd),
+            Row(cm, "/etc/shadow as ISO", media("/etc/shadow"), OUTSIDE, setup=has_cd),
             Row(cm, "XML ISO name", media(b.XML), not_found("ISO not found"), setup=has_cd),
             Row(cm, "1 MiB ISO path", media("/" + b.BIG), INVALID, setup=has_cd),
             Row(cm, "unknown device", media("", device=b.XML), OK, setup=has_cd, driver_limit=True),
@@ -404,6 +504,31 @@ def _rows() -> list[Row]:
                 "ExecuteInGuest", "1 MiB command", pb.ExecuteInGuestRequest(vm_id=R, command=b.BIG), NO_AGENT
             ),
             Row("ReadGuestFile", "empty path", pb.ReadGuestFileRequest(vm_id=R), INVALID),
+            Row("ReadGuestFile", "NUL in path", pb.ReadGuestFileRequest(vm_id=R, path="/" + b.NUL), CONTROL),
+            Row(
+                "ExecuteInGuest",
+                "NUL in an argument",
+                pb.ExecuteInGuestRequest(vm_id=R, command="echo", args=[b.NUL]),
+                CONTROL,
+            ),
+            Row(
+                "ExecuteInGuest",
+                "escape sequences in arguments reach the guest",
+                pb.ExecuteInGuestRequest(vm_id=R, command="printf", args=[b.CTRL]),
+                NO_AGENT,
+            ),
+            Row(
+                "ExecuteInGuest",
+                "2,000 arguments",
+                pb.ExecuteInGuestRequest(vm_id=R, command="echo", args=["a"] * 2000),
+                over_limit("args", 1024),
+            ),
+            Row(
+                "ExecuteInGuest",
+                "newline in an environment name",
+                pb.ExecuteInGuestRequest(vm_id=R, command="env", environment={b.CTRL: "v"}),
+                CONTROL,
+            ),
             Row("WriteGuestFile", "empty path", pb.WriteGuestFileRequest(vm_id=R), INVALID),
         ]
     )
@@ -453,6 +578,15 @@ def _rows() -> list[Row]:
             config=pb.StoragePoolConfig(local=pb.LocalDirPoolConfig(path=path)),
         )
 
+    def ceph_pool(keyring: str) -> Any:
+        return pb.InitStoragePoolRequest(
+            pool_id=b.MARK + "ceph",
+            type=4,
+            config=pb.StoragePoolConfig(
+                ceph=pb.CephPoolConfig(pool_name="p", monitors=["m"], keyring_path=keyring)
+            ),
+        )
+
     ip = "InitStoragePool"
     add(
         [
@@ -463,6 +597,26 @@ def _rows() -> list[Row]:
             Row(ip, "reserved pool_id", local_pool("default"), INVALID),
             Row(ip, "XML pool_id", local_pool(b.XML), OK),
             Row(ip, "relative path", local_pool(b.MARK + "r", b.DOTS), INVALID),
+            Row(ip, "NUL in pool_id", local_pool(b.NUL), CONTROL),
+            Row(ip, "pool at /", local_pool(b.MARK + "root", "/"), INVALID),
+            Row(ip, "pool at /etc", local_pool(b.MARK + "etc", "/etc"), INVALID),
+            Row(ip, "pool under /usr", local_pool(b.MARK + "usr", f"/usr/lib/{b.MARK}"), INVALID),
+            Row(ip, "pool at /var/lib", local_pool(b.MARK + "vl", "/var/lib"), INVALID),
+            Row(
+                ip,
+                "NFS mounted on /boot",
+                pb.InitStoragePoolRequest(
+                    pool_id=b.MARK + "nfs",
+                    type=3,
+                    config=pb.StoragePoolConfig(
+                        nfs=pb.NfsPoolConfig(server="192.0.2.1", export_path="/x", mount_point="/boot")
+                    ),
+                ),
+                INVALID,
+            ),
+            Row(ip, "/dev/zero as Ceph keyring", ceph_pool("/dev/zero"), OUTSIDE),
+            Row(ip, "/etc/shadow as Ceph keyring", ceph_pool("/etc/shadow"), OUTSIDE),
+            Row(ip, "NUL in path", local_pool(b.MARK + "n", "/tmp/" + b.NUL), CONTROL),
             Row(ip, "1 MiB path", local_pool(b.MARK + "b", "/" + b.BIG), INVALID),
             Row(ip, "unknown type", pb.InitStoragePoolRequest(pool_id=b.MARK, type=b.BAD_ENUM), INVALID),
             Row(ip, "LVM (no backend)", pb.InitStoragePoolRequest(pool_id=b.MARK, type=2), INVALID),
@@ -713,6 +867,53 @@ def _rows() -> list[Row]:
         ]
     )
 
+    # -- migration (nothing here reaches a network: each is refused before the target is dialled) --
+    far = "192.0.2.1"  # TEST-NET-1: never dialled, every row fails earlier
+
+    def migrate(vm_id: str = R, target: str = far, **kw: Any) -> Any:
+        return pb.MigrateVMRequest(vm_id=vm_id, target_node_uri=target, **kw)
+
+    def target_rows(rpc: str, make: Callable[[str], Any]) -> list[Row]:
+        """Targets (or sources) that name no other node."""
+        bad = {
+            "empty": "",
+            "blank": "   ",
+            "malformed URI": "qemu+tcp://[::1/system",
+            "not a host": "bad host!",
+            "1 MiB": b.BIG,
+            "XML": b.XML,
+            "local qemu:///": "qemu:///system",
+            "unix socket": "qemu+unix:///system",
+            "test driver": "test:///default",
+            "session URI": f"qemu+tcp://{far}/session",
+            "own loopback": "127.0.0.1",
+            "own name": socket.gethostname(),
+            "own address with port": "127.0.0.1:9090",
+            "own URI": "qemu+tls://localhost/system",
+        }
+        return [Row(rpc, f"{label} target", make(value), INVALID) for label, value in bad.items()]
+
+    add(vm_id_rows("MigrateVM", lambda v: migrate(v)))
+    add(target_rows("MigrateVM", lambda t: migrate(target=t)))
+    add(
+        [
+            Row("MigrateVM", "storage copy of a stopped VM", migrate(S, storage=True), INVALID),
+            Row("PrepareMigration", "empty vm_id", pb.PrepareMigrationRequest(source_node_uri=far), INVALID),
+            Row("PrepareMigration", "non-UUID vm_id", pb.PrepareMigrationRequest(vm_id=b.BIG), INVALID),
+            Row(
+                "PrepareMigration",
+                "VM already here",
+                pb.PrepareMigrationRequest(vm_id=R, source_node_uri=far),
+                Expect(C.ALREADY_EXISTS, lambda d: R in d, "names the VM"),
+            ),
+            Row("ReceiveMigration", "empty token", pb.MigrationToken(vm_id=R), INVALID),
+            Row("ReceiveMigration", "unknown token", pb.MigrationToken(token=b.XML, vm_id=R), not_found()),
+            Row("ReceiveMigration", "1 MiB token", pb.MigrationToken(token=b.BIG), not_found()),
+        ]
+    )
+    prepare = lambda t: pb.PrepareMigrationRequest(vm_id=b.UNKNOWN, source_node_uri=t)  # noqa: E731
+    add(target_rows("PrepareMigration", prepare))
+
     # -- image downloads (no row reaches a server: every one fails before the transfer) -----------
     dl = pb.DownloadImageOnNodeRequest
     url = "http://127.0.0.1:9/x.img"
@@ -746,13 +947,6 @@ def _rows() -> list[Row]:
         ]
     )
 
-    # -- not implemented -------------------------------------------------------------------------
-    no = {
-        "MigrateVM": pb.MigrateVMRequest(vm_id=b.UNKNOWN, target_node_uri=b.XML),
-        "PrepareMigration": pb.PrepareMigrationRequest(vm_id=b.BIG),
-        "ReceiveMigration": pb.MigrationToken(token=b.XML, vm_id=b.DOTS),
-    }
-    add([Row(rpc, "bad input", req, unimplemented(rpc)) for rpc, req in no.items()])
     return rows
 
 
@@ -921,7 +1115,7 @@ class QemuFallbackTests(unittest.TestCase):
         self.addCleanup(virsh, "undefine", name, "--nvram")
         images = []
         for n in range(2):
-            path = os.path.join(daemon.tmp, f"d{n}.qcow2")
+            path = os.path.join(storage_dir(daemon), f"d{n}.qcow2")
             subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", path, "1M"], check=True)
             images.append(path)
         nic = pb.NicSpec(id="n0", bridge="qtxnobr0", model=b.BAD_ENUM)

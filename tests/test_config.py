@@ -123,6 +123,20 @@ class ConfigTests(unittest.TestCase):
                 for sub in attrs.fields(field.type):
                     self.assertIn(sub.name, data[field.name], f"{field.name}.{sub.name}")
 
+    def test_unix_socket_address(self):
+        c = cfg.build({"listen_address": ("unix:/run/quantix/grpc.sock", "test")})
+        self.assertEqual(c.listen_address, "unix:/run/quantix/grpc.sock")
+        with self.assertRaises(cfg.ConfigError):
+            cfg.build({"listen_address": ("unix:", "test")})
+
+    def test_list_values(self):
+        c = cfg.build({"migration.shared_paths": (["/mnt/a", "/mnt/b"], "test")})
+        self.assertEqual(c.migration.shared_paths, ["/mnt/a", "/mnt/b"])
+        with self.assertRaises(cfg.ConfigError):
+            cfg.build({"migration.shared_paths": ({"a": 1}, "test")})
+        with self.assertRaises(cfg.ConfigError):
+            cfg.build({"migration.uri_template": ("qemu+tls://node/system", "test")})
+
     def test_ipv6_address(self):
         self.assertEqual(cfg.parse_address("[::1]:9090"), ("::1", 9090))
         with self.assertRaises(ValueError):

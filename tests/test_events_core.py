@@ -224,3 +224,32 @@ class BusGaugeTests(unittest.TestCase):
         self.assertGreaterEqual(bus.lag_seconds(), 0.0)
         sub.queue.clear()
         self.assertEqual(bus.lag_seconds(), 0.0)
+
+
+class WatcherMemoryTests(unittest.TestCase):
+    def test_nothing_is_kept_for_a_domain_once_it_is_gone(self):
+        """Churn (define, start, stop, undefine) leaves no per-domain entry behind."""
+        from quantix.events.watcher import Domain, DomainWatcher
+
+        class Hypervisor:
+            def listen(self, *callbacks):
+                pass
+
+        watcher = DomainWatcher(task.Clock(), Hypervisor(), EventBus(task.Clock(), first_id=1))
+        conn = watcher._conn = object()
+        uuids = [f"00000000-0000-0000-0000-{n:012d}" for n in range(500)]
+        for uuid in uuids:
+            dom = Domain(uuid, f"vm-{uuid[-4:]}")
+            for event, detail in (
+                (libvirt.VIR_DOMAIN_EVENT_DEFINED, libvirt.VIR_DOMAIN_EVENT_DEFINED_ADDED),
+                (libvirt.VIR_DOMAIN_EVENT_STARTED, libvirt.VIR_DOMAIN_EVENT_STARTED_BOOTED),
+                (libvirt.VIR_DOMAIN_EVENT_STOPPED, libvirt.VIR_DOMAIN_EVENT_STOPPED_DESTROYED),
+                (libvirt.VIR_DOMAIN_EVENT_UNDEFINED, libvirt.VIR_DOMAIN_EVENT_UNDEFINED_REMOVED),
+            ):
+                watcher._on_lifecycle(conn, dom, event, detail)
+        held = [
+            name
+            for name, value in vars(watcher).items()
+            if isinstance(value, dict | set) and any(u in value for u in uuids)
+        ]
+        self.assertEqual(held, [])

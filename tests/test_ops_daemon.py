@@ -253,6 +253,55 @@ class DaemonShutdownTests(unittest.TestCase):
         self.assertFalse([r for r in records if r["level"] in ("error", "critical")], _tail(tmp))
 
 
+class FifoShutdownTests(unittest.TestCase):
+    def test_fifo_keyring_is_refused_and_sigterm_still_exits(self):
+        """A FIFO named as a Ceph keyring used to block a worker in open() forever, and the
+        process then never exited on SIGTERM. Now it is refused at once and shutdown is clean."""
+        tmp = os.path.abspath(self.mktemp())
+        storage = os.path.join(tmp, "storage")
+        os.makedirs(storage)
+        fifo = os.path.join(storage, "ceph.keyring")
+        os.mkfifo(fifo)
+        config = os.path.join(tmp, "node.yaml")
+        with open(config, "w") as fh:
+            json.dump(
+                {
+                    "server": {"grace_seconds": GRACE, "metrics_listen": None},
+                    "http": {"listen": None},
+                    "storage": {"root": storage},
+                },
+                fh,
+            )
+        port = free_port()
+        env = dict(os.environ, PYTHONPATH=ROOT)
+        env.pop("NOTIFY_SOCKET", None)
+        with open(os.path.join(tmp, "stdout"), "w") as out, open(os.path.join(tmp, "stderr"), "w") as err:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
+                 "quantix-node", "--libvirt-uri", "test:///default", "--listen", f"127.0.0.1:{port}",
+                 "--state-dir", os.path.join(tmp, "state"), "--config", config],
+                cwd=tmp, env=env, stdout=out, stderr=err,
+            )  # fmt: skip
+        self.addCleanup(_kill, proc)
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        self.addCleanup(channel.close)
+        stub = node_grpc.NodeDaemonServiceStub(channel)
+        grpc.channel_ready_future(channel).result(timeout=60)
+        ceph = node_pb2.CephPoolConfig(pool_name="rbd", monitors=["192.0.2.1"], keyring_path=fifo)
+        request = node_pb2.InitStoragePoolRequest(
+            pool_id="fifo",
+            type=node_pb2.STORAGE_POOL_TYPE_CEPH_RBD,
+            config=node_pb2.StoragePoolConfig(ceph=ceph),
+        )
+        with self.assertRaises(grpc.RpcError) as caught:
+            stub.InitStoragePool(request, timeout=10)
+        self.assertEqual(
+            caught.exception.code(), grpc.StatusCode.INVALID_ARGUMENT, caught.exception.details()
+        )
+        proc.send_signal(signal.SIGTERM)
+        self.assertEqual(proc.wait(GRACE + MARGIN), 0, _tail(tmp))
+
+
 def _kill(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.kill()

@@ -21,7 +21,7 @@ from twisted.trial import unittest
 
 from quantix.proto import node_pb2 as pb
 from tests.ovshost import BRIDGE, OvsHost
-from tests.support import Daemon, rpc_error, wait_for
+from tests.support import Daemon, rpc_error, storage_dir, wait_for
 
 C = grpc.StatusCode
 MAC = "52:54:00:0a:0b:0c"
@@ -206,7 +206,7 @@ class OvsHostTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_vm_nic_bound_to_an_ovn_port(self):
         vm_id = str(uuid.uuid4())
-        root = os.path.join(self.daemon.tmp, "root.qcow2")
+        root = os.path.join(storage_dir(self.daemon), "root.qcow2")
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", root, "16M"], check=True)
         yield self.call(
             "CreateVM",

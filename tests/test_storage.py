@@ -193,6 +193,26 @@ class TestDriverStorageTests(unittest.TestCase):
             self.assertEqual(code, grpc.StatusCode.INVALID_ARGUMENT, bad)
 
     @defer.inlineCallbacks
+    def test_non_utf8_names_are_skipped_not_fatal(self):
+        """An NFS share's names are the remote side's bytes: the rest is listed, with a warning."""
+        d = self.daemon
+        yield d.call("InitStoragePool", local_pool("p8"))
+        root = os.path.join(self.root, "pools", "p8")
+        _write(os.path.join(root, "good.qcow2"), b"QFI\xfb")
+        with open(os.path.join(root.encode(), b"bad-\xff\xfe.qcow2"), "wb"):
+            pass
+        os.makedirs(os.path.join(root.encode(), b"dir-\xe9"))
+        storage = d.config.storage
+        _write(os.path.join(storage.cloud_images, "ok.qcow2"), b"QFI\xfb" + bytes(28))
+        with open(os.path.join(storage.cloud_images.encode(), b"latin-\xe9.qcow2"), "wb"):
+            pass
+        listing = yield d.call("ListStoragePoolFiles", node_pb2.ListStoragePoolFilesRequest(pool_id="p8"))
+        self.assertEqual([e.name for e in listing.entries], ["good.qcow2"])
+        images = yield d.call("ListImages", empty_pb2.Empty())
+        self.assertIn("ok.qcow2", [i.name for i in images.images])
+        self.assertEqual(len(images.images), 1)
+
+    @defer.inlineCallbacks
     def test_list_images(self):
         storage = self.daemon.config.storage
         _write(os.path.join(storage.iso_images, "os", "x.iso"), bytes(0x8001) + b"CD001")
@@ -372,7 +392,7 @@ class SystemStorageTests(_SystemBase):
     @defer.inlineCallbacks
     def test_ceph_unreachable(self):
         pid = f"{self.prefix}-ceph"
-        keyring = os.path.join(self.daemon.tmp, "ceph.keyring")
+        keyring = os.path.join(self.daemon.config.storage.root, "ceph.keyring")
         _write(keyring, b"[client.admin]\n  key = QUJDREVGR0hJSktMTU5PUA==\n")
         config = node_pb2.StoragePoolConfig(
             ceph=node_pb2.CephPoolConfig(pool_name="rbd", monitors=["127.0.0.1:1"], keyring_path=keyring)

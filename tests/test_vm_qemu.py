@@ -21,7 +21,7 @@ from twisted.trial import unittest
 
 from quantix.proto import node_pb2
 from tests.libvirtd import NAME_PREFIX, real_libvirt_uri, virsh
-from tests.support import Daemon, rpc_error, wait_for
+from tests.support import Daemon, rpc_error, storage_dir, wait_for
 
 URI = "qemu:///system"
 MGMT_IP = "192.0.2.10"
@@ -102,9 +102,9 @@ class QemuVmTests(unittest.TestCase):
         name = f"{NAME_PREFIX}-{self.tag}"
         self.addCleanup(virsh, "undefine", name, "--snapshots-metadata", "--nvram")
         self.addCleanup(virsh, "destroy", name)
-        root = os.path.join(self.daemon.tmp, "root.qcow2")
+        root = os.path.join(storage_dir(self.daemon), "root.qcow2")
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", root, "16M"], check=True)
-        iso = os.path.join(self.daemon.tmp, "media.iso")
+        iso = os.path.join(storage_dir(self.daemon), "media.iso")
         with open(iso, "wb") as fh:
             fh.write(b"\0" * 2048 * 16)
         req = node_pb2.CreateVMOnNodeRequest(
@@ -220,7 +220,7 @@ class QemuVmTests(unittest.TestCase):
         name = f"{NAME_PREFIX}-{self.tag}"
         self.addCleanup(virsh, "undefine", name, "--snapshots-metadata", "--nvram")
         self.addCleanup(virsh, "destroy", name)
-        base = os.path.join(self.daemon.tmp, "base.qcow2")
+        base = os.path.join(storage_dir(self.daemon), "base.qcow2")
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", base, "16M"], check=True)
         req = node_pb2.CreateVMOnNodeRequest(
             vm_id=vm_id,

@@ -450,12 +450,18 @@ class VmRpcTests(unittest.TestCase):
             code, details = yield rpc_error(self.call(method, req))
             self.assertEqual(code, want, (method, details))
         media = yield self.define(plain_domain("qtx-media", str(uuid.uuid4())))
+        missing = os.path.join(self.daemon.config.storage.iso_images, "x.iso")
+        code, details = yield rpc_error(
+            self.call("ChangeMedia", node_pb2.ChangeMediaRequest(vm_id=media, device="sda", iso_path=missing))
+        )
+        self.assertEqual((code, details), (grpc.StatusCode.NOT_FOUND, f"ISO not found: {missing}"))
         code, details = yield rpc_error(
             self.call(
                 "ChangeMedia", node_pb2.ChangeMediaRequest(vm_id=media, device="sda", iso_path="/no/x.iso")
             )
         )
-        self.assertEqual((code, details), (grpc.StatusCode.NOT_FOUND, "ISO not found: /no/x.iso"))
+        self.assertEqual(code, grpc.StatusCode.INVALID_ARGUMENT)  # outside the storage locations
+        self.assertNotIn("not found", details)
 
 
 class HypervisorDownTests(unittest.TestCase):

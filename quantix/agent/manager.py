@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from quantix import bridge
+from quantix.agent import sockets
 from quantix.agent.guestinfo import EventSink, GuestInfo, GuestInfoCache
 from quantix.agent.protocol import AgentProtocol
 from quantix.errors import Unavailable
@@ -38,6 +39,9 @@ CHANNEL_ROOTS = ("/run/libvirt/qemu/channel", "/var/lib/libvirt/qemu/channel/tar
 DEFAULT_SOCKET_DIR = "/var/run/quantix-kvm/vms"
 _DOMAIN_DIR = re.compile(r"^domain-\d+-(?P<name>.+)$")
 IDENTIFY_TIMEOUT = 10.0
+#: first wait before reconnecting to a channel we hung up on as hostile; doubles per offence
+HOSTILE_HOLD = 30.0
+HOSTILE_HOLD_MAX = 600.0
 _SHORT_NAME = 20  # libvirt truncates the domain name in per-domain directory names
 
 
@@ -72,19 +76,35 @@ def socket_candidates(
 
 @implementer(IStreamClientEndpoint)
 class _FirstSocketEndpoint:
-    """A UNIX client endpoint whose path is the first existing candidate at connect time."""
+    """A UNIX client endpoint whose path is the first acceptable candidate at connect time.
+
+    A candidate that is a symlink, not a socket, or owned by an unexpected user is skipped
+    (and logged once): see :mod:`quantix.agent.sockets`.
+    """
+
+    log = Logger()
 
     def __init__(self, reactor: IReactorUNIX, candidates: Callable[[], list[str]], timeout: float) -> None:
         self._reactor = reactor
         self._candidates = candidates
         self._timeout = timeout
+        self._owners = sockets.expected_owners()
+        self._refused: set[tuple[str, str]] = set()
         self.last_path: str | None = None
 
     def connect(self, factory: IProtocolFactory) -> defer.Deferred:
         for path in self._candidates():
-            if os.path.exists(path):
-                self.last_path = path
-                return UNIXClientEndpoint(self._reactor, path, timeout=self._timeout).connect(factory)
+            try:
+                refusal = sockets.socket_refusal(path, self._owners)
+            except OSError:
+                continue
+            if refusal is not None:
+                if (path, refusal) not in self._refused:
+                    self._refused.add((path, refusal))
+                    self.log.warn("agent socket {path} refused: it {why}", path=path, why=refusal)
+                continue
+            self.last_path = path
+            return UNIXClientEndpoint(self._reactor, path, timeout=self._timeout).connect(factory)
         return defer.fail(ConnectError(string="no agent socket yet"))
 
 
@@ -125,6 +145,8 @@ class AgentManager:
         self._retry = retry_policy(initial_backoff, max_backoff, factor=1.5)
         self._connect_timeout = connect_timeout
         self._vms: dict[str, _VM] = {}
+        self._strikes: dict[str, int] = {}  # hostile-stream hang-ups per VM since it started
+        self._hold_until: dict[str, float] = {}
 
     @bridge.reactor_only
     def vm_started(self, vm_id: str, domain_name: str | None = None, socket_path: str | None = None) -> None:
@@ -149,7 +171,9 @@ class AgentManager:
         # Not "Starting factory <...Factory object at 0x...>" at every (re)connect: the
         # channel's state changes are logged once each by _changed.
         factory.noisy = False
-        service = ClientService(endpoint, factory, retryPolicy=self._retry, clock=self.reactor)
+        service = ClientService(
+            endpoint, factory, retryPolicy=lambda attempt: self._delay(vm_id, attempt), clock=self.reactor
+        )
         self._vms[vm_id] = _VM(service, endpoint)
         self._changed(vm_id, "waiting")
         service.startService()
@@ -159,6 +183,8 @@ class AgentManager:
         """Stop supervising; pending requests fail with ``Unavailable``. Fires when closed."""
         vm = self._vms.pop(vm_id, None)
         self.guests.forget(vm_id)
+        self._strikes.pop(vm_id, None)
+        self._hold_until.pop(vm_id, None)
         if vm is None:
             return defer.succeed(None)
         self._changed(vm_id, "stopped")
@@ -201,11 +227,29 @@ class AgentManager:
             return defer.fail(Unavailable(f"VM {vm_id} is not supervised"))
         return vm.service.whenConnected()
 
+    def held_for(self, vm_id: str) -> float:
+        """Seconds until the VM's channel may reconnect after a hostile-stream hang-up (0: none)."""
+        return max(0.0, self._hold_until.get(vm_id, 0.0) - self.reactor.seconds())
+
+    def _delay(self, vm_id: str, attempt: int) -> float:
+        return max(self._retry(attempt), self.held_for(vm_id))
+
+    def _hostile(self, vm_id: str) -> None:
+        """Rate-limit a guest that floods its channel: reconnect only after a growing hold."""
+        if vm_id not in self._vms:
+            return
+        strikes = self._strikes[vm_id] = self._strikes.get(vm_id, 0) + 1
+        hold = min(HOSTILE_HOLD_MAX, HOSTILE_HOLD * 2 ** (strikes - 1))
+        self._hold_until[vm_id] = self.reactor.seconds() + hold
+        self.log.warn(
+            "agent channel {vm}: reconnecting in {hold:g}s (offence {n})", vm=vm_id, hold=hold, n=strikes
+        )
+
     # -- per-connection callbacks -------------------------------------------------------------
 
     def _build(self, vm_id: str) -> AgentProtocol:
         proto = _TrackedProtocol(self.clock)
-        proto.manager, proto.vm_id = self, vm_id
+        proto.manager, proto.vm_id, proto.label = self, vm_id, vm_id
         proto.on_unsolicited = lambda msg: self._unsolicited(vm_id, proto, msg)
         return proto
 
@@ -267,3 +311,7 @@ class _TrackedProtocol(AgentProtocol):
     def _dispatch(self, msg: agent_pb2.AgentMessage) -> None:
         self.manager.guests.seen(self.vm_id)  # any frame proves the agent is alive
         super()._dispatch(msg)
+
+    def _drop_hostile(self, reason: str) -> None:
+        self.manager._hostile(self.vm_id)
+        super()._drop_hostile(reason)

@@ -75,6 +75,8 @@ class AgentProtocol(Protocol):
     log = Logger()
     #: seconds without input after which a half-received frame is suspect (see _timed_out)
     stall = 1.0
+    #: names the channel in logs (the VM id when supervised by the manager)
+    label = "agent"
 
     def __init__(
         self,
@@ -89,6 +91,7 @@ class AgentProtocol(Protocol):
         self._pending: dict[str, _Pending] = {}
         self._overruns = 0
         self._last_rx = clock.seconds()
+        self.dropped: str | None = None  # why we hung up on a hostile stream
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -148,12 +151,31 @@ class AgentProtocol(Protocol):
         self.connected = True
 
     def dataReceived(self, data: bytes) -> None:
+        if self.dropped:
+            return  # hung up on a hostile stream; bytes still in flight are not worth decoding
         self._last_rx = self.clock.seconds()
         for msg in self.decoder.feed(data):
             self._dispatch(msg)
         if self.decoder.overruns != self._overruns:
             self._overruns = self.decoder.overruns
-            self.log.warn("agent channel: {n} bytes of noise discarded so far", n=self.decoder.discarded)
+            self.log.warn(
+                "agent channel {label}: {n} bytes of noise discarded so far",
+                label=self.label,
+                n=self.decoder.discarded,
+            )
+        if self.decoder.hostile:
+            self._drop_hostile(self.decoder.hostile)
+
+    def _drop_hostile(self, reason: str) -> None:
+        """Hang up on a stream that keeps sending garbage; the supervisor decides when to retry."""
+        self.dropped = reason
+        self.log.warn(
+            "agent channel {label}: hanging up on a hostile stream: {reason} ({n} bytes discarded)",
+            label=self.label,
+            reason=reason,
+            n=self.decoder.discarded,
+        )
+        self.transport.abortConnection()  # type: ignore[union-attr]  # a connected TCP/UNIX transport
 
     def _dispatch(self, msg: agent_pb2.AgentMessage) -> None:
         kind = msg.WhichOneof("payload")

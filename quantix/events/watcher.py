@@ -60,7 +60,10 @@ class DomainWatcher(Service):
         self.reconcile_interval = reconcile_interval
         #: uuid -> (name, coarse state), as of the last event or reconciliation.
         self.known: dict[str, tuple[str, str]] = {}
-        self._generation: dict[str, int] = {}
+        #: domains with a live event since the running reconciliation took its inventory
+        #: (None when none runs): only that long is per-domain history needed, so nothing is
+        #: kept for a domain once it is gone.
+        self._moved: set[str] | None = None
         self._conn: libvirt.virConnect | None = None
         self._callback_ids: list[int] = []
         self._synced = False
@@ -174,7 +177,8 @@ class DomainWatcher(Service):
             self.known.pop(uuid, None)
         else:
             self.known[uuid] = (name, after)
-        self._generation[uuid] = self._generation.get(uuid, 0) + 1
+        if self._moved is not None:
+            self._moved.add(uuid)
         if after != before_state:
             self._notify(uuid, name, after)
 
@@ -251,11 +255,11 @@ class DomainWatcher(Service):
             conn = self.hypervisor.conn()
         except Exception as exc:
             return defer.fail(exc)
-        generations = dict(self._generation)
+        moved: set[str] = set()
+        self._moved = moved
         d = bridge.run_in_worker(reconcile.inventory, conn)
 
         def apply(current: dict[str, tuple[str, str]]) -> list:
-            moved = {u for u, g in self._generation.items() if generations.get(u) != g}
             known = {u: v for u, v in self.known.items() if u not in moved}
             now = {u: v for u, v in current.items() if u not in moved}
             changes = reconcile.diff(known, now) if self._synced else []
@@ -277,6 +281,7 @@ class DomainWatcher(Service):
 
         def done(result: object) -> object:
             self._reconciling = None
+            self._moved = None
             return result
 
         d.addCallback(apply)

@@ -7,13 +7,15 @@ half-written seed. Call it from a thread, not the reactor.
 
 from __future__ import annotations
 
+import errno
 import io
+import os
 import re
 from collections.abc import Mapping
 
 import yaml
 
-from quantix.errors import Invalid
+from quantix.errors import Invalid, ResourceExhausted
 from quantix.util.files import atomic_write
 
 VOLUME_LABEL = "cidata"
@@ -102,5 +104,14 @@ def write_nocloud_iso(path: str, vm_id: str, name: str, cfg, *, mode: int = 0o60
     The mode is private by default: user-data often carries credentials, and libvirt's DAC
     driver hands the file to QEMU when the domain starts.
     """
-    atomic_write(path, nocloud_iso(nocloud_files(vm_id, name, cfg)), mode=mode)
+    data = nocloud_iso(nocloud_files(vm_id, name, cfg))
+    try:
+        atomic_write(path, data, mode=mode)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            where = os.path.dirname(path)
+            raise ResourceExhausted(
+                f"{where} is out of space: the cloud-init seed needs {len(data)} bytes"
+            ) from None
+        raise
     return path

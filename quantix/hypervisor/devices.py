@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import uuid
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import libvirt
@@ -18,6 +19,7 @@ from twisted.logger import Logger
 from quantix import errors
 from quantix.hypervisor import domaininfo, domainxml
 from quantix.hypervisor.provision import DiskStore, HostSettings, make_disk, remove_file, resolve_nic_source
+from quantix.hypervisor.storage import paths as storage_paths
 
 if TYPE_CHECKING:
     from quantix.proto import node_pb2
@@ -183,8 +185,15 @@ def media_xml(cdrom_xml: str, iso_path: str | None) -> str:
     return domainxml.element_xml(el)
 
 
-def change_media(dom: libvirt.virDomain, device: str, iso_path: str, iso_dir: str | None = None) -> str:
+def change_media(
+    dom: libvirt.virDomain,
+    device: str,
+    iso_path: str,
+    iso_dir: str | None = None,
+    confine: Callable[[str, str], str] | None = None,
+) -> str:
     """Insert ``iso_path`` into a CD-ROM (empty: eject); live while running, always persistent.
+    ``confine`` (the storage box's) refuses a path outside the node's storage locations.
     Returns the target dev that changed."""
     active = dom.isActive()
     info = domaininfo.parse_domain(dom.XMLDesc(0))
@@ -198,8 +207,12 @@ def change_media(dom: libvirt.virDomain, device: str, iso_path: str, iso_dir: st
             raise errors.Invalid(f"iso_path must not contain '..': {iso_path[:200]!r}")
         path = iso_path if os.path.isabs(iso_path) or not iso_dir else os.path.join(iso_dir, iso_path)
         domainxml.validate_path("iso_path", path)
-        if not os.path.exists(path):
-            raise errors.NotFound(f"ISO not found: {path}")
+        if confine is not None:
+            confine("iso_path", path)
+        try:
+            storage_paths.check_kind("iso_path", path, block_ok=True)
+        except FileNotFoundError:
+            raise errors.NotFound(f"ISO not found: {path}") from None
     flags = CONFIG
     if active:
         flags |= LIVE | libvirt.VIR_DOMAIN_DEVICE_MODIFY_FORCE

@@ -19,6 +19,7 @@ from twisted.logger import Logger
 
 from quantix import errors
 from quantix.hypervisor import cloudinit, domaininfo, domainxml
+from quantix.hypervisor.storage import paths as storage_paths
 
 if TYPE_CHECKING:
     from quantix.config import Config
@@ -40,7 +41,11 @@ class DiskStore(Protocol):
 
     def delete_path(self, path: str) -> bool: ...
 
-    def attach_info(self, pool_id: str, volume_id: str) -> AttachInfo: ...
+    def attach_info(self, pool_id: str, volume_id: str, *, exact: bool = False) -> AttachInfo: ...
+
+    def confine(self, what: str, path: str) -> str: ...
+
+    def check_unshared(self, path: str, readonly: bool, vm_id: str) -> None: ...
 
 
 def remove_file(store: DiskStore, path: str) -> None:
@@ -59,6 +64,7 @@ class HostSettings:
     console_listen: str
     vm_images: str
     cloud_images: str
+    iso_images: str = ""
     #: MAC → NIC source of the VM's configured network ports (see :mod:`quantix.network`).
     bound_nics: Callable[[str], Mapping[str, domainxml.NicSource]] = lambda vm_id: {}
 
@@ -79,6 +85,7 @@ class HostSettings:
             console_listen=config.hypervisor.console_listen,
             vm_images=config.storage.vm_images,
             cloud_images=config.storage.cloud_images,
+            iso_images=config.storage.iso_images,
             bound_nics=bound_nics,
         )
 
@@ -124,14 +131,28 @@ def resolve_nic_source(
 # Disks
 
 
-def _backing(settings: HostSettings, backing_file: str) -> str:
+def request_file(
+    what: str, given: str, base: str, store: DiskStore, *, block_ok: bool = False
+) -> tuple[str, bool]:
+    """(path, whether something is there) for a file a request names, absolute or relative to
+    ``base``: confined to the node's storage locations (refusals do not say whether the file
+    exists) and, when present, a regular file (or an allowed block device)."""
+    if not os.path.isabs(given) and ".." in given.split("/"):
+        raise errors.Invalid(f"{what} must not contain '..': {given[:200]!r}")
+    path = given if os.path.isabs(given) else os.path.join(base, given)
+    store.confine(what, domainxml.validate_path(what, path))
+    try:
+        storage_paths.check_kind(what, path, block_ok=block_ok)
+    except FileNotFoundError:
+        return path, False
+    return path, True
+
+
+def _backing(settings: HostSettings, backing_file: str, store: DiskStore) -> str:
     """An absolute path, or a name inside the cloud-image directory (never above it)."""
-    if not os.path.isabs(backing_file) and ".." in backing_file.split("/"):
-        raise errors.Invalid(f"backing_file must not contain '..': {backing_file[:200]!r}")
-    path = backing_file if os.path.isabs(backing_file) else os.path.join(settings.cloud_images, backing_file)
-    domainxml.validate_path("backing_file", path)
-    if not os.path.exists(path):
-        raise errors.NotFound(f"backing file not found: {path}")
+    path, present = request_file("backing_file", backing_file, settings.cloud_images, store)
+    if not present:
+        raise errors.NotFound(f"backing file not found: {backing_file}")
     return path
 
 
@@ -143,15 +164,20 @@ def make_disk(
     (``<vm_id>-<disk_id>.qcow2``), as an overlay when the disk has a backing file."""
     fmt = "raw" if disk.format == 1 else "qcow2"
     if disk.path and os.path.isabs(disk.path):
-        return domainxml.DiskSource(domainxml.validate_path("disk path", disk.path), fmt)
+        request_file("disk path", disk.path, "/", store, block_ok=True)
+        store.check_unshared(disk.path, disk.readonly, vm_id)
+        return domainxml.DiskSource(disk.path, fmt)
     if disk.path:
         if not _VOLUME_NAME.match(disk.path):
             raise errors.Invalid(f"disk {disk_id}: not a usable volume id: {disk.path!r}")
         try:
-            return domainxml.DiskSource(store.attach_info(disk.pool_id, disk.path).path, fmt)
+            found = store.attach_info(disk.pool_id, disk.path, exact=True).path
         except errors.NotFound:
             pass  # a volume the control plane named but nobody made yet: create it below
-    backing = _backing(settings, disk.backing_file) if disk.backing_file else None
+        else:
+            store.check_unshared(found, disk.readonly, vm_id)
+            return domainxml.DiskSource(found, fmt)
+    backing = _backing(settings, disk.backing_file, store) if disk.backing_file else None
     if backing:
         fmt = "qcow2"  # only qcow2 can carry a backing file
     elif not disk.size_gib:
@@ -161,6 +187,16 @@ def make_disk(
         raise errors.Invalid(f"disk {disk_id}: not a usable volume name: {stem!r}")
     path = store.create_disk(disk.pool_id, f"{stem}.{fmt}", disk.size_gib * GIB, fmt, backing)
     return domainxml.DiskSource(path, fmt, created=True)
+
+
+def iso_path(given: str, settings: HostSettings, store: DiskStore) -> str | None:
+    """A CD-ROM image: absolute, or relative to the ISO directory; confined like every request
+    path. A missing ISO inside the allowed locations is accepted (libvirt refuses the start)."""
+    if not given:
+        return None
+    return request_file(
+        "iso_path", given, settings.iso_images or settings.cloud_images, store, block_ok=True
+    )[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,6 +266,7 @@ def create_vm(
             cloudinit.write_nocloud_iso(iso, vm_id, name, spec.cloud_init)
             made.append(iso)
         nics = [resolve_nic_source(conn, nic) for nic in spec.nics]
+        cdroms = [iso_path(c.iso_path, settings, store) for c in spec.cdroms]
         ctx = domainxml.DomainContext(
             vm_id=vm_id,
             name=name,
@@ -237,6 +274,7 @@ def create_vm(
             console_listen=settings.console_listen,
             labels=labels,
             disks=disks,
+            cdrom_paths=cdroms,
             nics=nics,
             bound_nics=settings.bound_nics(vm_id),
             cloud_init_iso=iso,

@@ -113,14 +113,31 @@ def stop(
     clock: Callable[[], float] = time.monotonic,
 ) -> None:
     """ACPI shutdown, then wait until the domain is off; Timeout leaves it running."""
+    if request_shutdown(dom):
+        wait_until_off(dom, timeout, sleep=sleep, clock=clock)
+
+
+def request_shutdown(dom: libvirt.virDomain) -> bool:
+    """Ask the guest to power off (ACPI); False when the domain is already off."""
     if not dom.isActive():
-        return
+        return False
     try:
         dom.shutdown()
     except libvirt.libvirtError:
         if not dom.isActive():  # it went down between the check and the call
-            return
+            return False
         raise
+    return True
+
+
+def wait_until_off(
+    dom: libvirt.virDomain,
+    timeout: float,
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> None:
+    """Poll until the domain is off; Timeout (leaving it running) after ``timeout`` seconds."""
     deadline = clock() + timeout
     while dom.isActive():
         if clock() >= deadline:

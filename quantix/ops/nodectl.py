@@ -398,11 +398,14 @@ def build_parser(out: IO[str], err: IO[str]) -> argparse.ArgumentParser:
         "--metadata", action="append", default=[], metavar="KEY=VALUE", help="request metadata (repeatable)"
     )
     sub.add_parser("list", help="the RPCs the server offers, with request and reply types (reflection)")
+    from quantix.ops import nodectl_migrate
+
+    nodectl_migrate.add_parser(sub)
     return parser
 
 
 class _Ctl:
-    def __init__(self, args: argparse.Namespace, out: IO[str]) -> None:
+    def __init__(self, args: argparse.Namespace, out: IO[str], err: IO[str] | None = None) -> None:
         import grpc
         from google.protobuf import empty_pb2, json_format
 
@@ -410,6 +413,7 @@ class _Ctl:
 
         self.args = args
         self.out = out
+        self.err = err if err is not None else sys.stderr
         self.pb = node_pb2
         self.empty = empty_pb2.Empty
         self.json_format = json_format
@@ -490,6 +494,11 @@ class _Ctl:
             self.out.write(rpccall.describe(method) + "\n")
         return EXIT_OK
 
+    def migrate(self) -> int:
+        from quantix.ops import nodectl_migrate
+
+        return nodectl_migrate.run(self, self.err)
+
     def _follow(
         self, call: _Stream[M], render: Callable[[M], str], count: int | None, header: str | None = None
     ) -> int:
@@ -520,7 +529,7 @@ def main(
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     import grpc
 
-    ctl = _Ctl(args, out)
+    ctl = _Ctl(args, out, err)
     try:
         return getattr(ctl, args.command)()
     except grpc.RpcError as exc:

@@ -7,6 +7,7 @@ period in a thread so the reactor keeps serving the hops in-flight RPCs make int
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -94,6 +95,11 @@ def add_reflection(server: grpc.Server, names: tuple[str, ...], streams: StreamB
 
 def check_bindable(address: str) -> None:
     """Fail with one line when ``address`` is unusable, before grpc logs its own multi-line error."""
+    if address.startswith("unix:"):
+        path = address[len("unix:") :].removeprefix("//")
+        if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise ListenError.of("gRPC", repr(address), "no such directory", CHANGE_HINT)
+        return
     try:
         host, port = parse_address(address)
     except ValueError as exc:

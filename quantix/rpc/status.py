@@ -17,6 +17,7 @@ from google.protobuf.message import Message
 from twisted.logger import Logger
 
 from quantix import errors
+from quantix.rpc import inputs
 
 log = Logger(namespace="quantix.rpc")
 
@@ -168,6 +169,7 @@ def decoder(message_class: type[Message]) -> Callable[[bytes], Message | Malform
 def _check_decoded(request: object) -> None:
     if isinstance(request, MalformedRequest):
         raise errors.Invalid(f"malformed request: {request.reason}")
+    inputs.check(request)  # entry counts and string characters, before any work
 
 
 def unary(method: str, handler: Handler, observers: RpcObservers | None = None) -> Handler:

@@ -8,7 +8,6 @@ exceptions or ``libvirtError``; :mod:`quantix.rpc.status` maps both.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable, Iterator, Mapping
 
 import grpc
@@ -16,11 +15,12 @@ import libvirt
 from google.protobuf import empty_pb2
 from twisted.logger import Logger
 
+from quantix.agent import sockets
 from quantix.agent.guestinfo import to_proto
 from quantix.config import Config
 from quantix.errors import Invalid, QuantixError, Unavailable
 from quantix.facades import EventFeed, GuestAgents, VmHost
-from quantix.hypervisor import consoles, devices, hostinfo, provision, snapshots, vms
+from quantix.hypervisor import consoles, devices, domainxml, hostinfo, provision, snapshots, vms
 from quantix.hypervisor.domainxml import NicSource
 from quantix.hypervisor.statuscache import DomainCache
 from quantix.proto import agent_pb2, node_pb2
@@ -63,7 +63,7 @@ class VmRpcs:
         #: events, and this class on its own changes (the event comes a moment later).
         self.domain_cache = domain_cache if domain_cache is not None else DomainCache()
         self.sampler = vms.CpuSampler()
-        # One lock per VM id, so concurrent CreateVM/DeleteVM of one VM run one after the other.
+        # One lock per VM (its UUID; see _serialised) and per name being created.
         self._vm_locks = KeyedLocks()
 
     # -- plumbing -----------------------------------------------------------------------------
@@ -95,48 +95,68 @@ class VmRpcs:
     def create_vm(
         self, request: node_pb2.CreateVMOnNodeRequest, context: grpc.ServicerContext
     ) -> node_pb2.CreateVMOnNodeResponse:
-        with self._vm_locks.hold(request.vm_id.lower()):
+        # Per id (a retry of the same create; the key is the UUID every other VM operation uses)
+        # and per name (two ids wanting one name): provision.create_vm checks, then defines.
+        # Id first, then name, always.
+        vm_id = domainxml.validate_vm_id(request.vm_id)
+        with self._vm_locks.hold(vm_id), self._vm_locks.hold(("name", request.name or vm_id)):
             vm_id, created = provision.create_vm(self._conn(), request, self._settings(), self._store)
         message = "VM created successfully" if created else "VM already exists with this spec"
         return node_pb2.CreateVMOnNodeResponse(vm_id=vm_id, created=True, message=message)
 
+    @contextlib.contextmanager
+    def _serialised(self, vm_id: str) -> Iterator[libvirt.virDomain]:
+        """The VM's domain with its lock held: power operations check the state, then act, and
+        two at once on one VM would each act on a state the other is changing (Start on a VM
+        another Start is booting would fail "already running" instead of being the no-op it is).
+        Keyed by the domain's UUID, so a VM named by id or by name is one VM."""
+        dom = self._dom(vm_id)
+        with self._vm_locks.hold(dom.UUIDString()):
+            yield dom
+
     @rpc("StartVM")
     def start_vm(self, request: node_pb2.VMIdRequest, context: grpc.ServicerContext) -> empty_pb2.Empty:
-        dom = self._dom(request.vm_id)
-        os.makedirs(self.config.agent.socket_dir, exist_ok=True)  # QEMU binds the agent socket there
-        vms.start(dom)
+        with self._serialised(request.vm_id) as dom:
+            sockets.ensure_socket_dir(self.config.agent.socket_dir)  # QEMU binds the agent socket there
+            vms.start(dom)
         return _EMPTY
 
     @rpc("StopVM")
     def stop_vm(self, request: node_pb2.StopVMRequest, context: grpc.ServicerContext) -> empty_pb2.Empty:
         timeout = request.timeout_seconds or self.config.hypervisor.stop_timeout
-        vms.stop(self._dom(request.vm_id), timeout)
+        with self._serialised(request.vm_id) as dom:
+            asked = vms.request_shutdown(dom)
+        if asked:  # the wait holds no lock: a ForceStop must be able to cut it short
+            vms.wait_until_off(dom, timeout)
         return _EMPTY
 
     @rpc("ForceStopVM")
     def force_stop_vm(self, request: node_pb2.VMIdRequest, context: grpc.ServicerContext) -> empty_pb2.Empty:
-        vms.force_stop(self._dom(request.vm_id))
+        with self._serialised(request.vm_id) as dom:
+            vms.force_stop(dom)
         return _EMPTY
 
     @rpc("RebootVM")
     def reboot_vm(self, request: node_pb2.VMIdRequest, context: grpc.ServicerContext) -> empty_pb2.Empty:
-        vms.reboot(self._dom(request.vm_id))
+        with self._serialised(request.vm_id) as dom:
+            vms.reboot(dom)
         return _EMPTY
 
     @rpc("PauseVM")
     def pause_vm(self, request: node_pb2.VMIdRequest, context: grpc.ServicerContext) -> empty_pb2.Empty:
-        vms.pause(self._dom(request.vm_id))
+        with self._serialised(request.vm_id) as dom:
+            vms.pause(dom)
         return _EMPTY
 
     @rpc("ResumeVM")
     def resume_vm(self, request: node_pb2.VMIdRequest, context: grpc.ServicerContext) -> empty_pb2.Empty:
-        vms.resume(self._dom(request.vm_id))
+        with self._serialised(request.vm_id) as dom:
+            vms.resume(dom)
         return _EMPTY
 
     @rpc("DeleteVM")
     def delete_vm(self, request: node_pb2.VMIdRequest, context: grpc.ServicerContext) -> empty_pb2.Empty:
-        with self._vm_locks.hold(request.vm_id.lower()):
-            dom = self._dom(request.vm_id)
+        with self._serialised(request.vm_id) as dom:
             vms.delete(dom, lambda path: provision.remove_file(self._store, path))
         return _EMPTY
 
@@ -352,6 +372,8 @@ class VmRpcs:
         self, request: node_pb2.ChangeMediaRequest, context: grpc.ServicerContext
     ) -> empty_pb2.Empty:
         dom = self._dom(request.vm_id)
-        devices.change_media(dom, request.device, request.iso_path, self.config.storage.iso_images)
+        devices.change_media(
+            dom, request.device, request.iso_path, self.config.storage.iso_images, self._store.confine
+        )
         self.domain_cache.forget(dom.UUIDString())
         return _EMPTY

@@ -12,17 +12,28 @@ import os
 import stat
 
 import attrs
+from twisted.logger import Logger
 
 from quantix import errors
+from quantix.hypervisor.storage.paths import open_checked, within
+
+log = Logger(namespace="quantix.storage")
 
 IMAGE_EXTENSIONS = frozenset({"iso", "qcow2", "img", "raw", "vmdk", "ova", "qcow"})
 MAX_SCAN_DEPTH = 8
 
 
 def sniff_format(path: str) -> str:
-    """Disk format from the first bytes: qcow2, vmdk, iso (ISO 9660), else raw. Cheap: two reads."""
+    """Disk format from the first bytes: qcow2, vmdk, iso (ISO 9660), else raw. Cheap: two reads.
+
+    Opened without blocking (see :func:`~quantix.hypervisor.storage.paths.open_checked`): what
+    is not a regular file or block device, or cannot be read, counts as raw."""
     try:
-        with open(path, "rb") as fh:
+        fd = open_checked("image", path, block_ok=True)
+    except (OSError, errors.Invalid):
+        return "raw"
+    try:
+        with os.fdopen(fd, "rb") as fh:
             head = fh.read(4)
             if head == b"QFI\xfb":
                 return "qcow2"
@@ -34,11 +45,6 @@ def sniff_format(path: str) -> str:
     except OSError:
         return "raw"
     return "raw"
-
-
-def within(path: str, root: str) -> bool:
-    """Is the (already resolved) ``path`` ``root`` itself or below it?"""
-    return path == root or path.startswith(root.rstrip("/") + "/")
 
 
 def rfc3339(ts: float) -> str:
@@ -54,6 +60,27 @@ class FileEntry:
     modified_at: str
     file_type: str
     permissions: str
+
+
+def representable(path: str) -> bool:
+    """Can this name travel in a protobuf string? Names are bytes to the OS (an NFS share's names
+    are whatever the remote side wrote); Python shows non-UTF-8 bytes as lone surrogates."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _skipped(where: str, names: list[str]) -> None:
+    if names:
+        shown = ", ".join(ascii(n.encode("utf-8", "surrogateescape"))[2:-1] for n in names[:5])
+        log.warn(
+            "{where}: skipped {n} file name(s) that are not UTF-8: {names}",
+            where=where,
+            n=len(names),
+            names=shown,
+        )
 
 
 def file_type(name: str, is_dir: bool) -> str:
@@ -98,8 +125,12 @@ def list_dir(root: str, relative: str) -> list[FileEntry]:
     if not os.path.isdir(real):
         raise errors.Invalid(f"not a directory: {relative!r}")
     out = []
+    skipped: list[str] = []
     with os.scandir(real) as it:
         for entry in it:
+            if not representable(entry.name):
+                skipped.append(entry.name)
+                continue
             target = os.path.realpath(entry.path)
             if not within(target, real_root):
                 continue
@@ -120,6 +151,7 @@ def list_dir(root: str, relative: str) -> list[FileEntry]:
                 )
             )
     out.sort(key=lambda e: (not e.is_directory, e.name.lower(), e.name))
+    _skipped(f"listing {real}", skipped)
     return out
 
 
@@ -144,18 +176,26 @@ def scan_images(roots: list[str]) -> list[ImageFile]:
     """
     seen: set[str] = set()
     out: list[ImageFile] = []
+    skipped: list[str] = []
     for root in roots:
         if not root or not os.path.isdir(root):
             continue
         real_root = os.path.realpath(root)
         visited: set[str] = set()
-        _scan(root, real_root, 0, visited, seen, out)
+        _scan(root, real_root, 0, visited, seen, out, skipped)
     out.sort(key=lambda i: (i.name.lower(), i.path))
+    _skipped("image scan", skipped)
     return out
 
 
 def _scan(
-    directory: str, real_root: str, depth: int, visited: set[str], seen: set[str], out: list[ImageFile]
+    directory: str,
+    real_root: str,
+    depth: int,
+    visited: set[str],
+    seen: set[str],
+    out: list[ImageFile],
+    skipped: list[str],
 ) -> None:
     real_dir = os.path.realpath(directory)
     if real_dir in visited or depth > MAX_SCAN_DEPTH:
@@ -166,6 +206,9 @@ def _scan(
     except OSError:
         return
     for entry in entries:
+        if not representable(entry.name):
+            skipped.append(entry.name)
+            continue
         real = os.path.realpath(entry.path)
         if not within(real, real_root):
             continue
@@ -174,7 +217,7 @@ def _scan(
         except OSError:
             continue
         if stat.S_ISDIR(st.st_mode):
-            _scan(entry.path, real_root, depth + 1, visited, seen, out)
+            _scan(entry.path, real_root, depth + 1, visited, seen, out, skipped)
             continue
         if not stat.S_ISREG(st.st_mode) or real in seen:
             continue
@@ -187,8 +230,9 @@ def _scan(
 
 
 def virtual_size(path: str) -> int:
-    """Guest-visible size: the qcow2 header's size field, else the file size."""
-    with open(path, "rb") as fh:
+    """Guest-visible size: the qcow2 header's size field, else the file size (Invalid when it is
+    not a regular file; opened without blocking)."""
+    with os.fdopen(open_checked("image", path), "rb") as fh:
         head = fh.read(32)
         if head[:4] == b"QFI\xfb" and len(head) == 32:
             return int.from_bytes(head[24:32], "big")

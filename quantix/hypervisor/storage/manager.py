@@ -24,7 +24,7 @@ import libvirt
 from quantix import errors
 from quantix.hypervisor import domaininfo
 from quantix.hypervisor.errors import translate
-from quantix.hypervisor.storage import files
+from quantix.hypervisor.storage import files, paths
 from quantix.hypervisor.storage import xml as sxml
 from quantix.util.locks import KeyedLocks
 
@@ -42,6 +42,10 @@ FILE_KINDS = frozenset({"dir", "fs", "netfs"})
 REMOTE_KINDS = frozenset({"netfs", "rbd", "iscsi"})
 VOLUME_EXTENSIONS = (".qcow2", ".raw", ".img")
 DEFAULT_POOL_IDS = frozenset({"", "default"})
+#: Ceph's own configuration directory: keyrings live there whatever the storage roots are.
+CEPH_DIR = "/etc/ceph"
+#: strerror(ENOSPC) as libvirt quotes it, and libvirt's own refusal when its figures say so
+NO_SPACE = ("No space left on device", "Not enough free space in pool")
 SECRET_NAMESPACE = uuidlib.UUID("5b0c7bd4-3a6e-4f7c-9f5e-6a1d0c9e2b11")
 SNAPSHOT_SEP = "@"
 
@@ -266,14 +270,33 @@ def snapshot_name(volume_name_: str, snapshot_id: str) -> str:
 
 def _domain_disks(xml: str) -> Iterator[tuple[str, str]]:
     """(source path, target dev) of a domain's disks."""
+    for path, dev, _ in _domain_disk_modes(xml):
+        yield path, dev
+
+
+def _domain_disk_modes(xml: str) -> Iterator[tuple[str, str, str]]:
+    """(source path, target dev, "rw" | "ro" | "shared") of a domain's disks."""
     for disk in ET.fromstring(xml).iter("disk"):
         source = disk.find("source")
         target = disk.find("target")
         if source is None:
             continue
         path = source.get("file") or source.get("dev") or source.get("name") or ""
-        if path:
-            yield path, target.get("dev", "") if target is not None else ""
+        if not path:
+            continue
+        if disk.find("shareable") is not None:
+            mode = "shared"
+        elif disk.find("readonly") is not None or disk.get("device") == "cdrom":
+            mode = "ro"
+        else:
+            mode = "rw"
+        yield path, target.get("dev", "") if target is not None else "", mode
+
+
+def _upfront(fmt: str, size_bytes: int) -> int:
+    """Bytes a new volume takes at creation: libvirt allocates a raw volume whole (no
+    ``<allocation>`` in our XML), a qcow2 one grows as the guest writes."""
+    return size_bytes if fmt == "raw" else 0
 
 
 def _reason(exc: libvirt.libvirtError) -> str:
@@ -334,12 +357,93 @@ class StorageManager:
         return self._pool_locks.hold(pool_id)
 
     def _under_root(self, path: str) -> bool:
-        return bool(path) and files.within(os.path.realpath(path), os.path.realpath(self.root))
+        return bool(path) and paths.within(os.path.realpath(path), os.path.realpath(self.root))
+
+    def allowed_roots(self) -> list[str]:
+        """Where a path in a request may point: the storage directories, ``allowed_paths``, and
+        the directory of every active file pool (one in a system directory excepted)."""
+        c = self.config
+        roots = [c.root, c.vm_images, c.cloud_images, c.iso_images, *getattr(c, "allowed_paths", ())]
+        try:
+            pools = self._conn().listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE)
+        except libvirt.libvirtError:
+            return roots
+        for pool in pools:
+            try:
+                d = sxml.parse_pool(pool.XMLDesc(0))
+            except libvirt.libvirtError:
+                continue  # undefined meanwhile
+            if d.kind in FILE_KINDS and d.target_path and paths.system_dir(d.target_path) is None:
+                roots.append(d.target_path)
+        return roots
+
+    def confine(self, what: str, path: str) -> str:
+        """``path`` when it lies in :meth:`allowed_roots`; else Invalid, revealing nothing."""
+        return paths.confine(what, path, self.allowed_roots())
+
+    def check_unshared(self, path: str, readonly: bool, vm_id: str) -> None:
+        """Refuse a disk image another defined domain uses, unless neither side writes to it
+        or the other side marked it shareable: two VMs writing one image corrupt it."""
+        real = os.path.realpath(path)
+        with _libvirt_errors():
+            domains = self._conn().listAllDomains(0)
+        for dom in domains:
+            try:
+                if dom.UUIDString() == vm_id:
+                    continue
+                xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+            except libvirt.libvirtError:
+                continue  # undefined meanwhile
+            for other, _, mode in _domain_disk_modes(xml):
+                if os.path.realpath(other) != real or mode == "shared" or (mode == "ro" and readonly):
+                    continue
+                raise errors.WrongState(
+                    f"disk {path} is already used {'read-write' if mode == 'rw' else 'read-only'} by VM "
+                    f"{dom.UUIDString()}; a disk can be written by one VM at a time"
+                )
+
+    def _create(
+        self, pool: libvirt.virStoragePool, xml: str, needed: int, src: libvirt.virStorageVol | None = None
+    ) -> libvirt.virStorageVol:
+        """Create a volume (a copy of ``src`` when given). ``needed`` is what the new file takes
+        at once (a raw volume is allocated whole, a copy takes its source's allocation; a qcow2
+        starts near empty): more than the pool has free is refused before anything is written,
+        and an ENOSPC that happens anyway (the space went meanwhile) is reported the same way."""
+        if needed:
+            with _libvirt_errors():
+                _, capacity, _, available = pool.info()
+            if needed > available:
+                raise self._out_of_space(pool, needed, (capacity, available))
+        try:
+            return pool.createXMLFrom(xml, src, 0) if src is not None else pool.createXML(xml, 0)
+        except libvirt.libvirtError as exc:
+            if any(text in (exc.get_error_message() or "") for text in NO_SPACE):
+                raise self._out_of_space(pool, needed) from None
+            raise _storage_error(exc) from None
+
+    @staticmethod
+    def _out_of_space(
+        pool: libvirt.virStoragePool, needed: int, sizes: tuple[int, int] | None = None
+    ) -> errors.ResourceExhausted:
+        if sizes is None:
+            with contextlib.suppress(libvirt.libvirtError):
+                pool.refresh(0)  # libvirt's figures are as of its last look
+            try:
+                _, capacity, _, available = pool.info()
+                sizes = (capacity, available)
+            except libvirt.libvirtError:
+                sizes = None
+        wanted = f"{needed} bytes needed" if needed else "no space left"
+        free = f", {sizes[1]} of {sizes[0]} bytes free" if sizes else ""
+        return errors.ResourceExhausted(f"storage pool {pool.name()} is out of space: {wanted}{free}")
 
     # -- pools --------------------------------------------------------------------------------
 
     def init_pool(self, req: PoolRequest) -> PoolInfo:
         """Define, build, start and autostart a pool; an existing one is started and refreshed."""
+        for what, where in (("pool path", req.local_path), ("NFS mount point", req.nfs_mount_point)):
+            if where and os.path.isabs(where):
+                paths.check_pool_dir(what, os.path.normpath(where))
         keyring = self._read_keyring(req) if req.type == CEPH_RBD else None
         plan = plan_pool(req, self.root, keyring)
         with self._locked(req.pool_id):
@@ -424,16 +528,21 @@ class StorageManager:
         if req.ceph_secret_uuid:
             return None
         user = req.ceph_user or "admin"
-        path = req.ceph_keyring or f"/etc/ceph/ceph.client.{user}.keyring"
+        path = req.ceph_keyring or f"{CEPH_DIR}/ceph.client.{user}.keyring"
+        if req.ceph_keyring:
+            paths.confine("keyring_path", path, [*self.allowed_roots(), CEPH_DIR])
         try:
-            with open(path, encoding="utf-8") as fh:
-                text = fh.read()
+            data = paths.read_bounded("keyring", path, paths.KEYRING_MAX_BYTES)
         except FileNotFoundError:
             if req.ceph_keyring:
                 raise errors.Invalid(f"keyring not found: {path}") from None
             return None  # no keyring anywhere: a cluster without cephx
         except OSError as exc:
             raise errors.Invalid(f"cannot read keyring {path}: {exc.strerror}") from None
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise errors.Invalid(f"keyring {path} is not text") from None
         return keyring_key(text, user)
 
     def _ensure_secret(self, conn: libvirt.virConnect, plan: SecretPlan | None) -> bool:
@@ -690,8 +799,7 @@ class StorageManager:
         if source == "empty":
             if size_bytes <= 0:
                 raise errors.Invalid("size_bytes must be positive for an empty volume")
-            with _libvirt_errors():
-                vol = pool.createXML(sxml.volume_xml(name, size_bytes, fmt), 0)
+            vol = self._create(pool, sxml.volume_xml(name, size_bytes, fmt), _upfront(fmt, size_bytes))
         elif source in ("clone", "snapshot"):
             if not source_id:
                 raise errors.Invalid(f"source_id is required for a {source} volume")
@@ -709,6 +817,10 @@ class StorageManager:
     def _create_file(self, pool, name: str, size_bytes: int, fmt: str, backing: str | None):
         backing_fmt = None
         if backing:
+            try:
+                paths.check_kind("backing file", backing)
+            except FileNotFoundError:
+                raise errors.NotFound(f"backing file not found: {backing}") from None
             backing_fmt = files.sniff_format(backing)
             backing_fmt = "raw" if backing_fmt == "iso" else backing_fmt
             try:
@@ -719,14 +831,14 @@ class StorageManager:
         if size_bytes <= 0:
             raise errors.Invalid("size_bytes must be positive")
         xml = sxml.volume_xml(name, size_bytes, fmt, backing_path=backing, backing_format=backing_fmt)
-        with _libvirt_errors():
-            return pool.createXML(xml, 0)
+        return self._create(pool, xml, _upfront(fmt, size_bytes))
 
     def _copy(self, pool, src: libvirt.virStorageVol, name: str, fmt: str, size_bytes: int = 0):
         with _libvirt_errors():
             d = sxml.parse_volume(src.XMLDesc(0))
-            xml = sxml.volume_xml(name, max(size_bytes, d.capacity), d.format or fmt)
-            return pool.createXMLFrom(xml, src, 0)
+            allocation = src.info()[2]
+        xml = sxml.volume_xml(name, max(size_bytes, d.capacity), d.format or fmt)
+        return self._create(pool, xml, allocation, src)
 
     def _snapshot(self, pool, snapshot_id: str) -> libvirt.virStorageVol:
         check_name("snapshot_id", snapshot_id)
@@ -742,7 +854,7 @@ class StorageManager:
         roots = self.image_roots()
         if source_id.startswith("/"):
             real = os.path.realpath(source_id)
-            if not any(files.within(real, os.path.realpath(r)) for r in roots) or not os.path.isfile(real):
+            if not any(paths.within(real, os.path.realpath(r)) for r in roots) or not os.path.isfile(real):
                 raise errors.NotFound(f"image not found: {source_id}")
             return real
         for image in files.scan_images(roots):
@@ -807,9 +919,12 @@ class StorageManager:
         fmt = sxml.parse_volume(src.XMLDesc(0)).format or "raw"
         return self._volume_info(pool.name(), self._copy(pool, src, name, fmt), {})
 
-    def attach_info(self, pool_id: str, volume_id: str) -> AttachInfo:
+    def attach_info(self, pool_id: str, volume_id: str, *, exact: bool = False) -> AttachInfo:
+        """Where a volume is and how a domain attaches it. In the VM-disk pool an id may match a
+        name loosely (``<vm>-<disk>.qcow2`` by its disk id) unless ``exact``: a disk named in a
+        VM spec must be exactly that volume, never another VM's."""
         pool = self._pool(pool_id, active=True)
-        vol = self.find_volume(pool, volume_id, fuzzy=pool_id in DEFAULT_POOL_IDS)
+        vol = self.find_volume(pool, volume_id, fuzzy=pool_id in DEFAULT_POOL_IDS and not exact)
         with _libvirt_errors():
             pdef = sxml.parse_pool(pool.XMLDesc(0))
             vdef = sxml.parse_volume(vol.XMLDesc(0))
@@ -839,8 +954,7 @@ class StorageManager:
         else:
             if size_bytes <= 0:
                 raise errors.Invalid("size_bytes must be positive")
-            with _libvirt_errors():
-                vol = pool.createXML(sxml.volume_xml(name, size_bytes, fmt), 0)
+            vol = self._create(pool, sxml.volume_xml(name, size_bytes, fmt), _upfront(fmt, size_bytes))
         with _libvirt_errors():
             return vol.path()
 
@@ -893,6 +1007,10 @@ class StorageManager:
             active = pool.isActive()
         if d.kind not in FILE_KINDS or not d.target_path:
             raise errors.WrongState(f"storage pool {pool_id} has no mount path ({d.kind})")
+        if paths.system_dir(d.target_path) is not None:
+            raise errors.WrongState(
+                f"storage pool {pool_id} is in a system directory; its files are not listed"
+            )
         if not active:
             raise errors.WrongState(f"storage pool {pool_id} is not active (no mount path)")
         return files.list_dir(d.target_path, path)
