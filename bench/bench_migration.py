@@ -8,7 +8,7 @@ one and back with the other, alternating which goes first. Wall time is from the
 the end (the daemon's includes its checks of the target; virsh's includes starting virsh).
 Downtime is libvirt's own figure, read from the target's completed-job statistics for both.
 
-usage: bench_migration.py [--runs 3] [--memory-mib 256]
+usage: bench_migration.py [--runs 3] [--memory-mib 256] [--progress-interval 1]
 """
 
 from __future__ import annotations
@@ -70,12 +70,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3, help="rounds (each: one move with each tool)")
     parser.add_argument("--memory-mib", type=int, default=256)
+    parser.add_argument(
+        "--progress-interval", type=float, default=1.0, help="the daemon's migration.progress_interval"
+    )
     args = parser.parse_args()
 
     hosts = TwoHosts()
     results: dict[str, list[tuple[float, float]]] = {"daemon": [], "virsh": []}
     try:
-        hosts.start()
+        hosts.start(**{"migration.progress_interval": args.progress_interval})
         a, b = hosts.a, hosts.b
         vm_id = str(uuid.uuid4())
         name = f"qtx-bench-{vm_id[:8]}"

@@ -115,6 +115,7 @@ def run(args):
         "hypervisor.uri": (f"test://{node_xml}", "bench"),
         "agent.socket_dir": (os.path.join(tmp, "agents"), "bench"),
         "server.metrics_listen": (None, "bench"),
+        "http.listen": (None, "bench"),
         "server.max_workers": (args.max_workers, "bench"),
         "server.switch_interval_ms": (args.switch_interval_ms, "bench"),
     }

@@ -54,7 +54,9 @@ def start_daemon(*flags: str, uri: str = "test:///default") -> tuple[subprocess.
         "--listen", address, "--libvirt-uri", uri, "--state-dir", state,
         "--agent-socket-dir", os.path.join(state, "agents"), "--config", os.devnull, *flags,
     ]  # fmt: skip
-    env = dict(os.environ, PYTHONPATH=ROOT, QUANTIX_SERVER_METRICS_LISTEN="")
+    # Metrics and the 8080 download listener off: the floor serves gRPC alone, and 8080 may be
+    # taken on a shared machine.
+    env = dict(os.environ, PYTHONPATH=ROOT, QUANTIX_SERVER_METRICS_LISTEN="", QUANTIX_HTTP_LISTEN="off")
     started = time.monotonic()
     proc = subprocess.Popen(cmd, env=env, cwd=state)
     wait_serving(address)

@@ -1,5 +1,5 @@
 #!/bin/sh
-# Run every benchmark in bench/ with modest settings and print each table (about 2 minutes).
+# Run every benchmark in bench/ with modest settings and print each table (about 12 minutes).
 # usage: bench/run_all.sh            (PYTHON=/path/to/python to pick the interpreter)
 # bench_eventloop.py needs the real libvirtd at qemu:///system; it is skipped when that does not answer.
 set -u
@@ -12,7 +12,7 @@ run() {
     name="$1"
     shift
     echo
-    echo "=== $name $* ($(date -u +%H:%M:%S) UTC)"
+    echo "=== $name $* ($(date -u +%H:%M:%S) UTC, load average $(cut -d' ' -f1-3 /proc/loadavg))"
     start=$(date +%s)
     if "$PY" "bench/$name" "$@"; then
         echo "--- $name took $(($(date +%s) - start)) s"
@@ -35,6 +35,12 @@ if "$PY" -c "import libvirt, sys; libvirt.registerErrorHandler(lambda *a: None, 
 else
     echo
     echo "=== bench_eventloop.py skipped: qemu:///system does not answer"
+fi
+if [ "$(id -u)" = 0 ] && unshare --net --mount --uts true 2>/dev/null; then
+    run bench_migration.py --runs 3
+else
+    echo
+    echo "=== bench_migration.py skipped: needs root and namespaces"
 fi
 
 echo

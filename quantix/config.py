@@ -158,8 +158,8 @@ class ServerConfig:
     tls_key: str | None = spec.path(None, optional=True)
     #: PEM CA bundle: when set, clients must present a certificate signed by it (mTLS).
     tls_client_ca: str | None = spec.path(None, optional=True)
-    #: Python's GIL switch interval in milliseconds (0: leave the interpreter's 5 ms). Shorter lets
-    #: the reactor and woken stream threads take the GIL sooner from busy gRPC threads.
+    #: Python's GIL switch interval in milliseconds (0: leave the interpreter's 5 ms). With a pool
+    #: sized to the host, 1 ms measured worse than 5 ms for reactor lag and throughput alike.
     switch_interval_ms: float = spec.number(0.0, min=0, max=1000)
 
     def unary_workers(self) -> int:

@@ -17,11 +17,13 @@ from twisted.application.service import MultiService
 from twisted.logger import Logger
 
 from quantix import state
+from quantix.agent import sockets
 from quantix.agent.facade import WorkerAgents
 from quantix.agent.manager import AgentManager
 from quantix.agent.quiesce import Quiesce
 from quantix.bridge import run_in_worker
 from quantix.config import Config, ListenError
+from quantix.errors import WrongState
 from quantix.events import mapping
 from quantix.events.bus import EventBus
 from quantix.events.metrics import MetricsHub, stats_flags
@@ -207,6 +209,16 @@ class NodeService(MultiService):
             sys.setswitchinterval(self.config.server.switch_interval_ms / 1000)
         try:
             self.host.node_id = state.node_id(self.config.state_dir, self.config.node.id)
+        except OSError as exc:
+            _fatal(f"state dir {self.config.state_dir}: {exc.strerror}")
+        try:
+            # QEMU binds agent sockets there: ours alone (0750, QEMU's group) before any VM runs.
+            sockets.ensure_socket_dir(self.config.agent.socket_dir)
+        except OSError as exc:
+            _fatal(f"agent socket dir {self.config.agent.socket_dir}: {exc.strerror}")
+        except WrongState as exc:
+            _fatal(str(exc))
+        try:
             super().startService()
         except (ListenError, OSError) as exc:
             _fatal(
@@ -220,7 +232,7 @@ class NodeService(MultiService):
         most ``server.grace_seconds``), while libvirt is still up; agent channels close after it."""
         self.ops.stopping()
         return stop_in_order(
-            self, before={self.grpc: self.ops.drain_calls}, after={self.grpc: self.agents.stop_all}
+            self, before={self.grpc: self.ops.drain_calls}, after={self.grpc: self._after_grpc}
         )
 
     def _after_grpc(self) -> Any:

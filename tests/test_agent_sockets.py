@@ -105,3 +105,16 @@ class ManagerRefusesSymlinkTests(unittest.TestCase):
         self.assertFalse(f.manager.is_channel_open(f.vm))
         texts = [formatEvent(e) for e in logged]
         self.assertEqual(sum("refused: it is a symlink" in t for t in texts), 1, texts)
+
+
+class DaemonStartTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_the_daemon_prepares_the_socket_dir_before_any_vm_runs(self) -> None:
+        from tests.support import Daemon
+
+        old = os.umask(0)
+        self.addCleanup(os.umask, old)
+        daemon = yield Daemon(self).start()
+        st = os.lstat(daemon.config.agent.socket_dir)
+        self.assertTrue(stat.S_ISDIR(st.st_mode))
+        self.assertEqual(stat.S_IMODE(st.st_mode), sockets.DIR_MODE)

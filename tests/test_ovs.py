@@ -202,6 +202,11 @@ class OvsHostTests(unittest.TestCase):
         self.host.start_ovsdb()
         st = yield self.call("GetOVSStatus", empty_pb2.Empty())
         self.assertTrue(st.available)
+        # Stopping the daemon closes its OVSDB connection.
+        client = self.daemon.node.network.ovsdb
+        self.assertIsNotNone(client._proto)
+        yield self.daemon.stop()
+        yield wait_for(lambda: client._proto is None)
 
     @defer.inlineCallbacks
     def test_vm_nic_bound_to_an_ovn_port(self):
