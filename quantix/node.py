@@ -69,8 +69,8 @@ class NodeService(MultiService):
     """Builds the boxes and wires them; the attributes are the boxes themselves.
 
     Children start in the order added and stop one at a time in reverse order
-    (:mod:`quantix.ops.shutdown`): operations, libvirt, gRPC, the event bus, the domain
-    watcher, the control-plane link.
+    (:mod:`quantix.ops.shutdown`): operations, libvirt, the download engine and its HTTP
+    listener, gRPC, the event bus, the metrics hub, the domain watcher, the control-plane link.
     """
 
     def __init__(self, config: Config, reactor: Any = None) -> None:

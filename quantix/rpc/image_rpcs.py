@@ -9,43 +9,21 @@ its stream; the job carries on (it is also the control plane's 8080 job).
 from __future__ import annotations
 
 import queue
+import threading
+from collections.abc import Iterator
 from typing import Any
 
+import grpc
 from google.protobuf import empty_pb2
 
 from quantix import bridge, errors
-from quantix.images import jobs
-from quantix.images.engine import DownloadRequest
+from quantix.images.engine import DownloadEngine, DownloadRequest
 from quantix.images.jobs import Job
+from quantix.images.wire import progress
 from quantix.proto import node_pb2
 from quantix.rpc.registry import rpc
 
 INTERVAL = 1.0
-_STATUS = node_pb2.DownloadProgress.Status
-STATUS = {
-    jobs.PENDING: _STATUS.STATUS_PENDING,
-    jobs.DOWNLOADING: _STATUS.STATUS_DOWNLOADING,
-    jobs.VERIFYING: _STATUS.STATUS_VERIFYING,
-    jobs.CONVERTING: _STATUS.STATUS_CONVERTING,
-    jobs.COMPLETED: _STATUS.STATUS_COMPLETED,
-    jobs.FAILED: _STATUS.STATUS_FAILED,
-    jobs.CANCELLED: _STATUS.STATUS_CANCELLED,
-}
-
-
-def progress(job: Job) -> Any:
-    return node_pb2.DownloadProgress(
-        job_id=job.job_id,
-        image_id=job.image_id,
-        status=STATUS[job.status],
-        progress_percent=job.percent,
-        bytes_downloaded=job.bytes_downloaded,
-        bytes_total=job.bytes_total,
-        download_speed=int(job.speed),
-        eta_seconds=min(job.eta_seconds, 2**32 - 1),
-        path=job.target_path,
-        error=job.error or "",
-    )
 
 
 def _job_id(value: str) -> str:
@@ -58,7 +36,7 @@ class ImageRpcs:
     """``engine`` is the node's :class:`~quantix.images.engine.DownloadEngine` (reactor-only
     methods); ``closed`` is set when the node stops, ending open streams with UNAVAILABLE."""
 
-    def __init__(self, engine: Any, reactor: Any, closed: Any) -> None:
+    def __init__(self, engine: DownloadEngine, reactor: Any, closed: threading.Event) -> None:
         self.engine = engine
         self.reactor = reactor
         self.closed = closed
@@ -67,7 +45,9 @@ class ImageRpcs:
         return bridge.call_on_reactor(self.reactor, fn, *args)
 
     @rpc("DownloadImage")
-    def download_image(self, request: Any, context: Any) -> Any:
+    def download_image(
+        self, request: node_pb2.DownloadImageOnNodeRequest, context: grpc.ServicerContext
+    ) -> Iterator[node_pb2.DownloadProgress]:
         engine = self.engine
         job = self._call(
             engine.submit,
@@ -102,10 +82,14 @@ class ImageRpcs:
             bridge.post_to_reactor(self.reactor, unwatch)
 
     @rpc("GetDownloadStatus")
-    def get_download_status(self, request: Any, context: Any) -> Any:
+    def get_download_status(
+        self, request: node_pb2.GetDownloadStatusRequest, context: grpc.ServicerContext
+    ) -> node_pb2.DownloadProgress:
         return progress(self._call(self.engine.get, _job_id(request.job_id)))
 
     @rpc("CancelDownload")
-    def cancel_download(self, request: Any, context: Any) -> Any:
+    def cancel_download(
+        self, request: node_pb2.CancelDownloadRequest, context: grpc.ServicerContext
+    ) -> empty_pb2.Empty:
         self._call(self.engine.cancel, _job_id(request.job_id))
         return empty_pb2.Empty()
