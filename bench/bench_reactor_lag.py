@@ -116,6 +116,7 @@ def run(args):
         "agent.socket_dir": (os.path.join(tmp, "agents"), "bench"),
         "server.metrics_listen": (None, "bench"),
         "http.listen": (None, "bench"),
+        "https.listen": (None, "bench"),
         "server.max_workers": (args.max_workers, "bench"),
         "server.switch_interval_ms": (args.switch_interval_ms, "bench"),
     }

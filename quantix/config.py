@@ -137,6 +137,8 @@ class AgentConfig:
     timeout: float = spec.number(30.0, min=0, max=DAY, above_min=True)
     #: How often guests send telemetry; three missed intervals mark the agent disconnected.
     telemetry_interval: float = spec.number(5.0, min=0, max=3600, above_min=True)
+    #: Linux agent binary that ``agent/install`` copies into guests through the QEMU guest agent.
+    binary_path: str | None = spec.path(None, optional=True)
 
 
 @attrs.frozen
@@ -232,6 +234,45 @@ class HttpConfig:
     listen: str | None = spec.address("0.0.0.0:8080", optional=True)
 
 
+def _cidr(value: str) -> None:
+    ipaddress.ip_network(value, strict=False)
+
+
+#: An address or a network, ``192.0.2.7`` or ``10.0.0.0/24``.
+CIDR = spec.String(max_len=49, shape="an address or CIDR", bad_sample="10.0.0.300/24", validate=_cidr)
+#: Update channel names: ``stable``, ``beta``, ``lts-2026``.
+CHANNEL = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+
+
+@attrs.frozen
+class HttpsConfig:
+    """The TLS side API on 8443 (VM logs, guest agents, execute, updates, registration)."""
+
+    #: ``host:port``; null or ``off`` turns the listener off.
+    listen: str | None = spec.address("0.0.0.0:8443", optional=True)
+    #: PEM certificate and key; when unset a self-signed one is generated into the state dir.
+    cert: str | None = spec.path(None, optional=True)
+    key: str | None = spec.path(None, optional=True)
+    #: Addresses or CIDRs allowed besides loopback and the control plane's resolved addresses.
+    allowed_clients: list[str] = spec.items((), CIDR, max_items=256)
+    #: Serve the read-only routes (logs, pings, updates status) to any client.
+    open_read_only: bool = spec.boolean(False)
+    #: When set, guarded and read-only routes also need ``Authorization: Bearer <token>``.
+    token: str | None = spec.text(None, optional=True, max_len=8192, pattern=TOKEN, shape="a token")
+    #: PEM CA bundle: when set, guarded and read-only routes need a client certificate it signed.
+    client_ca: str | None = spec.path(None, optional=True)
+
+    def __attrs_post_init__(self) -> None:
+        if bool(self.cert) != bool(self.key):
+            raise ValueError("https.cert and https.key must be set together")
+
+
+@attrs.frozen
+class UpdatesConfig:
+    #: Update channel reported to the control plane; no update source is built in.
+    channel: str = spec.text("stable", max_len=64, pattern=CHANNEL, shape="a channel name")
+
+
 @attrs.frozen
 class DownloadsConfig:
     #: Transfers running at once; further jobs wait as ``pending``.
@@ -284,6 +325,8 @@ class Config:
     migration: MigrationConfig = attrs.field(factory=MigrationConfig)
     ovs: OvsConfig = attrs.field(factory=OvsConfig)
     http: HttpConfig = attrs.field(factory=HttpConfig)
+    https: HttpsConfig = attrs.field(factory=HttpsConfig)
+    updates: UpdatesConfig = attrs.field(factory=UpdatesConfig)
     downloads: DownloadsConfig = attrs.field(factory=DownloadsConfig)
     logging: LoggingConfig = attrs.field(factory=LoggingConfig)
 

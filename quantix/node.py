@@ -50,8 +50,10 @@ from quantix.rpc.server import SERVICE, GrpcServer
 from quantix.rpc.storage_rpcs import StorageRpcs
 from quantix.rpc.vm_rpcs import VmRpcs
 from quantix.web import images as web_images
+from quantix.web import sideapi
 
 if TYPE_CHECKING:
+    from quantix.controlplane.images import ImageReporter
     from quantix.controlplane.link import ControlPlaneLink
     from quantix.ops.metrics import NodeCollector
 
@@ -117,8 +119,10 @@ class NodeService(MultiService):
         )
         #: The one owner of guest filesystem freezes (RPCs and quiesced snapshots).
         self.quiesce = Quiesce(self.agents.request, reactor)
+        self.https = sideapi.build(reactor, config, self.hypervisor.conn, self.agents, self.host)
         #: The control-plane link (``.registered``, ``.node_id``), when registering.
         self.cplink: ControlPlaneLink | None = None
+        self.image_reports: ImageReporter | None = None
         if config.auto_register and config.control_plane_url:
             # Imported only when registering: the HTTP client stack is most of its weight.
             from quantix.controlplane import sources as cp_sources
@@ -158,6 +162,8 @@ class NodeService(MultiService):
         # Stops (ending StreamMetrics with UNAVAILABLE) before the bus.
         self.metrics_hub.setServiceParent(self)
         self.watcher.setServiceParent(self)
+        # The 8443 side API (https.listen null: off); it stops before gRPC and libvirt do.
+        self.https.setServiceParent(self)
         # GetVMStatus's per-domain cache of what the XML says, dropped when libvirt says it changed.
         self.watcher.xml_listeners.append(self.domain_cache.forget)
         # Agent channels follow the VMs: opened when one runs, closed when it stops.
@@ -168,6 +174,9 @@ class NodeService(MultiService):
         # Last child: it stops first, before the gRPC server and libvirt go away.
         if self.cplink is not None:
             self.cplink.setServiceParent(self)
+            # Local images go to the control plane after each registration (stops first).
+            self.image_reports = cp_sources.make_image_reporter(reactor, config, self.cplink)
+            self.image_reports.setServiceParent(self)
 
     def rpc_handlers(self) -> list[object]:
         """One handler object per box, each given exactly the facades it uses."""

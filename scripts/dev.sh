@@ -127,7 +127,7 @@ case "${1:-}" in
     ;;
   test)
     shift
-    setup libvirt-daemon libvirt-daemon-driver-qemu qemu-system-x86 qemu-utils libvirt-clients tini openvswitch-switch
+    setup libvirt-daemon libvirt-daemon-driver-qemu qemu-system-x86 qemu-utils libvirt-clients tini openvswitch-switch curl
     # Test domains are named qtx-test-<tag>-...; the tag tells this run's QEMU logs apart.
     export QUANTIX_TEST_RUN=${QUANTIX_TEST_RUN:-r$(date +%s | tail -c 6)$$}
     trap after_tests EXIT

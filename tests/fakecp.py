@@ -76,6 +76,8 @@ class FakeControlPlane(resource.Resource):
         # method name -> list of (code, message) to answer instead of serving, one per call.
         self.failures: dict[str, list[tuple[str, str]]] = {}
         self._waiters: list[tuple[Callable[[], bool], defer.Deferred]] = []
+        #: (node id, path) -> image, as ScanLocalImages and images/notify leave them.
+        self.images: dict[tuple[str, str], dict[str, Any]] = {}
 
     # -- knobs and queries -------------------------------------------------------------------
 
@@ -100,13 +102,13 @@ class FakeControlPlane(resource.Resource):
         return d
 
     def _wake(self) -> None:
-        pending = []
-        for predicate, d in self._waiters:
+        # Swapped out first: a callback may add a waiter (and wake) while this loop runs.
+        waiters, self._waiters = self._waiters, []
+        for predicate, d in waiters:
             if predicate():
                 d.callback(None)
             else:
-                pending.append((predicate, d))
-        self._waiters = pending
+                self._waiters.append((predicate, d))
 
     # -- HTTP --------------------------------------------------------------------------------
 
@@ -139,6 +141,8 @@ class FakeControlPlane(resource.Resource):
         return payload
 
     def _serve(self, path: str, headers: dict[str, str], raw: bytes) -> Any:
+        if path == "/api/v1/images/notify" and not (self.down or self.maintenance is not None):
+            raise _Reply(200, self._notify(raw))
         if self.down:
             raise _Reply(503, {"error": "no healthy upstream"})
         if self.maintenance is not None:
@@ -182,6 +186,10 @@ class FakeControlPlane(resource.Resource):
             ("limiquantix.storage.v1.StoragePoolService", "GetPool"): (
                 storage_pb2.GetPoolRequest,
                 self._get_pool,
+            ),
+            ("limiquantix.storage.v1.ImageService", "ScanLocalImages"): (
+                storage_pb2.ScanLocalImagesRequest,
+                self._scan_images,
             ),
         }
 
@@ -228,6 +236,28 @@ class FakeControlPlane(resource.Resource):
     def _sync_vms(self, req: compute_pb2.SyncNodeVMsRequest) -> compute_pb2.SyncNodeVMsResponse:
         self._known(req.node_id)
         return compute_pb2.SyncNodeVMsResponse(imported_count=len(req.vms))
+
+    def _scan_images(self, req: storage_pb2.ScanLocalImagesRequest) -> storage_pb2.ScanLocalImagesResponse:
+        """Like the control plane: a known (node, path) is left alone, a new one is added."""
+        answer = storage_pb2.ScanLocalImagesResponse()
+        for image in req.images:
+            key = (req.node_id, image.path)
+            if key in self.images:
+                answer.existing_count += 1
+            else:
+                self.images[key] = json_format.MessageToDict(image)
+                answer.registered_count += 1
+        return answer
+
+    def _notify(self, raw: bytes) -> dict[str, Any]:
+        """``POST /api/v1/images/notify``: snake_case keys; an unknown event type is ignored."""
+        body = json.loads(raw or b"{}")
+        key = (body.get("node_id", ""), body.get("path", ""))
+        if body.get("event_type") == "deleted":
+            self.images.pop(key, None)
+        elif body.get("event_type") in ("created", "updated"):
+            self.images[key] = body
+        return {"success": True, "message": "ok"}
 
     def _get_pool(self, req: storage_pb2.GetPoolRequest) -> storage_pb2.StoragePool:
         pool = self.pools.get(req.id)

@@ -125,6 +125,8 @@ class GuestPeerProtocol(Protocol):
             if self.factory.garbage_before_reply:
                 self.transport.write(self.factory.garbage_before_reply)
             self.send(msg.message_id, **{field: reply})
+            if kind == "ping" and msg.ping.sequence == 1 and self.factory.telemetry_on_refresh:
+                self.send_telemetry()  # as upstream agents answer a refresh request
             if kind == "shutdown" and self.factory.hang_up_on_shutdown:
                 self.transport.loseConnection()
 
@@ -141,6 +143,7 @@ class Guest:
         self.freeze: tuple[str, float, list[str]] | None = None  # token, frozen at, mounts
         self.thaws = 0
         self.shutdowns: list[agent_pb2.ShutdownRequest] = []
+        self.updates: list[agent_pb2.AgentUpdateRequest] = []
 
     def on_ping(self, req: agent_pb2.PingRequest) -> tuple[str, object]:
         return "pong", agent_pb2.PongResponse(sequence=req.sequence, version=VERSION, uptime_seconds=1234)
@@ -187,6 +190,39 @@ class Guest:
     def on_shutdown(self, req: agent_pb2.ShutdownRequest) -> tuple[str, object]:
         self.shutdowns.append(req)
         return "shutdown_response", agent_pb2.ShutdownResponse(accepted=True)
+
+    def on_list_directory(self, req: agent_pb2.ListDirectoryRequest) -> tuple[str, object]:
+        if req.path not in self.dirs:
+            return "list_directory_response", agent_pb2.ListDirectoryResponse(
+                error=f"No such directory: {req.path}"
+            )
+        prefix = req.path.rstrip("/") + "/"
+        resp = agent_pb2.ListDirectoryResponse(success=True)
+        children = {p[len(prefix) :].split("/")[0] for p in (*self.files, *self.dirs) if p.startswith(prefix)}
+        for name in sorted(n for n in children if n and (req.include_hidden or not n.startswith("."))):
+            path = prefix + name
+            is_dir = path in self.dirs
+            entry = resp.entries.add(
+                name=name,
+                path=path,
+                is_directory=is_dir,
+                size_bytes=0 if is_dir else len(self.files.get(path, b"")),
+                mode=0o755 if is_dir else self.modes.get(path, 0o644),
+                owner="root",
+            )
+            entry.modified_at.seconds = int(self.clock.seconds())
+        resp.total_entries = len(resp.entries)
+        return "list_directory_response", resp
+
+    def on_agent_update(self, req: agent_pb2.AgentUpdateRequest) -> tuple[str, object]:
+        self.updates.append(req)
+        done = req.is_last_chunk
+        return "agent_update_response", agent_pb2.AgentUpdateResponse(
+            success=True,
+            current_version=req.target_version if done else VERSION,
+            restart_required=done,
+            progress_percent=100 if done else 50,
+        )
 
     def on_quiesce(self, req: agent_pb2.QuiesceFilesystemsRequest) -> tuple[str, object]:
         if self.freeze is not None:
@@ -254,6 +290,7 @@ class GuestPeer(Factory):
         self.silent = False
         self.garbage_before_reply = b""
         self.hang_up_on_shutdown = False
+        self.telemetry_on_refresh = False
         self._waiters: dict[str, list[defer.Deferred]] = {}
 
     def wait_for(self, what: str) -> defer.Deferred:

@@ -34,6 +34,7 @@ def test_config(tmp: str, **overrides: Any) -> cfg.Config:
         "server.metrics_listen": (None, "test"),
         "ovs.db_socket": (os.path.join(tmp, "ovs", "db.sock"), "test"),
         "http.listen": (None, "test"),
+        "https.listen": (None, "test"),
         "server.max_workers": (32, "test"),
         "server.grace_seconds": (0.5, "test"),
     }

@@ -142,6 +142,32 @@ class ConfigTests(unittest.TestCase):
         with self.assertRaises(ValueError):
             cfg.parse_address("host:99999")
 
+    def test_https_section(self):
+        c = cfg.load(None, environ={})
+        self.assertEqual(c.https.listen, "0.0.0.0:8443")
+        self.assertEqual(c.https.allowed_clients, [])
+        path = self.write(
+            "https:\n  listen: null\n  allowed_clients: ['10.0.0.0/24', 192.0.2.7]\n"
+            "agent:\n  binary_path: /a\n"
+        )
+        c = cfg.load(path, environ={})
+        self.assertIsNone(c.https.listen)
+        self.assertEqual(c.https.allowed_clients, ["10.0.0.0/24", "192.0.2.7"])
+        self.assertEqual(c.agent.binary_path, "/a")
+        c = cfg.load(None, environ={"QUANTIX_HTTPS_ALLOWED_CLIENTS": "10.1.0.0/16, ::1"})
+        self.assertEqual(c.https.allowed_clients, ["10.1.0.0/16", "::1"])
+
+    def test_https_bad_values_name_the_key(self):
+        for text, key in (
+            ("https:\n  allowed_clients: [10.0.0.300]\n", "https.allowed_clients"),
+            ("https:\n  allowed_clients: {a: b}\n", "https.allowed_clients"),
+            ("https:\n  listen: nowhere\n", "https.listen"),
+            ("https:\n  cert: /a.pem\n", "https.cert"),
+        ):
+            with self.assertRaises(cfg.ConfigError) as caught:
+                cfg.load(self.write(text), environ={})
+            self.assertIn(key, str(caught.exception))
+
 
 def example_keys() -> list[str]:
     """Every key of the shipped node.yaml, dotted (``events.buffer_size``)."""

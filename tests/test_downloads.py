@@ -454,3 +454,36 @@ class GrpcTests(DownloadTestCase):
         messages = yield messages
         self.assertEqual({m.job_id for m in messages}, {body["jobId"]})
         self.assertEqual(len(self.server.seen("/g/both.raw")), 1)
+
+
+class NodectlTests(DownloadTestCase):
+    def ctl(self, *argv):
+        import io
+
+        from quantix.ops import nodectl
+
+        out, err = io.StringIO(), io.StringIO()
+        address = f"127.0.0.1:{self.daemon.node.grpc.port}"
+        d = threads.deferToThread(nodectl.main, ["--address", address, *argv], out, err)
+        return d.addCallback(lambda code: (code, out.getvalue(), err.getvalue()))
+
+    @defer.inlineCallbacks
+    def test_download_piped_prints_lines_and_jobs_lists_it(self):
+        data = payload(500_000)
+        self.server.add("/n/tool.raw", data)
+        code, out, err = yield self.ctl(
+            "images", "download", self.server.url("/n/tool.raw"), "--filename", "t.raw"
+        )
+        self.assertEqual((code, err), (0, ""), out)
+        self.assertIn("completed 100%", out)
+        self.assertTrue(
+            out.rstrip().endswith(f"{os.path.join(self.images, 't.raw')} ({len(data)} bytes)"), out
+        )
+        http = f"127.0.0.1:{self.daemon.node.http.port}"
+        code, out, err = yield self.ctl("images", "jobs", "--http", http)
+        self.assertEqual((code, err), (0, ""))
+        self.assertRegex(out, r"(?m)^JOB\s+STATUS\s+DONE\s+BYTES\s+PATH\s+ERROR$")
+        self.assertIn("completed", out)
+        code, out, err = yield self.ctl("images", "download", self.server.url("/n/missing.raw"))
+        self.assertEqual(code, 1)
+        self.assertIn("HTTP 404", err)

@@ -59,6 +59,9 @@ class LeanStartTests(unittest.TestCase):
             os.environ,
             PYTHONPATH=ROOT,
             QUANTIX_SERVER_METRICS_LISTEN="",
+            # Fixed default ports another test run may hold; the listeners import nothing optional.
+            QUANTIX_HTTP_LISTEN="",
+            QUANTIX_HTTPS_LISTEN="",
             UNUSED=json.dumps(UNUSED),
         )
         args = [

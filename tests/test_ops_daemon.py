@@ -134,6 +134,7 @@ class DaemonShutdownTests(unittest.TestCase):
                 {
                     "server": {"grace_seconds": GRACE, "metrics_listen": None},
                     "http": {"listen": None},  # 8080 may be held by another run on this host
+                    "https": {"listen": None},  # 8443 likewise
                     "logging": {"level": "debug", "format": "json"},
                 },
                 fh,

@@ -165,3 +165,31 @@ class MediaAndSnapshotXmlTests(unittest.TestCase):
         m = snapshots.snapshot_message(xml)
         self.assertEqual((m.snapshot_id, m.parent_id, m.description), ("s2", "s1", "d"))
         self.assertEqual((m.created_at.seconds, m.vm_state), (1700000000, node_pb2.POWER_STATE_RUNNING))
+
+
+class ConsoleHostTests(unittest.TestCase):
+    """GetConsole's host is what the control plane dials as ``host:port`` (research note D)."""
+
+    def info(self, listen: str | None):
+        from quantix.hypervisor import domaininfo
+
+        graphics = (
+            f"<graphics type='vnc' port='5901' autoport='yes' listen='{listen}'/>"
+            if listen
+            else ("<graphics type='vnc' port='5901' autoport='yes'/>")
+        )
+        uuid = "11111111-2222-3333-4444-555555555555"
+        xml = f"<domain type='kvm'><name>v</name><uuid>{uuid}</uuid><devices>{graphics}</devices></domain>"
+        return domaininfo.parse_domain(xml)
+
+    def test_unreachable_listen_becomes_the_management_ip(self):
+        for listen in (None, "0.0.0.0", "127.0.0.1", "::"):
+            msg = consoles.console_message(self.info(listen), lambda: "192.0.2.10")
+            self.assertEqual((msg.host, msg.port), ("192.0.2.10", 5901), listen)
+
+    def test_ipv6_hosts_are_bracketed(self):
+        msg = consoles.console_message(self.info("0.0.0.0"), lambda: "2001:db8::5")
+        self.assertEqual(msg.host, "[2001:db8::5]")
+        msg = consoles.console_message(self.info("2001:db8::7"), lambda: "192.0.2.10")
+        self.assertEqual(msg.host, "[2001:db8::7]")
+        self.assertEqual(consoles.dialable("node-a.example"), "node-a.example")

@@ -11,6 +11,7 @@ import ipaddress
 from collections.abc import Callable, Iterable
 
 import attrs
+from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
@@ -59,6 +60,7 @@ class GuestInfoCache:
         self.on_event = on_event
         self._info: dict[str, GuestInfo] = {}
         self._watchdogs: dict[str, IDelayedCall] = {}
+        self._report_waiters: dict[str, list[defer.Deferred]] = {}
 
     def get(self, vm_id: str) -> GuestInfo:
         """A copy of the VM's info (all defaults, ``connected=False``, when unknown).
@@ -96,6 +98,23 @@ class GuestInfoCache:
         if ips:
             info.ip_addresses = ips
         self._alive(vm_id, info, "agent telemetry resumed")
+        for d in self._report_waiters.pop(vm_id, []):
+            d.callback(None)
+
+    def next_telemetry(self, vm_id: str) -> defer.Deferred:
+        """Fires when the VM's next telemetry report has been stored (the caller bounds the
+        wait, e.g. with ``addTimeout``; cancelling forgets the waiter)."""
+
+        def forget(d: defer.Deferred) -> None:
+            waiting = self._report_waiters.get(vm_id, [])
+            if d in waiting:
+                waiting.remove(d)
+            if not waiting:
+                self._report_waiters.pop(vm_id, None)
+
+        d: defer.Deferred = defer.Deferred(canceller=forget)
+        self._report_waiters.setdefault(vm_id, []).append(d)
+        return d
 
     def capabilities(self, vm_id: str, caps: agent_pb2.GetCapabilitiesResponse) -> None:
         """What the agent says of itself when asked (it sent no ``agent_ready`` to us)."""

@@ -218,14 +218,22 @@ class ConnectClient:
     def call(self, service: str, method: str, request: Message, response_cls: type[M]) -> defer.Deferred:
         """POST ``request`` to ``/<service>/<method>``; fires with a ``response_cls`` or ConnectError."""
         url = f"{self.base_url}/{service}/{method}"
+        return self._post(url, encode(request), lambda response: self._read(response, response_cls))
+
+    def post_json(self, path: str, body: dict[str, Any]) -> defer.Deferred:
+        """POST plain JSON (not a Connect call, e.g. ``/api/v1/images/notify``) to ``<base><path>``;
+        fires with the decoded answer, or ConnectError for a non-200 status or a transport error."""
+        return self._post(self.base_url + path, json.dumps(body).encode(), self._read_json)
+
+    def _post(self, url: str, data: bytes, read: Any) -> defer.Deferred:
         d = self._http.post(
             url,
-            data=encode(request),
+            data=data,
             headers=Headers(self._headers),
             allow_redirects=False,
             reactor=self._reactor,
         )
-        d.addCallback(self._read, response_cls)
+        d.addCallback(read)
         # Our own timer rather than addTimeout: a cancelled Agent request fails with a wrapped
         # CancelledError, so only the timer knows whether the deadline or the caller cancelled.
         expired: list[bool] = []
@@ -256,6 +264,17 @@ class ConnectClient:
             return decode(body, response_cls)
 
         return treq.content(response).addCallback(done)
+
+    def _read_json(self, response: Any) -> defer.Deferred:
+        def done(body: bytes) -> Any:
+            if response.code != 200:
+                raise error_from_response(response.code, body)
+            try:
+                return json.loads(body or b"{}")
+            except ValueError:
+                return {}
+
+        return response.content().addCallback(done)
 
     def _translate(self, failure: Failure, url: str) -> Failure:
         if failure.check(ConnectError, defer.CancelledError):

@@ -190,6 +190,8 @@ class ControlPlaneLink(service.Service):
         self._pool_ops: dict[str, defer.Deferred] = {}
         self._no_pool_handler_logged = False
 
+        #: Called with the node id after every (re)registration, without waiting for them.
+        self.registered_listeners: list[Callable[[str], Any]] = []
         self._unimplemented: set[str] = set()
         self._unimplemented_logged: set[str] = set()
         self._notifications: set[defer.Deferred] = set()
@@ -223,6 +225,11 @@ class ControlPlaneLink(service.Service):
                 d.cancel()
         self._check_idle()
         return defer.succeed(None)
+
+    @property
+    def client(self) -> Any:
+        """The Connect client (other reporters to the same control plane share it)."""
+        return self._client
 
     @property
     def assigned_pools(self) -> frozenset[str]:
@@ -311,6 +318,11 @@ class ControlPlaneLink(service.Service):
                 "SyncNodeVMs", messages.sync_vms_request(node.id, vms), compute_pb2.SyncNodeVMsResponse
             )
         yield self._full_sync(facts, vms)
+        for listener in list(self.registered_listeners):
+            try:
+                listener(node.id)
+            except Exception:
+                log.failure("a registration listener failed")
         # The backoff is reset by a heartbeat, not by registering: a control plane that accepts
         # registrations but forgets us at once must not be hammered.
         return (0.0, self._heartbeat)

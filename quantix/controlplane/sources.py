@@ -39,11 +39,13 @@ from quantix import bridge, errors
 from quantix.config import Config
 from quantix.controlplane import facts as cf
 from quantix.controlplane.connect import ConnectClient
+from quantix.controlplane.images import ImageReporter
 from quantix.controlplane.link import ControlPlaneLink
 from quantix.facades import VmHost
 from quantix.hypervisor import hostinfo
 from quantix.hypervisor.storage import manager as sm
 from quantix.hypervisor.storage import wire as storage_wire
+from quantix.images.scan import Scanner
 from quantix.proto import node_pb2, storage_pb2
 
 log = Logger(namespace="quantix.controlplane")
@@ -480,3 +482,11 @@ def make_link(
     )
     sources.assigned = lambda: link.assigned_pools
     return link
+
+
+def make_image_reporter(reactor: Any, config: Config, link: ControlPlaneLink) -> ImageReporter:
+    """Report ``storage.cloud_images`` after each registration of ``link`` (its client)."""
+    scanner = Scanner(config.storage.cloud_images)
+    reporter = ImageReporter(reactor, link.client, scanner.scan, config.state_dir)
+    link.registered_listeners.append(reporter.registered)
+    return reporter

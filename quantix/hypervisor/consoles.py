@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import os
 from collections.abc import Callable
 
@@ -33,7 +34,19 @@ def console_message(
     host = g.listen or ""
     if host in _UNREACHABLE:
         host = management_ip()
-    return node_pb2.ConsoleInfoResponse(type=g.type, host=host, port=g.port, password=g.password or "")
+    return node_pb2.ConsoleInfoResponse(
+        type=g.type, host=dialable(host), port=g.port, password=g.password or ""
+    )
+
+
+def dialable(host: str) -> str:
+    """An IPv6 literal in brackets: the control plane joins ``host:port`` unbracketed, which
+    only dials when an IPv6 address carries its brackets already (IPv4 and names pass)."""
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    return f"[{host}]" if addr.version == 6 else host
 
 
 def console(dom: libvirt.virDomain, management_ip: Callable[[], str]) -> node_pb2.ConsoleInfoResponse:

@@ -166,6 +166,11 @@ class DownloadEngine(Service):
         return snapshot
 
     @bridge.reactor_only
+    def list(self) -> list[Job]:
+        """Copies of every kept job, oldest first."""
+        return sorted((job.copy() for job in self.jobs.values()), key=lambda j: j.started_at)
+
+    @bridge.reactor_only
     def watch(self, job_id: str, fn: Callable[[Job], None]) -> Callable[[], None]:
         """Call ``fn(copy)`` on the reactor at every status change of ``job_id``."""
         self.get(job_id)

@@ -366,7 +366,7 @@ def build_parser(out: IO[str], err: IO[str]) -> argparse.ArgumentParser:
     parser_class = type("Parser", (_Parser,), {"out": out, "err": err})
     parser = parser_class(
         prog="quantix-nodectl",
-        description="Inspect a running Quantix node daemon over gRPC.",
+        description="Inspect a running Quantix node daemon over gRPC; mint registration tokens.",
         epilog="exit codes: 0 ok, 1 RPC error, 2 usage, 3 unreachable/UNAVAILABLE, 4 node not healthy",
     )
     parser.add_argument("--address", default="127.0.0.1:9090", help="daemon gRPC address [%(default)s]")
@@ -385,6 +385,14 @@ def build_parser(out: IO[str], err: IO[str]) -> argparse.ArgumentParser:
     metrics.add_argument("--interval", type=int, default=1, help="seconds between samples [%(default)s]")
     metrics.add_argument("--follow", action="store_true", help="keep printing samples")
     metrics.add_argument("--count", type=int, metavar="N", help="with --follow: stop after N samples")
+    token = sub.add_parser(
+        "registration-token",
+        help="mint the one-hour token for the control plane's Add Host (local: writes the state dir)",
+    )
+    token.add_argument(
+        "--config", default=None, help="daemon config, for state_dir [/etc/limiquantix/node.yaml]"
+    )
+    token.add_argument("--state-dir", default=None, help="daemon state dir (overrides the config)")
     call = sub.add_parser(
         "call",
         help="call any RPC by name with a JSON request (types learnt from the server's reflection)",
@@ -401,7 +409,39 @@ def build_parser(out: IO[str], err: IO[str]) -> argparse.ArgumentParser:
     from quantix.ops import nodectl_migrate
 
     nodectl_migrate.add_parser(sub)
+    from quantix.ops import nodectl_images
+
+    nodectl_images.add_parser(sub)
     return parser
+
+
+def registration_token(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
+    """Mint a token by writing it into the daemon's state dir (no daemon call: minting is local
+    by design, so nothing that can reach a port can mint one)."""
+    import json
+
+    from quantix import config as cfg
+    from quantix.ops import regtoken
+
+    state_dir = args.state_dir
+    if state_dir is None:
+        try:
+            path = args.config or cfg.DEFAULT_CONFIG_PATH
+            state_dir = cfg.load(path, path_explicit=args.config is not None).state_dir
+        except cfg.ConfigError as exc:
+            err.write(f"quantix-nodectl: {exc}\n")
+            return EXIT_USAGE
+    try:
+        tok = regtoken.mint(state_dir)
+    except OSError as exc:
+        err.write(f"quantix-nodectl: state dir {state_dir}: {exc.strerror} (run as the daemon's user)\n")
+        return EXIT_RPC_ERROR
+    if args.json:
+        body = {"token": tok.token, "expiresAt": regtoken.rfc3339(tok.expires_at)}
+        out.write(json.dumps(body) + "\n")
+    else:
+        out.write(f"{tok.token}\nvalid until {regtoken.rfc3339(tok.expires_at)} (one hour)\n")
+    return EXIT_OK
 
 
 class _Ctl:
@@ -494,6 +534,11 @@ class _Ctl:
             self.out.write(rpccall.describe(method) + "\n")
         return EXIT_OK
 
+    def images(self) -> int:
+        from quantix.ops import nodectl_images
+
+        return nodectl_images.run(self, self.err)
+
     def migrate(self) -> int:
         from quantix.ops import nodectl_migrate
 
@@ -527,6 +572,8 @@ def main(
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    if args.command == "registration-token":
+        return registration_token(args, out, err)
     import grpc
 
     ctl = _Ctl(args, out, err)

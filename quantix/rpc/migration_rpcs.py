@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import grpc
 from google.protobuf import empty_pb2, timestamp_pb2
 from twisted.logger import Logger
 
@@ -56,7 +57,9 @@ class MigrationRpcs:
             self._jobs[vm_id] = job
 
     @rpc("MigrateVM")
-    def migrate_vm(self, request: Any, context: Any) -> Iterator[Any]:
+    def migrate_vm(
+        self, request: node_pb2.MigrateVMRequest, context: grpc.ServicerContext
+    ) -> Iterator[node_pb2.MigrationProgress]:
         cfg = self.config.migration
         target = migration.parse_target(request.target_node_uri, cfg.uri_template)
         conn = self.hypervisor.conn()
@@ -119,7 +122,9 @@ class MigrationRpcs:
         )
 
     @rpc("PrepareMigration")
-    def prepare_migration(self, request: Any, context: Any) -> Any:
+    def prepare_migration(
+        self, request: node_pb2.PrepareMigrationRequest, context: grpc.ServicerContext
+    ) -> node_pb2.MigrationToken:
         vm_id = _vm_uuid(request.vm_id)
         cfg = self.config.migration
         source = migration.parse_target(request.source_node_uri, cfg.uri_template, what="source_node_uri")
@@ -145,7 +150,9 @@ class MigrationRpcs:
         )
 
     @rpc("ReceiveMigration")
-    def receive_migration(self, request: Any, context: Any) -> Any:
+    def receive_migration(
+        self, request: node_pb2.MigrationToken, context: grpc.ServicerContext
+    ) -> empty_pb2.Empty:
         self.tokens.receive(request.token, request.vm_id.lower())
         return empty_pb2.Empty()
 

@@ -72,7 +72,12 @@ def add_routes(router: Router, engine: Any) -> None:
         except errors.NotFound:
             raise HttpError(404, "job_not_found", f"download job not found: {call.params['jobId']}") from None
 
+    def listing(call: Call) -> dict[str, Any]:
+        """Not used by the control plane: ``quantix-nodectl images jobs`` reads it."""
+        return {"jobs": [job.rest() for job in engine.list()]}
+
     router.add("POST", "/api/v1/images/download", start)
+    router.add("GET", "/api/v1/images/download", listing)
     router.add("GET", "/api/v1/images/download/{jobId}", status)
 
 

@@ -11,8 +11,10 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IProtocolNegotiationFactory
 from twisted.logger import Logger
 from twisted.protocols.policies import WrappingFactory
+from zope.interface import implementer
 
 from quantix import bridge
 from quantix.config import ListenError, parse_address
@@ -20,6 +22,16 @@ from quantix.web.allow import ClientAllowList, resolve_host
 from quantix.web.request import MAX_BODY, JsonSite
 
 log = Logger(namespace="quantix.web")
+
+
+@implementer(IProtocolNegotiationFactory)
+class _TrackingFactory(WrappingFactory):
+    """Tracks connections and, over TLS, answers ALPN itself: a plain ``WrappingFactory`` hides
+    the site's ALPN support, and then a client offering ALPN (curl does) gets an "internal error"
+    alert instead of a handshake. HTTP/1.1 only: the request limits are written for it."""
+
+    def acceptableProtocols(self) -> list[bytes]:
+        return [b"http/1.1"]
 
 
 class WebListener(Service):
@@ -50,8 +62,8 @@ class WebListener(Service):
         self.control_plane_url = control_plane_url
         self.site = JsonSite(resource, reactor=reactor, max_body=max_body, allow=allow)
         # Tracks open connections, so a stop can close keep-alive clients too.
-        self._factory = WrappingFactory(self.site)
-        self._factory.noisy = False  # no "Starting factory <...WrappingFactory object at 0x...>"
+        self._factory = _TrackingFactory(self.site)
+        self._factory.noisy = False  # no "Starting factory <..._TrackingFactory object at 0x...>"
         self.port: int | None = None
         self._listening: Any = None
 
