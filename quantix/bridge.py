@@ -64,8 +64,12 @@ def post_to_reactor(reactor: Any, func: Callable[P, Any], *args: P.args, **kwarg
     reactor.callFromThread(func, *args, **kwargs)
 
 
-def run_in_worker(
-    func: Callable[P, R], *args: P.args, reactor: Any = None, **kwargs: P.kwargs
+# mypy refuses a keyword-only parameter between ``*args: P.args`` and ``**kwargs: P.kwargs``.
+def run_in_worker(  # type: ignore[valid-type]
+    func: Callable[P, R],
+    *args: P.args,
+    reactor: Any = None,
+    **kwargs: P.kwargs,
 ) -> defer.Deferred[R]:
     """Reactor thread: run blocking ``func`` in the reactor's thread pool; a Deferred (fired
     on the reactor) for its result. ``reactor`` defaults to the global reactor, whose pool a

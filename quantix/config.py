@@ -13,7 +13,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import yaml
@@ -476,11 +476,11 @@ def build(values: Mapping[str, tuple[Any, str]]) -> Config:
     for key, (value, where) in values.items():
         section, _, sub = key.partition(".")
         if sub:
-            field = attrs.fields_dict(fields[section].type)[sub]
+            field = attrs.fields_dict(cast(type, fields[section].type))[sub]
             nested.setdefault(section, {})[sub] = (_read(field, value, where), where)
         else:
             top[key] = (_read(fields[key], value, where), where)
-    sections = {name: _construct(fields[name].type, subs) for name, subs in nested.items()}
+    sections = {name: _construct(cast(type, fields[name].type), subs) for name, subs in nested.items()}
     return _construct(Config, top, extra=sections)
 
 

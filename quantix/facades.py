@@ -28,8 +28,9 @@ if TYPE_CHECKING:
 
     from quantix.agent.guestinfo import GuestInfo
     from quantix.agent.quiesce import Frozen
+    from quantix.events.bus import Published
     from quantix.hypervisor.connection import HypervisorIdentity
-    from quantix.proto import agent_pb2, node_pb2
+    from quantix.proto import agent_pb2
 
 
 class VmHost(Protocol):
@@ -72,7 +73,7 @@ class GuestAgents(Protocol):
 
 
 class Subscription(Protocol):
-    def events(self, is_active: Callable[[], bool], poll: float) -> Iterator[node_pb2.NodeEvent]:
+    def events(self, is_active: Callable[[], bool], poll: float) -> Iterator[Published]:
         """Worker: blocking iterator over the subscriber's events until ``is_active()`` is false."""
 
     def cancel(self) -> None:

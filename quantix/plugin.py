@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from typing import Any
 
 from twisted.python import usage
 
@@ -37,9 +36,9 @@ class Options(usage.Options):
         print(versions.text())
         raise SystemExit(0)
 
-    def given(self) -> dict[str, Any]:
+    def given(self) -> dict[str, object]:
         """The flags the user actually passed (never their defaults)."""
-        out: dict[str, Any] = {k: v for k, v in self.items() if k in cfg.FLAG_KEYS and v is not None}
+        out: dict[str, object] = {k: v for k, v in self.items() if k in cfg.FLAG_KEYS and v is not None}
         if not self["register"]:
             out.pop("register", None)
         else:

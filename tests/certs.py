@@ -1,10 +1,11 @@
-"""Throwaway X.509 material for TLS tests: a CA, a server cert for 127.0.0.1, client certs."""
+"""The one test CA builder: throwaway X.509 material (a CA, server certs for 127.0.0.1, client certs)."""
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
 import os
+from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -59,6 +60,19 @@ class CA:
             builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
         cert = builder.sign(self.key, hashes.SHA256())
         return cert.public_bytes(serialization.Encoding.PEM), _pem_key(key)
+
+
+def server_tls(directory: Path) -> tuple[str, object]:
+    """A private CA and a server certificate for 127.0.0.1 signed by it, for Twisted TLS
+    servers (the fake control plane); returns (CA file, server context options)."""
+    from twisted.internet import ssl
+
+    directory.mkdir(parents=True, exist_ok=True)
+    ca = CA("qtx test CA")
+    cert, key = ca.issue("127.0.0.1", server=True)
+    ca_file = directory / "ca.pem"
+    ca_file.write_bytes(ca.pem)
+    return str(ca_file), ssl.PrivateCertificate.loadPEM(key + cert).options()
 
 
 def write(directory: str, name: str, data: bytes) -> str:

@@ -52,6 +52,11 @@ def real_libvirt_uri(uri: str = SYSTEM_URI) -> str:
     raise SkipTest(f"no real libvirtd: {why}")
 
 
+def virsh(*args: str, uri: str = SYSTEM_URI) -> None:
+    """Run ``virsh -c uri args`` for cleanup; its outcome is not checked (the object may be gone)."""
+    subprocess.run(["virsh", "-q", "-c", uri, *args], capture_output=True, timeout=60, check=False)
+
+
 def unique_name(prefix: str = NAME_PREFIX) -> str:
     """A domain name no other test (or test process) will pick."""
     return f"{prefix}-{uuid.uuid4().hex[:12]}"

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
+import socket
 import tempfile
 from typing import Any
 
 import grpc
 from twisted.internet import defer, reactor, threads
+from twisted.trial import unittest
 
 from quantix import config as cfg
 from quantix.node import NodeService
@@ -111,3 +114,36 @@ def storage_dir(daemon: Daemon) -> str:
     """The daemon's storage root, created: files a request names must lie in a storage location."""
     os.makedirs(daemon.config.storage.root, exist_ok=True)
     return daemon.config.storage.root
+
+
+class DatagramSink:
+    """A bound AF_UNIX datagram socket: what systemd's notify socket or journald's socket is."""
+
+    def __init__(self, testcase: unittest.TestCase, name: str = "notify") -> None:
+        # Short path: sun_path is limited to 108 bytes, trial's temp dirs can be longer.
+        self.dir = tempfile.mkdtemp(prefix="qtx-ops-")
+        testcase.addCleanup(shutil.rmtree, self.dir, True)
+        self.path = os.path.join(self.dir, name)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.sock.setblocking(False)
+        testcase.addCleanup(self.sock.close)
+        self.received: list[bytes] = []
+
+    def drain(self) -> list[bytes]:
+        """Everything queued right now (never blocks)."""
+        got = []
+        while True:
+            try:
+                got.append(self.sock.recv(1 << 20))
+            except BlockingIOError:
+                break
+        self.received.extend(got)
+        return got
+
+    def messages(self) -> list[str]:
+        self.drain()
+        return [m.decode() for m in self.received]
+
+    def count(self, line: str) -> int:
+        return sum(line in m.splitlines() for m in self.messages())

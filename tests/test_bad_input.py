@@ -1102,9 +1102,9 @@ class QemuFallbackTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_unknown_enums_on_hotplug_fall_back_to_virtio(self):
-        from tests.test_vm_qemu import require_libvirtd, virsh
+        from tests.libvirtd import real_libvirt_uri, virsh
 
-        require_libvirtd()
+        real_libvirt_uri()
         daemon = Daemon(self, **{"hypervisor.uri": "qemu:///system", "hypervisor.domain_type": "qemu"})
         yield daemon.start()
         pool = daemon.node.storage.vm_pool_name

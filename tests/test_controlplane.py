@@ -18,7 +18,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from quantix.controlplane import state
-from quantix.controlplane.connect import ConnectClient
+from quantix.controlplane.connect import ConnectClient, ConnectError
 from quantix.controlplane.facts import (
     CpuFacts,
     HeartbeatSample,
@@ -29,10 +29,12 @@ from quantix.controlplane.facts import (
     StorageDeviceFacts,
     VMFacts,
 )
-from quantix.controlplane.link import ControlPlaneLink
-from quantix.proto import storage_pb2
+from quantix.controlplane.link import FAILURES_BEFORE_REREGISTER, ControlPlaneLink, Link
+from quantix.controlplane.link import Input as LinkInput
+from quantix.proto import compute_pb2, storage_pb2
+from quantix.util.states import IllegalTransition
+from tests.certs import server_tls
 from tests.fakecp import FakeControlPlane, FakeCPServer, listen_silent
-from tests.test_controlplane_connect import make_tls, x509
 
 GiB = 1 << 30
 
@@ -448,9 +450,7 @@ class LinkTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_https_with_self_signed_ca(self) -> Any:
-        if x509 is None:
-            raise unittest.SkipTest("pyOpenSSL/cryptography not installed: no TLS in Twisted")
-        ca_file, options = make_tls(Path(self.mktemp()))
+        ca_file, options = server_tls(Path(self.mktemp()))
         tls_server = FakeCPServer(reactor, self.cp, options)
         tls_server.start()
         self.addCleanup(tls_server.stop)
@@ -533,3 +533,101 @@ class Messages(unittest.TestCase):
             storage_devices=(StorageDeviceFacts("/dev/x", kind="tape"),),
         )
         self.assertEqual(register_request(facts).storage_devices[0].type, 0)
+
+
+class _RecordingClient:
+    """Answers each call with a Deferred the test fires; no network."""
+
+    base_url = "http://cp.invalid:8080"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, defer.Deferred]] = []
+
+    def call(self, service: str, method: str, request: Any, response_cls: Any) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        self.calls.append((method, d))
+        return d
+
+    def answer(self, method: str, value: Any) -> None:
+        name, d = self.calls.pop(0)
+        assert name == method, (name, method)
+        d.callback(value)
+
+    def refuse(self, method: str) -> None:
+        name, d = self.calls.pop(0)
+        assert name == method, (name, method)
+        d.errback(ConnectError("unavailable", "down", 503))
+
+
+class LinkStateTests(unittest.TestCase):
+    """The main loop's named states on a fake clock with a recording client."""
+
+    def setUp(self) -> None:
+        self.clock = task.Clock()
+        self.client = _RecordingClient()
+        self.link = ControlPlaneLink(
+            self.clock,
+            self.client,
+            lambda: FACTS,
+            self.mktemp(),
+            rand=lambda: 0.0,
+            heartbeat_interval=30.0,
+        )
+
+    def test_held_until_both_started_and_allowed_in_either_order(self) -> None:
+        link = self.link
+        self.assertIs(link.state, Link.IDLE)
+        link.start_registration()
+        self.assertIs(link.state, Link.ALLOWED)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        link.startService()
+        self.assertIs(link.state, Link.REGISTER_PENDING)
+        link.stopService()
+        self.assertIs(link.state, Link.ALLOWED)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+        other = ControlPlaneLink(self.clock, self.client, lambda: FACTS, self.mktemp(), rand=lambda: 0.0)
+        other.startService()
+        self.addCleanup(other.stopService)
+        self.assertIs(other.state, Link.HELD)
+        other.start_registration()
+        other.start_registration()  # idempotent
+        self.assertIs(other.state, Link.REGISTER_PENDING)
+
+    def test_register_heartbeat_fail_and_reregister(self) -> None:
+        link = self.link
+        link.startService()
+        self.addCleanup(link.stopService)
+        link.start_registration()
+        self.clock.advance(0)
+        self.assertIs(link.state, Link.REGISTERING)
+        self.client.refuse("RegisterNode")
+        self.assertIs(link.state, Link.REGISTER_PENDING)
+        self.clock.advance(1.0)  # the backoff's first delay
+        self.client.answer("RegisterNode", compute_pb2.Node(id="n-1"))
+        self.client.answer("SyncNodeVMs", compute_pb2.SyncNodeVMsResponse())
+        self.client.answer("SyncFullState", compute_pb2.SyncFullStateResponse())
+        self.assertIs(link.state, Link.HEARTBEAT_PENDING)
+        self.assertTrue(link.registered)
+        for _ in range(FAILURES_BEFORE_REREGISTER - 1):
+            self.clock.advance(60)
+            self.assertIs(link.state, Link.HEARTBEATING)
+            self.client.refuse("UpdateHeartbeat")
+            self.assertIs(link.state, Link.HEARTBEAT_PENDING)
+        self.clock.advance(60)
+        self.client.refuse("UpdateHeartbeat")
+        self.assertIs(link.state, Link.REGISTER_PENDING)
+        self.assertFalse(link.registered)
+
+    def test_stop_while_calling_cancels_and_a_late_answer_changes_nothing(self) -> None:
+        link = self.link
+        link.startService()
+        link.start_registration()
+        self.clock.advance(0)
+        [(_, pending)] = self.client.calls
+        link.stopService()
+        self.assertIs(link.state, Link.ALLOWED)
+        self.assertTrue(pending.called)  # cancelled
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        with self.assertRaises(IllegalTransition):
+            link.states.fire(LinkInput.DUE)

@@ -21,18 +21,10 @@ from quantix.controlplane.connect import (
     parse_retry_after,
 )
 from quantix.proto import compute_pb2, storage_pb2
+from tests.certs import server_tls
 from tests.fakecp import FakeControlPlane, FakeCPServer, listen_silent
 
 NODE = "limiquantix.compute.v1.NodeService"
-
-try:
-    import OpenSSL  # noqa: F401  (Twisted's TLS needs pyOpenSSL)
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-except ImportError:  # pragma: no cover - depends on the environment
-    x509 = None
 
 
 class Encoding(unittest.TestCase):
@@ -194,10 +186,8 @@ class Transport(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_https_with_private_ca(self) -> None:
-        if x509 is None:
-            raise unittest.SkipTest("pyOpenSSL/cryptography not installed: no TLS in Twisted")
         tmp = Path(tempfile.mkdtemp(prefix="qtx-test-tls-"))
-        ca_pem, server_options = make_tls(tmp)
+        ca_pem, server_options = server_tls(tmp)
         srv = self.serve(tls=server_options)
         self.assertTrue(srv.url.startswith("https://"))
         client = ConnectClient(reactor, srv.url, ca_file=ca_pem, token="t")
@@ -217,7 +207,7 @@ class Transport(unittest.TestCase):
         self.assertTrue(node.id)
 
         # Another CA: the handshake must fail, and that is reported as unavailable.
-        other_ca, _ = make_tls(tmp / "other")
+        other_ca, _ = server_tls(tmp / "other")
         stranger = ConnectClient(reactor, srv.url, ca_file=other_ca)
         err = yield self.assertFailure(
             stranger.call(NODE, "RegisterNode", compute_pb2.RegisterNodeRequest(), compute_pb2.Node),
@@ -225,51 +215,3 @@ class Transport(unittest.TestCase):
         )
         self.assertEqual(err.code, "unavailable")
         self.assertEqual(len(srv.cp.requests), 2)
-
-
-def make_tls(directory: Path) -> tuple[str, object]:
-    """A private CA and a server certificate for 127.0.0.1 signed by it; returns (CA file, options)."""
-    from twisted.internet import ssl
-
-    directory.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.UTC)
-
-    def name(cn: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(name("qtx test CA"))
-        .issuer_name(name("qtx test CA"))
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    import ipaddress
-
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name("127.0.0.1"))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    ca_file = directory / "ca.pem"
-    ca_file.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
-    options = ssl.PrivateCertificate.loadPEM(key_pem + cert_pem).options()
-    return str(ca_file), options

@@ -9,9 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import socket
-import tempfile
 import threading
 import time
 import urllib.request
@@ -31,42 +29,9 @@ from quantix.ops import logs, nodectl
 from quantix.ops.metrics import MetricsService, NodeCollector
 from quantix.ops.notify import Notifier, notify_address, watchdog_interval
 from quantix.proto import node_pb2
-from tests.support import Daemon, wait_for
+from tests.support import Daemon, DatagramSink, wait_for
 
 RUNNING_VM = "11111111-2222-3333-4444-555555555555"
-
-
-class DatagramSink:
-    """A bound AF_UNIX datagram socket: what systemd's notify socket or journald's socket is."""
-
-    def __init__(self, testcase: unittest.TestCase, name: str = "notify") -> None:
-        # Short path: sun_path is limited to 108 bytes, trial's temp dirs can be longer.
-        self.dir = tempfile.mkdtemp(prefix="qtx-ops-")
-        testcase.addCleanup(shutil.rmtree, self.dir, True)
-        self.path = os.path.join(self.dir, name)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.path)
-        self.sock.setblocking(False)
-        testcase.addCleanup(self.sock.close)
-        self.received: list[bytes] = []
-
-    def drain(self) -> list[bytes]:
-        """Everything queued right now (never blocks)."""
-        got = []
-        while True:
-            try:
-                got.append(self.sock.recv(1 << 20))
-            except BlockingIOError:
-                break
-        self.received.extend(got)
-        return got
-
-    def messages(self) -> list[str]:
-        self.drain()
-        return [m.decode() for m in self.received]
-
-    def count(self, line: str) -> int:
-        return sum(line in m.splitlines() for m in self.messages())
 
 
 def set_env(testcase: unittest.TestCase, **values: str) -> None:
@@ -109,6 +74,22 @@ class NotifyProtocolTests(unittest.TestCase):
         notifier.close()
 
 
+class WatchdogOnAClockTests(unittest.TestCase):
+    def test_pings_every_interval_and_none_after_close(self) -> None:
+        sink = DatagramSink(self)
+        clock = task.Clock()
+        notifier = Notifier(clock, {"NOTIFY_SOCKET": sink.path, "WATCHDOG_USEC": "2000000"})
+        notifier.ready()
+        self.assertEqual(sink.count("WATCHDOG=1"), 1)  # at once, then every interval (1 s)
+        clock.advance(1.0)
+        clock.advance(1.0)
+        self.assertEqual(sink.count("WATCHDOG=1"), 3)
+        notifier.close()
+        self.assertEqual(clock.getDelayedCalls(), [])
+        clock.advance(60.0)
+        self.assertEqual(sink.count("WATCHDOG=1"), 3)
+
+
 class NotifyDaemonTests(unittest.TestCase):
     timeout = 60
 
@@ -128,10 +109,8 @@ class NotifyDaemonTests(unittest.TestCase):
         self.assertEqual(sink.count("STOPPING=1"), 0)
         yield daemon.stop()
         self.assertEqual(sink.count("STOPPING=1"), 1)
-        # After the stop the watchdog is quiet.
-        before = sink.count("WATCHDOG=1")
-        yield task.deferLater(reactor, 0.3, lambda: None)
-        self.assertEqual(sink.count("WATCHDOG=1"), before)
+        # After the stop the watchdog is quiet (its timer: WatchdogOnAClockTests).
+        self.assertIsNone(daemon.node.ops.notifier._watchdog)
 
     @defer.inlineCallbacks
     def test_blocked_reactor_sends_no_watchdog_ping(self):

@@ -16,7 +16,7 @@ from google.protobuf import empty_pb2
 from twisted.trial import unittest
 
 from quantix.proto import node_grpc, node_pb2
-from tests.test_ops import DatagramSink
+from tests.support import DatagramSink
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GRACE = 2.0

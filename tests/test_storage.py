@@ -13,6 +13,7 @@ from twisted.internet import defer, threads
 from twisted.trial import unittest
 
 from quantix.proto import node_pb2
+from tests.libvirtd import real_libvirt_uri
 from tests.support import Daemon, rpc_error
 
 LOCAL_DIR, NFS, CEPH_RBD, CEPH_FS, ISCSI = 1, 3, 4, 5, 6
@@ -229,16 +230,6 @@ class TestDriverStorageTests(unittest.TestCase):
 SYSTEM_URI = "qemu:///system"
 
 
-def _system_available() -> str | None:
-    """None when qemu:///system answers, else why not."""
-    libvirt.registerErrorHandler(lambda _c, _e: None, None)
-    try:
-        libvirt.open(SYSTEM_URI).close()
-    except libvirt.libvirtError as exc:
-        return str(exc)
-    return None
-
-
 class _SystemBase(unittest.TestCase):
     """Real pools on the shared libvirtd: unique names, everything undefined at teardown."""
 
@@ -246,11 +237,7 @@ class _SystemBase(unittest.TestCase):
 
     @defer.inlineCallbacks
     def setUp(self):
-        reason = yield threads.deferToThread(_system_available)
-        if reason is not None:
-            if os.environ.get("CI"):
-                self.fail(f"{SYSTEM_URI} unavailable in CI: {reason}")
-            raise unittest.SkipTest(f"{SYSTEM_URI} unavailable: {reason}")
+        real_libvirt_uri(SYSTEM_URI)
         self.daemon = yield Daemon(self, **{"hypervisor.uri": SYSTEM_URI}).start()
         self.conn = self.daemon.node.hypervisor.conn()
         self.prefix = f"qtx-test-{uuid.uuid4().hex[:8]}"

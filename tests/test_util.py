@@ -138,3 +138,29 @@ class RpcObserversTests(unittest.TestCase):
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         ours.remove(broken)
         ours.remove(broken)  # not registered any more: nothing happens
+
+
+class StateMachineTests(unittest.TestCase):
+    def test_table_moves_and_refuses(self) -> None:
+        import enum
+
+        from quantix.util.states import IllegalTransition, StateMachine
+
+        class S(enum.Enum):
+            A = 1
+            B = 2
+
+        class In(enum.Enum):
+            GO = 1
+            BACK = 2
+
+        seen: list[tuple] = []
+        m = StateMachine("t", S.A, {(S.A, In.GO): S.B, (S.B, In.BACK): S.A}, lambda *t: seen.append(t))
+        self.assertTrue(m.accepts(In.GO))
+        self.assertIs(m.fire(In.GO), S.A)
+        self.assertIs(m.state, S.B)
+        with self.assertRaises(IllegalTransition) as caught:
+            m.fire(In.GO)
+        self.assertEqual(str(caught.exception), "t: GO is not accepted in B")
+        self.assertIs(m.state, S.B)
+        self.assertEqual(seen, [(S.A, In.GO, S.B)])

@@ -20,34 +20,15 @@ from twisted.internet import defer, threads
 from twisted.trial import unittest
 
 from quantix.proto import node_pb2
-from tests.libvirtd import NAME_PREFIX
+from tests.libvirtd import NAME_PREFIX, real_libvirt_uri, virsh
 from tests.support import Daemon, rpc_error, storage_dir, wait_for
 
 URI = "qemu:///system"
 MGMT_IP = "192.0.2.10"
-_probe: list[str | None] = []
-
-
-def _why_unreachable() -> str | None:
-    try:
-        proc = subprocess.run(["virsh", "-c", URI, "uri"], capture_output=True, text=True, timeout=15)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return str(exc)
-    return None if proc.returncode == 0 else (proc.stderr.strip() or "virsh failed")
 
 
 def require_libvirtd() -> None:
-    """Probe in a child process: the test process must not open libvirt before the daemon does."""
-    if not _probe:
-        _probe.append(_why_unreachable())
-    if _probe[0] is not None:
-        if os.environ.get("CI"):
-            raise unittest.FailTest(f"real libvirtd required in CI: {_probe[0]}")
-        raise unittest.SkipTest(f"{URI} does not answer: {_probe[0]}")
-
-
-def virsh(*args: str) -> None:
-    subprocess.run(["virsh", "-q", "-c", URI, *args], capture_output=True, timeout=60, check=False)
+    real_libvirt_uri(URI)
 
 
 class QemuVmTests(unittest.TestCase):

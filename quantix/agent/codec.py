@@ -65,7 +65,7 @@ def encode(message: agent_pb2.AgentMessage, max_frame: int = MAX_FRAME) -> bytes
 
 def _parse(data: memoryview) -> agent_pb2.AgentMessage | None:
     try:
-        msg = agent_pb2.AgentMessage.FromString(data)
+        msg = agent_pb2.AgentMessage.FromString(data)  # type: ignore[arg-type]  # any buffer, no copy
     except DecodeError:
         return None
     # A message without a payload is useless to either side; treating it as noise also rejects

@@ -127,7 +127,7 @@ class GuestInfoCache:
         info.capabilities = list(caps.capabilities)
 
     def seen(self, vm_id: str) -> None:
-        """Any other frame from the agent (a reply) also proves it is alive."""
+        """Every other frame from the agent (a reply) also proves it is alive."""
         info = self._info.get(vm_id)
         if info is not None and info.connected:
             info.last_seen = self.clock.seconds()

@@ -13,15 +13,18 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Iterable, Sequence
+from typing import cast
 
 from google.protobuf.message import Message
 from twisted.application.internet import ClientService
 from twisted.internet import defer
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.error import ConnectError
-from twisted.internet.interfaces import IReactorTime, IReactorUNIX
+from twisted.internet.interfaces import IProtocolFactory, IReactorTime, IReactorUNIX, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from quantix import bridge
 from quantix.agent import sockets
@@ -71,6 +74,7 @@ def socket_candidates(
     return out
 
 
+@implementer(IStreamClientEndpoint)
 class _FirstSocketEndpoint:
     """A UNIX client endpoint whose path is the first acceptable candidate at connect time.
 
@@ -88,7 +92,7 @@ class _FirstSocketEndpoint:
         self._refused: set[tuple[str, str]] = set()
         self.last_path: str | None = None
 
-    def connect(self, factory: Factory) -> defer.Deferred:
+    def connect(self, factory: IProtocolFactory) -> defer.Deferred:
         for path in self._candidates():
             try:
                 refusal = sockets.socket_refusal(path, self._owners)
@@ -162,7 +166,7 @@ class AgentManager:
             def candidates():
                 return socket_candidates(vm_id, self.socket_dir, self.channel_roots, domain_name)
 
-        endpoint = _FirstSocketEndpoint(self.reactor, candidates, self._connect_timeout)
+        endpoint = _FirstSocketEndpoint(cast(IReactorUNIX, self.reactor), candidates, self._connect_timeout)
         factory = Factory.forProtocol(lambda: self._build(vm_id))
         # Not "Starting factory <...Factory object at 0x...>" at every (re)connect: the
         # channel's state changes are logged once each by _changed.
@@ -205,11 +209,11 @@ class AgentManager:
     def is_channel_open(self, vm_id: str) -> bool:
         """The socket is connected (the agent itself may still be silent)."""
         vm = self._vms.get(vm_id)
-        return vm is not None and vm.proto is not None and vm.proto.connected
+        return vm is not None and vm.proto is not None and bool(vm.proto.connected)
 
     def connected_count(self) -> int:
         """Open agent channels (the ``quantix_agent_connections`` metric)."""
-        return sum(self.is_channel_open(vm_id) for vm_id in self._vms)
+        return sum(1 for vm_id in self._vms if self.is_channel_open(vm_id))
 
     def socket_path(self, vm_id: str) -> str | None:
         """The path of the last connection attempt, for logs and tests."""
@@ -300,7 +304,7 @@ class _TrackedProtocol(AgentProtocol):
         super().connectionMade()
         self.manager._made(self.vm_id, self)
 
-    def connectionLost(self, reason: object = None) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
         super().connectionLost(reason)
         self.manager._lost(self.vm_id, self, reason)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
-from typing import Any
 
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -25,7 +24,9 @@ from quantix.proto import agent_pb2
 
 _PAYLOAD = agent_pb2.AgentMessage.DESCRIPTOR.oneofs_by_name["payload"]
 #: request message type name -> oneof field name ("PingRequest" -> "ping")
-_REQUEST_FIELD = {f.message_type.full_name: f.name for f in _PAYLOAD.fields if f.number < 50}
+_REQUEST_FIELD = {
+    f.message_type.full_name: f.name for f in _PAYLOAD.fields if f.number < 50 and f.message_type
+}
 #: request field name -> the response field name the guest answers with (tag + 40)
 _REPLY_FIELD = {
     f.name: agent_pb2.AgentMessage.DESCRIPTOR.fields_by_number[f.number + 40].name
@@ -123,6 +124,7 @@ class AgentProtocol(Protocol):
         d: defer.Deferred = defer.Deferred(cancel)
         timer = self.clock.callLater(timeout, self._timed_out, mid, timeout)
         self._pending[mid] = _Pending(d, timer, _REPLY_FIELD.get(field, ""), field)
+        assert self.transport is not None  # connected (checked above) implies a transport
         self.transport.write(frame)  # buffered by the transport, never blocks
         return d
 
@@ -173,7 +175,7 @@ class AgentProtocol(Protocol):
             reason=reason,
             n=self.decoder.discarded,
         )
-        self.transport.abortConnection()
+        self.transport.abortConnection()  # type: ignore[union-attr]  # a connected TCP/UNIX transport
 
     def _dispatch(self, msg: agent_pb2.AgentMessage) -> None:
         kind = msg.WhichOneof("payload")
@@ -195,7 +197,7 @@ class AgentProtocol(Protocol):
             self.log.debug("agent reply {kind} for unknown request {mid}", kind=kind, mid=msg.message_id)
             return
         p.timer.cancel()
-        if p.reply_field and kind != p.reply_field:
+        if kind is None or (p.reply_field and kind != p.reply_field):
             p.deferred.errback(AgentError(f"guest answered {p.op} with {kind}"))
             return
         p.deferred.callback(getattr(msg, kind))
@@ -209,7 +211,7 @@ class AgentProtocol(Protocol):
             p.deferred.errback(ConnectionLost(f"agent channel closed during {p.op}"))
 
 
-def payload_of(msg: agent_pb2.AgentMessage) -> Any:
+def payload_of(msg: agent_pb2.AgentMessage) -> Message | None:
     """The message inside the oneof, or None."""
     kind = msg.WhichOneof("payload")
     return getattr(msg, kind) if kind else None

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, TypeVar
 
+import treq
 import treq.client
 from google.protobuf import json_format
 from google.protobuf.message import Message
@@ -34,6 +35,7 @@ from twisted.web.client import (
     _HTTP11ClientFactory,
 )
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import IResponse
 
 M = TypeVar("M", bound=Message)
 
@@ -242,7 +244,7 @@ class ConnectClient:
 
         timer = self._reactor.callLater(self._timeout, expire)
 
-        def settle(result: Any) -> Any:
+        def settle(result: object) -> object:
             if timer.active():
                 timer.cancel()
             if expired and isinstance(result, Failure):
@@ -253,7 +255,7 @@ class ConnectClient:
         d.addErrback(self._translate, url)
         return d
 
-    def _read(self, response: Any, response_cls: type[M]) -> defer.Deferred:
+    def _read(self, response: IResponse, response_cls: type[M]) -> defer.Deferred:
         retry_after = response.headers.getRawHeaders(b"Retry-After", [b""])[0].decode("latin-1")
 
         def done(body: bytes) -> M:
@@ -261,7 +263,7 @@ class ConnectClient:
                 raise error_from_response(response.code, body, retry_after)
             return decode(body, response_cls)
 
-        return response.content().addCallback(done)
+        return treq.content(response).addCallback(done)
 
     def _read_json(self, response: Any) -> defer.Deferred:
         def done(body: bytes) -> Any:
@@ -274,7 +276,7 @@ class ConnectClient:
 
         return response.content().addCallback(done)
 
-    def _translate(self, failure: Any, url: str) -> Any:
+    def _translate(self, failure: Failure, url: str) -> Failure:
         if failure.check(ConnectError, defer.CancelledError):
             return failure
         if failure.check(*_TRANSPORT_ERRORS):
@@ -282,7 +284,7 @@ class ConnectClient:
         return failure
 
 
-def _describe(exc: BaseException) -> str:
+def _describe(exc: BaseException | None) -> str:
     """One line for a transport failure; treq wraps the real reasons in a list."""
     reasons = getattr(exc, "reasons", None)
     if reasons:

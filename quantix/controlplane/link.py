@@ -1,27 +1,33 @@
 """Registration, heartbeat and pool assignment: the node's side of the control-plane protocol.
 
-One small state machine on the reactor. At any moment there is at most one timer and one call
-in flight for the main loop: ``register → (SyncNodeVMs, SyncFullState) → heartbeat → heartbeat
-…``. Failures go back through a jittered backoff, so a control plane that is down for hours
-costs one request a minute and nothing accumulates. Pool assignment runs beside the loop, one
-operation per pool at a time, and never holds up a heartbeat.
+One small state machine on the reactor (:class:`Link`, :data:`TRANSITIONS`). At any moment
+there is at most one timer and one call in flight for the main loop: ``register →
+(SyncNodeVMs, SyncFullState) → heartbeat → heartbeat …``. Failures go back through a jittered
+backoff, so a control plane that is down for hours costs one request a minute and nothing
+accumulates. Pool assignment runs beside the loop, one operation per pool at a time, and never
+holds up a heartbeat.
 """
 
 from __future__ import annotations
 
+import enum
 import random
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
+from google.protobuf.message import Message
 from twisted.application import service
 from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
 
 from quantix.controlplane import messages, state
 from quantix.controlplane.connect import ConnectError
 from quantix.controlplane.facts import HeartbeatSample, HostFacts, PoolReport, VMFacts
 from quantix.proto import compute_pb2, storage_pb2
 from quantix.util.backoff import Backoff
+from quantix.util.states import StateMachine
 
 NODE_SERVICE = "limiquantix.compute.v1.NodeService"
 POOL_SERVICE = "limiquantix.storage.v1.StoragePoolService"
@@ -43,11 +49,70 @@ _VM_CHANGE_EVENTS = {
 log = Logger(namespace="quantix.controlplane")
 
 
-def _warning(fmt: str, **kwargs: Any) -> None:
+def _warning(fmt: str, **kwargs: object) -> None:
     log.emit(LogLevel.warn, fmt, **kwargs)
 
 
 Step = Callable[[], "defer.Deferred[tuple[float, Any] | None]"]
+
+
+M = TypeVar("M", bound=Message)
+
+
+class CallClient(Protocol):
+    """What the link needs of :class:`~quantix.controlplane.connect.ConnectClient`."""
+
+    base_url: str
+
+    def call(
+        self, service: str, method: str, request: Message, response_cls: type[M]
+    ) -> defer.Deferred[M]: ...
+
+
+class Link(enum.Enum):
+    """Where the main loop is. Pool operations and notifications run beside it, in any state."""
+
+    IDLE = "idle"  # not running, registering not yet allowed
+    ALLOWED = "allowed"  # registering allowed (the gRPC server listens), the service not running
+    HELD = "held"  # running, waiting for start_registration
+    REGISTER_PENDING = "register_pending"  # the timer runs RegisterNode (startup jitter, backoff)
+    REGISTERING = "registering"  # RegisterNode, then SyncNodeVMs / SyncFullState in flight
+    HEARTBEAT_PENDING = "heartbeat_pending"  # the timer runs the next heartbeat
+    HEARTBEATING = "heartbeating"  # UpdateHeartbeat (and what its answer asks for) in flight
+
+
+class Input(enum.Enum):
+    START = "start"  # startService
+    ALLOW = "allow"  # start_registration
+    STOP = "stop"  # stopService
+    DUE = "due"  # the timer fired
+    REGISTER_NEXT = "register_next"  # a step ended; register next (first failure, lost node, bug)
+    HEARTBEAT_NEXT = "heartbeat_next"  # a step ended; heartbeat next
+
+
+_ACTIVE = (Link.REGISTER_PENDING, Link.REGISTERING, Link.HEARTBEAT_PENDING, Link.HEARTBEATING)
+_CALLING = (Link.REGISTERING, Link.HEARTBEATING)
+
+#: Every legal move of the main loop; anything else raises ``IllegalTransition``.
+TRANSITIONS: dict[tuple[Link, Input], Link] = {
+    (Link.IDLE, Input.START): Link.HELD,
+    (Link.IDLE, Input.ALLOW): Link.ALLOWED,
+    (Link.IDLE, Input.STOP): Link.IDLE,
+    (Link.ALLOWED, Input.START): Link.REGISTER_PENDING,
+    (Link.ALLOWED, Input.ALLOW): Link.ALLOWED,
+    (Link.ALLOWED, Input.STOP): Link.ALLOWED,
+    (Link.HELD, Input.ALLOW): Link.REGISTER_PENDING,
+    (Link.HELD, Input.STOP): Link.IDLE,
+    (Link.REGISTER_PENDING, Input.DUE): Link.REGISTERING,
+    (Link.REGISTERING, Input.REGISTER_NEXT): Link.REGISTER_PENDING,
+    (Link.REGISTERING, Input.HEARTBEAT_NEXT): Link.HEARTBEAT_PENDING,
+    (Link.HEARTBEAT_PENDING, Input.DUE): Link.HEARTBEATING,
+    (Link.HEARTBEATING, Input.HEARTBEAT_NEXT): Link.HEARTBEAT_PENDING,
+    (Link.HEARTBEATING, Input.REGISTER_NEXT): Link.REGISTER_PENDING,
+    # Once allowed, always allowed; a stop keeps that for a restart.
+    **{(state, Input.ALLOW): state for state in _ACTIVE},
+    **{(state, Input.STOP): Link.ALLOWED for state in _ACTIVE},
+}
 
 
 def _empty() -> tuple[()]:
@@ -75,8 +140,8 @@ class ControlPlaneLink(service.Service):
 
     def __init__(
         self,
-        reactor: Any,
-        client: Any,
+        reactor: IReactorTime,
+        client: CallClient,
         facts: Callable[[], HostFacts | defer.Deferred],
         state_dir: str,
         *,
@@ -114,8 +179,8 @@ class ControlPlaneLink(service.Service):
         self.consecutive_failures = 0
         self.last_error: str | None = None
 
-        self._may_register = False
-        self._timer: Any = None
+        self.states = StateMachine("control-plane link", Link.IDLE, TRANSITIONS)
+        self._timer: IDelayedCall | None = None
         self._current: defer.Deferred | None = None
         self._idle_waiters: list[defer.Deferred] = []
 
@@ -135,21 +200,23 @@ class ControlPlaneLink(service.Service):
 
     # -- lifecycle ---------------------------------------------------------------------------
 
+    @property
+    def state(self) -> Link:
+        return self.states.state
+
     def startService(self) -> None:
         super().startService()
-        if self._may_register:
-            self._schedule(self._rand() * self._startup_jitter, self._register)
+        if self.states.fire(Input.START) is Link.ALLOWED:
+            self._schedule(self._rand() * self._startup_jitter)
 
     def start_registration(self) -> None:
         """The gRPC server is listening: registering may begin (idempotent)."""
-        if self._may_register:
-            return
-        self._may_register = True
-        if self.running and self._timer is None and self._current is None:
-            self._schedule(self._rand() * self._startup_jitter, self._register)
+        if self.states.fire(Input.ALLOW) is Link.HELD:
+            self._schedule(self._rand() * self._startup_jitter)
 
     def stopService(self) -> defer.Deferred:
         super().stopService()
+        self.states.fire(Input.STOP)
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
@@ -178,31 +245,37 @@ class ControlPlaneLink(service.Service):
 
     # -- the main loop -----------------------------------------------------------------------
 
-    def _schedule(self, delay: float, step: Step) -> None:
-        self._timer = self._clock.callLater(max(delay, 0.0), self._run, step)
+    def _schedule(self, delay: float) -> None:
+        """Arm the one timer; the state (…_PENDING) says which step it runs."""
+        self._timer = self._clock.callLater(max(delay, 0.0), self._due)
         self._check_idle()
 
-    def _run(self, step: Step) -> None:
+    def _due(self) -> None:
         self._timer = None
+        self.states.fire(Input.DUE)
+        step = self._register if self.states.state is Link.REGISTERING else self._heartbeat
         d = defer.maybeDeferred(step)
         self._current = d
         d.addCallbacks(self._stepped, self._crashed)
 
     def _stepped(self, nxt: tuple[float, Step] | None) -> None:
         self._current = None
-        if self.running and nxt is not None:
-            self._schedule(*nxt)
+        if nxt is not None and self.states.state in _CALLING:
+            delay, step = nxt
+            self.states.fire(Input.HEARTBEAT_NEXT if step == self._heartbeat else Input.REGISTER_NEXT)
+            self._schedule(delay)
         self._check_idle()
 
-    def _crashed(self, failure: Any) -> None:
+    def _crashed(self, failure: Failure) -> None:
         """A bug in a step: log it and start over rather than stop talking to the control plane."""
         self._current = None
-        if failure.check(defer.CancelledError) or not self.running:
+        if failure.check(defer.CancelledError) or self.states.state not in _CALLING:
             self._check_idle()
             return
         log.failure("control-plane link step failed", failure)
         self.registered = False
-        self._schedule(self._backoff.next(), self._register)
+        self.states.fire(Input.REGISTER_NEXT)
+        self._schedule(self._backoff.next())
 
     def _check_idle(self) -> None:
         if self._current is None and not self._pool_ops and not self._notifications:
@@ -405,12 +478,14 @@ class ControlPlaneLink(service.Service):
             vm=messages.vm_status(vm),
             event_type=_VM_CHANGE_EVENTS.get(event, compute_pb2.VM_CHANGE_UPDATED),
             timestamp_unix=int(self._clock.seconds()),
-            previous_state=messages.power_state(previous_state) if previous_state else 0,
+            previous_state=messages.power_state(previous_state)
+            if previous_state
+            else compute_pb2.VM_POWER_STATE_UNKNOWN,
         )
         d = self._optional("NotifyVMChange", request, compute_pb2.VMChangeAck)
         self._notifications.add(d)
 
-        def done(result: Any) -> None:
+        def done(result: object) -> None:
             self._notifications.discard(d)
             self._check_idle()
 
@@ -435,7 +510,7 @@ class ControlPlaneLink(service.Service):
     def _pool_op(self, pool_id: str, d: defer.Deferred) -> None:
         self._pool_ops[pool_id] = d
 
-        def done(result: Any) -> None:
+        def done(result: object) -> None:
             self._pool_ops.pop(pool_id, None)
             self._check_idle()
 
@@ -447,6 +522,7 @@ class ControlPlaneLink(service.Service):
             pool = yield self._client.call(
                 POOL_SERVICE, "GetPool", storage_pb2.GetPoolRequest(id=pool_id), storage_pb2.StoragePool
             )
+            assert self._ensure_pool is not None  # checked by _reconcile_pools
             yield defer.maybeDeferred(self._ensure_pool, pool)
         except defer.CancelledError:
             return
@@ -464,6 +540,7 @@ class ControlPlaneLink(service.Service):
     @defer.inlineCallbacks
     def _take_back_pool(self, pool_id: str) -> Any:
         try:
+            assert self._release_pool is not None  # checked by _reconcile_pools
             yield defer.maybeDeferred(self._release_pool, pool_id)
         except defer.CancelledError:
             return

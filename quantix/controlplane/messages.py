@@ -118,7 +118,7 @@ def sync_vms_request(node_id: str, vms: Iterable[VMFacts]) -> compute_pb2.SyncNo
     )
 
 
-def power_state(state: str) -> int:
+def power_state(state: str) -> compute_pb2.VMPowerState.ValueType:
     return _POWER_STATES.get(state.lower(), compute_pb2.VM_POWER_STATE_UNKNOWN)
 
 

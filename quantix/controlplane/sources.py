@@ -30,7 +30,9 @@ from typing import Any
 
 import libvirt
 import psutil
+from google.protobuf.message import Message
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorThreads
 from twisted.logger import Logger
 
 from quantix import bridge, errors
@@ -71,7 +73,7 @@ STATE_NAMES = {
 
 _BACKEND = storage_pb2.StorageBackend
 #: The control plane's backend type → the node API's pool type.
-BACKEND_POOL_TYPES = {
+BACKEND_POOL_TYPES: dict[int, int] = {
     _BACKEND.CEPH_RBD: node_pb2.STORAGE_POOL_TYPE_CEPH_RBD,
     _BACKEND.CEPH_CEPHFS: node_pb2.STORAGE_POOL_TYPE_CEPH_FS,
     _BACKEND.LOCAL_LVM: node_pb2.STORAGE_POOL_TYPE_LOCAL_LVM,
@@ -256,7 +258,7 @@ def backend_type(backend: storage_pb2.StorageBackend) -> int:
     return _CONFIG_TYPES.get(which, _BACKEND.LOCAL_DIR) if which else _BACKEND.LOCAL_DIR
 
 
-def _copy_same_named(src: Any, dst: Any) -> None:
+def _copy_same_named(src: Message, dst: Message) -> None:
     """Copy every scalar or repeated scalar field ``dst`` has and ``src`` has under the same name."""
     present = src.DESCRIPTOR.fields_by_name
     for field in dst.DESCRIPTOR.fields:
@@ -275,7 +277,8 @@ def init_pool_request(pool: storage_pb2.StoragePool) -> node_pb2.InitStoragePool
         raise errors.Invalid("storage pool from the control plane has no id")
     backend = pool.spec.backend
     req = node_pb2.InitStoragePoolRequest(
-        pool_id=pool.id, type=BACKEND_POOL_TYPES.get(backend_type(backend), 0)
+        pool_id=pool.id,
+        type=node_pb2.StoragePoolType.ValueType(BACKEND_POOL_TYPES.get(backend_type(backend), 0)),
     )
     config = req.config
     if backend.HasField("local_dir"):
@@ -333,7 +336,7 @@ class DaemonSources:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactorThreads,
         config: Config,
         host: hostinfo.HostBox,
         hypervisor: VmHost,
@@ -349,7 +352,7 @@ class DaemonSources:
         self._pool_errors_logged = False
         psutil.cpu_percent(interval=None)  # the first reading only sets the baseline
 
-    def _in_thread(self, func: Callable[..., Any], *args: Any) -> defer.Deferred:
+    def _in_thread(self, func: Callable[..., object], *args: object) -> defer.Deferred:
         return bridge.run_in_worker(func, *args, reactor=self._reactor)
 
     # RegisterNode
@@ -449,7 +452,7 @@ class DaemonSources:
 
 
 def make_link(
-    reactor: Any,
+    reactor: Any,  # the global reactor: timers for the link, threads for the sources
     config: Config,
     host: hostinfo.HostBox,
     hypervisor: VmHost,
@@ -460,6 +463,8 @@ def make_link(
     Raises ValueError for an unusable URL and OSError for an unreadable CA bundle.
     """
     cp = config.control_plane
+    if not config.control_plane_url:
+        raise ValueError("no control-plane URL is configured")
     client = ConnectClient(reactor, config.control_plane_url, ca_file=cp.ca_bundle, token=cp.token)
     sources = DaemonSources(reactor, config, host, hypervisor, storage)
     link = ControlPlaneLink(

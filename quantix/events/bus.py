@@ -19,6 +19,7 @@ from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from twisted.application.service import Service
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import Logger
 
 from quantix import bridge, errors
@@ -29,13 +30,15 @@ log = Logger(namespace="quantix.events")
 RESUME_HEADER = "x-quantix-resume-after"
 
 
-def make_event(event_id: int, event_type: int, vm_id: str, message: str, metadata: dict | None) -> Any:
+def make_event(
+    event_id: int, event_type: int, vm_id: str, message: str, metadata: dict | None
+) -> node_pb2.NodeEvent:
     ts = Timestamp()
     ts.GetCurrentTime()
     return node_pb2.NodeEvent(
         id=str(event_id),
         timestamp=ts,
-        type=event_type,
+        type=node_pb2.EventType.ValueType(event_type),
         vm_id=vm_id or "",
         message=message,
         metadata={str(k): str(v) for k, v in (metadata or {}).items()},
@@ -49,7 +52,7 @@ class Published:
 
     __slots__ = ("_wire", "event")
 
-    def __init__(self, event: Any) -> None:
+    def __init__(self, event: node_pb2.NodeEvent) -> None:
         self.event = event
         self._wire: bytes | None = None
 
@@ -71,7 +74,7 @@ class Subscription:
     wakeup, so a burst costs one wakeup rather than one per event.
     """
 
-    def __init__(self, bus: EventBus, backlog: list[Any], maxsize: int) -> None:
+    def __init__(self, bus: EventBus, backlog: list[Published], maxsize: int) -> None:
         self._bus = bus
         self.backlog = backlog
         self.maxsize = maxsize
@@ -80,7 +83,7 @@ class Subscription:
         self.error: Exception | None = None
         self.cancelled = False
 
-    def offer(self, event: Any) -> bool:
+    def offer(self, event: Published) -> bool:
         """Called under the bus lock; False when the subscriber overflowed and must go."""
         with self._ready:
             if len(self.queue) >= self.maxsize:
@@ -106,7 +109,7 @@ class Subscription:
             self.error = error
             self._ready.notify()
 
-    def _take(self, poll: float) -> list[Any]:
+    def _take(self, poll: float) -> list[Published]:
         """Everything queued (waiting up to ``poll`` seconds for something); [] on timeout.
         Queued events go out before an error ends the stream, except an overflow, which ends
         it at once (the client resumes from the last id it got)."""
@@ -121,7 +124,7 @@ class Subscription:
                 raise self.error
             return []
 
-    def events(self, is_active: Callable[[], bool] = lambda: True, poll: float = 0.5) -> Iterator[Any]:
+    def events(self, is_active: Callable[[], bool] = lambda: True, poll: float = 0.5) -> Iterator[Published]:
         """Blocking iterator (gRPC thread): returns when ``is_active()`` turns false, raises
         the subscriber's error when it is cut off or the bus stops."""
         try:
@@ -144,7 +147,7 @@ class EventBus(Service):
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactorFromThreads,
         buffer_size: int = 10_000,
         subscriber_queue: int = 1_000,
         first_id: int | None = None,
@@ -166,7 +169,9 @@ class EventBus(Service):
         """Id of the last event published (one less than the first id while none was)."""
         return self._next_id - 1
 
-    def publish(self, event_type: int, vm_id: str, message: str, metadata: dict | None = None) -> Any:
+    def publish(
+        self, event_type: int, vm_id: str, message: str, metadata: dict | None = None
+    ) -> node_pb2.NodeEvent:
         """Number, buffer and fan out one event; never blocks. Returns the ``NodeEvent``."""
         with self._lock:
             event = make_event(self._next_id, event_type, vm_id, message, metadata)
@@ -201,7 +206,7 @@ class EventBus(Service):
             self._subscribers.add(sub)
         return sub
 
-    def _backlog(self, after: int) -> list[Any]:
+    def _backlog(self, after: int) -> list[Published]:
         last = self._next_id - 1
         first = int(self.buffer[0].id) if self.buffer else self._next_id
         if after == last:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import libvirt
@@ -42,13 +42,13 @@ def _busy_total(t: Any) -> tuple[float, float]:
     return total - idle, total
 
 
-def vm_counters(stats: dict[str, Any]) -> dict[str, int]:
+def vm_counters(stats: Mapping[str, int | float | str]) -> dict[str, int]:
     """Pure: sum a ``getAllDomainStats`` record into the counters ``VMMetrics`` carries."""
     out = {"cpu_ns": int(stats.get("cpu.time", 0)), "vcpus": int(stats.get("vcpu.current", 0) or 0)}
     if "balloon.available" in stats and "balloon.unused" in stats:
-        mem_kib = stats["balloon.available"] - stats["balloon.unused"]
+        mem_kib = int(stats["balloon.available"]) - int(stats["balloon.unused"])
     else:
-        mem_kib = stats.get("balloon.rss", stats.get("balloon.current", 0))
+        mem_kib = int(stats.get("balloon.rss", stats.get("balloon.current", 0)))
     out["memory"] = max(0, int(mem_kib)) * 1024
     blocks = int(stats.get("block.count", 0))
     out["rd"] = sum(int(stats.get(f"block.{i}.rd.bytes", 0)) for i in range(blocks))
@@ -74,7 +74,7 @@ class Sampler:
         self._prev_disks: dict[str, Any] = {}
         self._prev_vms: dict[str, int] = {}
 
-    def sample(self) -> Any:
+    def sample(self) -> node_pb2.NodeMetrics:
         now = time.monotonic()
         dt = now - self._prev_at if self._prev_at is not None else 0.0
         self._prev_at = now
@@ -130,7 +130,7 @@ class Sampler:
             vms=self._vms(dt),
         )
 
-    def _vms(self, dt: float) -> list[Any]:
+    def _vms(self, dt: float) -> list[node_pb2.VMMetrics]:
         try:
             records = self._conn().getAllDomainStats(VM_STATS, self._flags)
         except Exception:

@@ -10,17 +10,19 @@ that talks to libvirt (registration, the inventory) runs in a pool thread.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import libvirt
 from twisted.application.service import Service
 from twisted.internet import defer, task
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from quantix import bridge, errors
 from quantix.events import mapping, reconcile
 from quantix.events.bus import EventBus
+from quantix.hypervisor.connection import Hypervisor
 
 log = Logger(namespace="quantix.events")
 
@@ -40,7 +42,7 @@ def identified(callback: Callable[..., None]) -> Callable[..., None]:
     """``callback(conn, Domain, ...)`` from libvirt's ``(conn, virDomain, ...)``, the two
     libvirt-python calls made by whichever thread libvirt calls back on."""
 
-    def call(conn: Any, dom: Any, *rest: Any) -> None:
+    def call(conn: libvirt.virConnect, dom: libvirt.virDomain, *rest: object) -> None:
         callback(conn, Domain(dom.UUIDString(), dom.name()), *rest)
 
     return call
@@ -50,7 +52,7 @@ class DomainWatcher(Service):
     """Turns libvirt domain events into bus events and keeps a known state per domain."""
 
     def __init__(
-        self, reactor: Any, hypervisor: Any, bus: EventBus, reconcile_interval: float = 300.0
+        self, reactor: IReactorTime, hypervisor: Hypervisor, bus: EventBus, reconcile_interval: float = 300.0
     ) -> None:
         self.reactor = reactor
         self.hypervisor = hypervisor
@@ -94,6 +96,7 @@ class DomainWatcher(Service):
         self._conn = conn
         callbacks = self._callbacks()
         loop = self.hypervisor.loop
+        assert loop is not None  # installed before the first connection
 
         def register() -> list[int]:
             ids = []
@@ -135,7 +138,7 @@ class DomainWatcher(Service):
         self._conn, self._callback_ids = None, []
         for cid in ids:
             try:
-                conn.domainEventDeregisterAny(cid)
+                conn.domainEventDeregisterAny(cid)  # type: ignore[union-attr]  # ids imply a conn
             except libvirt.libvirtError:
                 pass
 
@@ -157,7 +160,9 @@ class DomainWatcher(Service):
         event_type, message, meta = mapped
         self.bus.publish(event_type, dom.uuid, message, {**meta, "vm_name": dom.name, "source": "libvirt"})
 
-    def _on_lifecycle(self, conn: Any, dom: Domain, event: int, detail: int, opaque: Any = None) -> None:
+    def _on_lifecycle(
+        self, conn: libvirt.virConnect, dom: Domain, event: int, detail: int, opaque: object = None
+    ) -> None:
         if conn is not self._conn:
             return
         uuid, name = dom
@@ -191,29 +196,42 @@ class DomainWatcher(Service):
             except Exception:
                 log.failure("domain XML listener failed")
 
-    def _on_reboot(self, conn: Any, dom: Domain, opaque: Any = None) -> None:
+    def _on_reboot(self, conn: libvirt.virConnect, dom: Domain, opaque: object = None) -> None:
         self._emit(dom, mapping.reboot(dom.name))
 
-    def _on_device_added(self, conn: Any, dom: Domain, alias: str, opaque: Any = None) -> None:
+    def _on_device_added(
+        self, conn: libvirt.virConnect, dom: Domain, alias: str, opaque: object = None
+    ) -> None:
         self._xml_changed(dom.uuid)
         self._emit(dom, mapping.device(dom.name, alias, True))
 
-    def _on_device_removed(self, conn: Any, dom: Domain, alias: str, opaque: Any = None) -> None:
+    def _on_device_removed(
+        self, conn: libvirt.virConnect, dom: Domain, alias: str, opaque: object = None
+    ) -> None:
         self._xml_changed(dom.uuid)
         self._emit(dom, mapping.device(dom.name, alias, False))
 
     def _on_io_error(
-        self, conn: Any, dom: Domain, src: str, alias: str, action: int, reason: str, opaque: Any = None
+        self,
+        conn: libvirt.virConnect,
+        dom: Domain,
+        src: str,
+        alias: str,
+        action: int,
+        reason: str,
+        opaque: object = None,
     ) -> None:
         self._emit(dom, mapping.io_error(dom.name, src, alias, action, reason))
 
-    def _on_watchdog(self, conn: Any, dom: Domain, action: int, opaque: Any = None) -> None:
+    def _on_watchdog(self, conn: libvirt.virConnect, dom: Domain, action: int, opaque: object = None) -> None:
         self._emit(dom, mapping.watchdog(dom.name, action))
 
-    def _on_agent(self, conn: Any, dom: Domain, state: int, reason: int, opaque: Any = None) -> None:
+    def _on_agent(
+        self, conn: libvirt.virConnect, dom: Domain, state: int, reason: int, opaque: object = None
+    ) -> None:
         self._emit(dom, mapping.agent_lifecycle(dom.name, state, reason))
 
-    def _on_control_error(self, conn: Any, dom: Domain, opaque: Any = None) -> None:
+    def _on_control_error(self, conn: libvirt.virConnect, dom: Domain, opaque: object = None) -> None:
         self._emit(dom, mapping.control_error(dom.name))
 
     # -- reconciliation -----------------------------------------------------------------------
@@ -225,9 +243,14 @@ class DomainWatcher(Service):
         event while the inventory was being taken is left alone: the event is newer.
         """
         if self._reconciling is not None:
-            d = defer.Deferred()
-            self._reconciling.addBoth(lambda r: (d.callback(None), r)[1])
-            return d
+            waiter: defer.Deferred[None] = defer.Deferred()
+
+            def chain(result: object) -> object:
+                waiter.callback(None)
+                return result
+
+            self._reconciling.addBoth(chain)
+            return waiter
         try:
             conn = self.hypervisor.conn()
         except Exception as exc:
@@ -248,14 +271,15 @@ class DomainWatcher(Service):
             for uuid in previous.keys() | self.known.keys():
                 old, new = previous.get(uuid), self.known.get(uuid)
                 if old != new:
-                    self._notify(uuid, (new or old)[0], new[1] if new else None)
+                    name = (new or old or ("", ""))[0]
+                    self._notify(uuid, name, new[1] if new else None)
             self._synced = True
             self.reconciliations += 1
             if changes:
                 log.info("reconciliation found {n} missed transitions", n=len(changes))
             return changes
 
-        def done(result: Any) -> Any:
+        def done(result: object) -> object:
             self._reconciling = None
             self._moved = None
             return result

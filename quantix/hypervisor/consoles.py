@@ -6,7 +6,6 @@ import datetime
 import ipaddress
 import os
 from collections.abc import Callable
-from typing import Any
 
 import attrs
 import libvirt
@@ -23,7 +22,9 @@ MAX_LOG_LINES = 1000
 _READ_BLOCK = 64 * 1024
 
 
-def console_message(info: domaininfo.DomainInfo, management_ip: Callable[[], str]) -> Any:
+def console_message(
+    info: domaininfo.DomainInfo, management_ip: Callable[[], str]
+) -> node_pb2.ConsoleInfoResponse:
     """``ConsoleInfoResponse`` from the live XML (pure but for the lazy management IP)."""
     g = info.console("vnc")
     if g is None:
@@ -48,7 +49,7 @@ def dialable(host: str) -> str:
     return f"[{host}]" if addr.version == 6 else host
 
 
-def console(dom: libvirt.virDomain, management_ip: Callable[[], str]) -> Any:
+def console(dom: libvirt.virDomain, management_ip: Callable[[], str]) -> node_pb2.ConsoleInfoResponse:
     if not dom.isActive():
         raise errors.WrongState(f"VM {dom.UUIDString()} has no console: it is not running")
     # SECURE: the control plane hands the VNC password to its console proxy.
@@ -98,7 +99,7 @@ def tail(path: str, lines: int) -> LogTail:
     return LogTail(text, path, st.st_size, len(kept), truncated, st.st_mtime)
 
 
-def logs_message(vm_id: str, name: str, t: LogTail) -> Any:
+def logs_message(vm_id: str, name: str, t: LogTail) -> node_pb2.GetVMLogsResponse:
     msg = node_pb2.GetVMLogsResponse(
         vm_id=vm_id,
         vm_name=name,

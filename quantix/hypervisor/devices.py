@@ -11,7 +11,7 @@ import os
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 import libvirt
 from twisted.logger import Logger
@@ -20,6 +20,9 @@ from quantix import errors
 from quantix.hypervisor import domaininfo, domainxml
 from quantix.hypervisor.provision import DiskStore, HostSettings, make_disk, remove_file, resolve_nic_source
 from quantix.hypervisor.storage import paths as storage_paths
+
+if TYPE_CHECKING:
+    from quantix.proto import node_pb2
 
 log = Logger(namespace="quantix.hypervisor.devices")
 
@@ -63,7 +66,9 @@ def _detach(dom: libvirt.virDomain, live_xml: str | None, config_xml: str | None
 # NICs
 
 
-def attach_nic(conn: libvirt.virConnect, dom: libvirt.virDomain, nic: Any) -> domainxml.DeviceRef:
+def attach_nic(
+    conn: libvirt.virConnect, dom: libvirt.virDomain, nic: node_pb2.NicSpec
+) -> domainxml.DeviceRef:
     vm_id = dom.UUIDString()
     cfg, live, _ = _views(dom)
     nic_id = domainxml.check_text("NIC id", nic.id or f"nic-{uuid.uuid4().hex[:8]}")
@@ -103,7 +108,7 @@ def _machine(root: ET.Element) -> str:
 
 
 def attach_disk(
-    dom: libvirt.virDomain, disk: Any, settings: HostSettings, store: DiskStore
+    dom: libvirt.virDomain, disk: node_pb2.DiskSpec, settings: HostSettings, store: DiskStore
 ) -> domainxml.DeviceRef:
     """Add a disk (created first when it has no path); removed again if libvirt refuses it."""
     vm_id = dom.UUIDString()

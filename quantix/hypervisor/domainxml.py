@@ -321,7 +321,7 @@ class DomainContext:
 
     @property
     def q35(self) -> bool:
-        return bool(self.machine) and "q35" in self.machine
+        return "q35" in (self.machine or "")
 
 
 # ---------------------------------------------------------------------------------------------

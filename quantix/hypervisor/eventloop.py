@@ -43,7 +43,7 @@ from typing import Any
 
 import libvirt
 from twisted.internet import defer
-from twisted.internet.interfaces import IReadDescriptor, IWriteDescriptor
+from twisted.internet.interfaces import IDelayedCall, IReadDescriptor, IWriteDescriptor
 from twisted.logger import Logger
 from twisted.python import threadable
 from zope.interface import implementer
@@ -84,14 +84,14 @@ class EventLoop:
     def stop(self) -> None:
         """Release what the loop holds at shutdown (libvirt cannot unregister it)."""
 
-    def dispatch(self, func: Callable[..., Any]) -> Callable[..., None]:
+    def dispatch(self, func: Callable[..., object]) -> Callable[..., None]:
         """Wrap a libvirt callback so that *func* runs on the reactor thread.
 
         Called on the reactor thread (always the case with the reactor loop) the wrapper calls
         *func* at once; from any other thread it posts the call with ``callFromThread``.
         """
 
-        def on_reactor(*args: Any, **kwargs: Any) -> None:
+        def on_reactor(*args: object, **kwargs: object) -> None:
             if threadable.isInIOThread():
                 try:
                     func(*args, **kwargs)
@@ -154,7 +154,7 @@ class ThreadEventLoop(EventLoop):
         libvirt.virEventAddTimeout(0, _remove_own_timeout, None)  # wakes the poll
         thread.join(timeout)
         if thread.is_alive():
-            log.warning("libvirt event thread did not stop within {timeout}s", timeout=timeout)
+            log.warn("libvirt event thread did not stop within {timeout}s", timeout=timeout)
 
 
 def _remove_own_timeout(timer: int, opaque: object) -> None:
@@ -231,7 +231,7 @@ class _Timer:
         self.removed = False
         self.dirty = True  # (re-)arm from now at the next sync
         self.sync_pending = False
-        self.call: Any = None  # IDelayedCall, reactor thread only
+        self.call: IDelayedCall | None = None  # reactor thread only
         self.spin = [0.0, 0]  # window start, 0 ms firings in it
 
 
@@ -513,9 +513,7 @@ class ReactorEventLoop(EventLoop):
             t.spin[0], t.spin[1] = now, 0
         t.spin[1] += 1
         if t.spin[1] == _SPIN_WARN_PER_SECOND:
-            log.warning(
-                "libvirt 0 ms timer {timer} fired {n} times within a second", timer=t.timer, n=t.spin[1]
-            )
+            log.warn("libvirt 0 ms timer {timer} fired {n} times within a second", timer=t.timer, n=t.spin[1])
 
 
 def _file_ident(fd: int) -> tuple[int, int]:

@@ -233,7 +233,7 @@ class HostBox:
         self.started_at = time.monotonic()
 
     def uptime(self) -> float:
-        """Any thread: seconds since the daemon started."""
+        """From every thread: seconds since the daemon started."""
         return time.monotonic() - self.started_at
 
     def facts(self, conn: libvirt.virConnect) -> HostFacts:

@@ -11,7 +11,7 @@ import contextlib
 import os
 import re
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import attrs
 import libvirt
@@ -20,6 +20,11 @@ from twisted.logger import Logger
 from quantix import errors
 from quantix.hypervisor import cloudinit, domaininfo, domainxml
 from quantix.hypervisor.storage import paths as storage_paths
+
+if TYPE_CHECKING:
+    from quantix.config import Config
+    from quantix.hypervisor.storage.manager import AttachInfo
+    from quantix.proto import node_pb2
 
 log = Logger(namespace="quantix.hypervisor.provision")
 
@@ -36,7 +41,7 @@ class DiskStore(Protocol):
 
     def delete_path(self, path: str) -> bool: ...
 
-    def attach_info(self, pool_id: str, volume_id: str, *, exact: bool = False) -> Any: ...
+    def attach_info(self, pool_id: str, volume_id: str, *, exact: bool = False) -> AttachInfo: ...
 
     def confine(self, what: str, path: str) -> str: ...
 
@@ -66,7 +71,7 @@ class HostSettings:
     @classmethod
     def from_config(
         cls,
-        config: Any,
+        config: Config,
         hypervisor_type: str = "",
         bound_nics: Callable[[str], Mapping[str, domainxml.NicSource]] = lambda vm_id: {},
     ) -> HostSettings:
@@ -97,7 +102,9 @@ def _libvirt_code(exc: libvirt.libvirtError) -> int:
     return exc.get_error_code()
 
 
-def resolve_nic_source(conn: libvirt.virConnect, nic: Any, default: str = "default") -> domainxml.NicSource:
+def resolve_nic_source(
+    conn: libvirt.virConnect, nic: node_pb2.NicSpec, default: str = "default"
+) -> domainxml.NicSource:
     """Bridge as given; a network by libvirt name or UUID. The control plane sends its own
     network UUIDs, which libvirt does not know: those fall back to the ``default`` network."""
     if nic.bridge:
@@ -150,7 +157,7 @@ def _backing(settings: HostSettings, backing_file: str, store: DiskStore) -> str
 
 
 def make_disk(
-    disk: Any, disk_id: str, vm_id: str, settings: HostSettings, store: DiskStore
+    disk: node_pb2.DiskSpec, disk_id: str, vm_id: str, settings: HostSettings, store: DiskStore
 ) -> domainxml.DiskSource:
     """The image behind one DiskSpec: an absolute path is used as it is, so is an existing volume
     the control plane names by id; otherwise a volume is created in the disk's pool
@@ -196,7 +203,7 @@ def iso_path(given: str, settings: HostSettings, store: DiskStore) -> str | None
 # CreateVM
 
 
-def wants_seed(spec: Any) -> bool:
+def wants_seed(spec: node_pb2.VMSpec) -> bool:
     """A cloud-init seed when the spec carries cloud-init data, or when a disk is an overlay of
     a cloud image: such an image waits minutes for a datasource without one (the seed then has
     only the generated meta-data: instance id and host name)."""
@@ -213,7 +220,7 @@ def existing(conn: libvirt.virConnect, vm_id: str) -> libvirt.virDomain | None:
 
 
 def create_vm(
-    conn: libvirt.virConnect, req: Any, settings: HostSettings, store: DiskStore
+    conn: libvirt.virConnect, req: node_pb2.CreateVMOnNodeRequest, settings: HostSettings, store: DiskStore
 ) -> tuple[str, bool]:
     """Define the VM of a ``CreateVMOnNodeRequest``; ``(vm_id, created)``.
 

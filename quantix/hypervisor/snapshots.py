@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 import time
 import xml.etree.ElementTree as ET
-from typing import Any
 
 import libvirt
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -35,7 +34,7 @@ _STATE = {
 }
 
 
-def snapshot_message(xml: str) -> Any:
+def snapshot_message(xml: str) -> node_pb2.SnapshotResponse:
     """``SnapshotResponse`` from ``virDomainSnapshotGetXMLDesc`` output (pure)."""
     root = ET.fromstring(xml)
     name = root.findtext("name", "")
@@ -66,7 +65,9 @@ def check_name(name: str) -> str:
     return name
 
 
-def create(dom: libvirt.virDomain, name: str, description: str = "", *, disk_only: bool = False) -> Any:
+def create(
+    dom: libvirt.virDomain, name: str, description: str = "", *, disk_only: bool = False
+) -> node_pb2.SnapshotResponse:
     """Take a snapshot; an empty name gets a time-based one."""
     name = check_name(name or time.strftime("snap-%Y%m%d-%H%M%S", time.gmtime()))
     if len(description) > 4096:
@@ -94,7 +95,7 @@ def _find(dom: libvirt.virDomain, snapshot_id: str) -> libvirt.virDomainSnapshot
         raise
 
 
-def revert(dom: libvirt.virDomain, snapshot_id: str) -> Any:
+def revert(dom: libvirt.virDomain, snapshot_id: str) -> node_pb2.SnapshotResponse:
     """Return the VM to the snapshot; it ends up in the state the snapshot recorded."""
     snap = _find(dom, snapshot_id)
     dom.revertToSnapshot(snap, 0)
@@ -106,7 +107,7 @@ def delete(dom: libvirt.virDomain, snapshot_id: str) -> None:
     _find(dom, snapshot_id).delete(0)
 
 
-def list_snapshots(dom: libvirt.virDomain) -> list[Any]:
+def list_snapshots(dom: libvirt.virDomain) -> list[node_pb2.SnapshotResponse]:
     """All snapshots, oldest first."""
     out = [snapshot_message(s.getXMLDesc(0)) for s in dom.listAllSnapshots(0)]
     out.sort(key=lambda m: (m.created_at.seconds, m.name))

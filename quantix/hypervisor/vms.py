@@ -14,7 +14,6 @@ import time
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
 
 import libvirt
 import psutil
@@ -23,6 +22,9 @@ from twisted.logger import Logger
 from quantix import errors
 from quantix.hypervisor import domaininfo, statuscache
 from quantix.proto import node_pb2
+
+#: One domain's ``getAllDomainStats`` record (``"balloon.rss": 1234``, ``"state.state": 1`` …).
+DomainStats = Mapping[str, int | float | str]
 
 log = Logger(namespace="quantix.hypervisor.vms")
 
@@ -213,14 +215,14 @@ class CpuSampler:
                     del self._last[vm_id]
 
 
-def _sum(stats: Mapping[str, Any], prefix: str, count_key: str, suffix: str) -> int:
+def _sum(stats: DomainStats, prefix: str, count_key: str, suffix: str) -> int:
     count = stats.get(count_key)
     if not count:  # the common case on a large host (no disks/NICs reported): skip the loop
         return 0
     return sum(int(stats.get(f"{prefix}.{i}.{suffix}", 0)) for i in range(int(count)))
 
 
-def usage_from_stats(stats: Mapping[str, Any], cpu_percent: float = 0.0) -> Any:
+def usage_from_stats(stats: DomainStats, cpu_percent: float = 0.0) -> node_pb2.ResourceUsage:
     """``ResourceUsage`` from one domain's ``getAllDomainStats`` dict (pure).
 
     Memory in use is what the guest reports through the balloon (available - unused) when it
@@ -231,7 +233,7 @@ def usage_from_stats(stats: Mapping[str, Any], cpu_percent: float = 0.0) -> Any:
     return usage
 
 
-def _fill_usage(usage: Any, stats: Mapping[str, Any], cpu_percent: float) -> None:
+def _fill_usage(usage: node_pb2.ResourceUsage, stats: DomainStats, cpu_percent: float) -> None:
     """:func:`usage_from_stats` written into an existing message (ListVMs fills thousands in place
     rather than building each one and copying it into the response). The fields have no presence,
     so a figure libvirt did not report is simply left at zero."""
@@ -258,7 +260,7 @@ def _fill_usage(usage: Any, stats: Mapping[str, Any], cpu_percent: float) -> Non
         usage.network_tx_bytes = _sum(stats, "net", "net.count", "tx.bytes")
 
 
-def _fill_from_info(usage: Any, dom: libvirt.virDomain) -> None:
+def _fill_from_info(usage: node_pb2.ResourceUsage, dom: libvirt.virDomain) -> None:
     """Memory and CPU time from ``virDomainGetInfo`` for drivers whose bulk stats carry no balloon
     figures (the test driver): they still know the configured and current memory. One call per
     such domain; drivers that report balloon stats (QEMU, running or not) never pay it."""
@@ -291,7 +293,9 @@ _DISK_BUS = {"virtio": node_pb2.DISK_BUS_VIRTIO, "scsi": node_pb2.DISK_BUS_SCSI}
 _DISK_BUS |= {"sata": node_pb2.DISK_BUS_SATA, "ide": node_pb2.DISK_BUS_IDE}
 
 
-def disk_specs(info: domaininfo.DomainInfo, sizes: Mapping[str, int] | None = None) -> list[Any]:
+def disk_specs(
+    info: domaininfo.DomainInfo, sizes: Mapping[str, int] | None = None
+) -> list[node_pb2.DiskSpec]:
     """The domain's hard disks (not CD-ROMs) as ``DiskSpec`` messages (pure)."""
     sizes = sizes or {}
     out = []
@@ -311,12 +315,12 @@ def disk_specs(info: domaininfo.DomainInfo, sizes: Mapping[str, int] | None = No
     return out
 
 
-def _capacities(stats: Mapping[str, Any]) -> dict[str, int]:
-    out = {}
+def _capacities(stats: DomainStats) -> dict[str, int]:
+    out: dict[str, int] = {}
     for i in range(int(stats.get("block.count", 0))):
         name = stats.get(f"block.{i}.name")
         if name and f"block.{i}.capacity" in stats:
-            out[name] = int(stats[f"block.{i}.capacity"])
+            out[str(name)] = int(stats[f"block.{i}.capacity"])
     return out
 
 
@@ -324,11 +328,11 @@ _LIVE = frozenset((libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_BLOCKED, libvi
 
 
 def _fill_status(
-    msg: Any,
+    msg: node_pb2.VMStatusResponse,
     dom: libvirt.virDomain,
     vm_id: str,
     name: str,
-    stats: Mapping[str, Any],
+    stats: DomainStats,
     sampler: CpuSampler,
     pid_dir: str | None,
 ) -> str:
@@ -353,7 +357,9 @@ def _fill_status(
     return vm_id
 
 
-def list_response(conn: libvirt.virConnect, sampler: CpuSampler, pid_dir: str | None = None) -> Any:
+def list_response(
+    conn: libvirt.virConnect, sampler: CpuSampler, pid_dir: str | None = None
+) -> node_pb2.ListVMsOnNodeResponse:
     """``ListVMsOnNodeResponse`` for every defined VM from one bulk libvirt query (no per-domain
     round trips); each entry is filled in place in the response."""
     out = node_pb2.ListVMsOnNodeResponse()
@@ -366,14 +372,16 @@ def list_response(conn: libvirt.virConnect, sampler: CpuSampler, pid_dir: str | 
     return out
 
 
-def list_vms(conn: libvirt.virConnect, sampler: CpuSampler, pid_dir: str | None = None) -> list[Any]:
+def list_vms(
+    conn: libvirt.virConnect, sampler: CpuSampler, pid_dir: str | None = None
+) -> list[node_pb2.VMStatusResponse]:
     """Every defined VM in one bulk libvirt query, as a list of ``VMStatusResponse``."""
     return list(list_response(conn, sampler, pid_dir).vms)
 
 
 def vm_status(
     conn: libvirt.virConnect, dom: libvirt.virDomain, sampler: CpuSampler, pid_dir: str | None = None
-) -> Any:
+) -> node_pb2.VMStatusResponse:
     """One VM: bulk stats for that domain plus the disks from its live XML."""
     name, info = dom.name(), domaininfo.parse_domain(dom.XMLDesc(0))
     return status_of(conn, statuscache.Entry(conn, dom, dom.UUIDString(), name, info), sampler, pid_dir)
@@ -381,7 +389,7 @@ def vm_status(
 
 def status_of(
     conn: libvirt.virConnect, entry: statuscache.Entry, sampler: CpuSampler, pid_dir: str | None
-) -> Any:
+) -> node_pb2.VMStatusResponse:
     """One VM from one bulk stats query for its domain; uuid, name and disks come from
     ``entry`` (see :mod:`quantix.hypervisor.statuscache`)."""
     try:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import grpc
 from twisted.logger import Logger
 
 log = Logger(namespace="quantix.access")
 
 
-def vm_id_of(request: Any) -> str:
+def vm_id_of(request: object) -> str:
     """The request's ``vm_id`` when its message type has one (most VM RPCs do)."""
     try:
         value = getattr(request, "vm_id", "")
@@ -19,7 +17,7 @@ def vm_id_of(request: Any) -> str:
     return value if isinstance(value, str) else ""
 
 
-def log_rpc(method: str, code: grpc.StatusCode, seconds: float, peer: str, request: Any = None) -> None:
+def log_rpc(method: str, code: grpc.StatusCode, seconds: float, peer: str, request: object = None) -> None:
     """A request observer (:meth:`quantix.rpc.status.RpcObservers.add_with_request`): fields
     ``method``, ``code`` (name), ``duration`` (seconds), ``peer`` and, when the request names
     one, ``vm_id``."""

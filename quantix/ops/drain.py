@@ -13,10 +13,15 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING
 
 from quantix import bridge, errors
+
+if TYPE_CHECKING:
+    import grpc
+
+    from quantix.rpc.status import Handler, StreamHandler
 
 SHUTTING_DOWN = "node daemon is shutting down"
 #: Seconds without any call starting, ending or being refused before the server may stop
@@ -86,15 +91,15 @@ class Drain:
             if self._active == 0:
                 self._idle.notify_all()
 
-    def wrap(self, handlers: Mapping[str, Callable[..., Any]], streaming: set[str]) -> dict[str, Callable]:
+    def wrap(self, handlers: Mapping[str, Handler], streaming: set[str]) -> dict[str, Handler]:
         """Gate every handler; names in ``streaming`` are generator handlers."""
         return {
             name: (self._stream(impl) if name in streaming else self._unary(impl))
             for name, impl in handlers.items()
         }
 
-    def _unary(self, impl: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
-        def call(request: Any, context: Any) -> Any:
+    def _unary(self, impl: Handler) -> Handler:
+        def call(request: object, context: grpc.ServicerContext) -> object:
             self._enter()
             try:
                 return impl(request, context)
@@ -103,8 +108,8 @@ class Drain:
 
         return call
 
-    def _stream(self, impl: Callable[[Any, Any], Iterator[Any]]) -> Callable[[Any, Any], Iterator[Any]]:
-        def call(request: Any, context: Any) -> Iterator[Any]:
+    def _stream(self, impl: StreamHandler) -> StreamHandler:
+        def call(request: object, context: grpc.ServicerContext) -> Iterator[object]:
             self._enter()
             try:
                 for item in impl(request, context):

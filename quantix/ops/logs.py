@@ -16,18 +16,20 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from typing import IO, Any
+from collections.abc import Iterator, Mapping
+from typing import IO
 
 from twisted.application.internet import ClientService
 from twisted.logger import (
     FilteringLogObserver,
     ILogObserver,
+    LogEvent,
     LogLevel,
     LogLevelFilterPredicate,
     formatEvent,
     textFileLogObserver,
 )
+from twisted.python.components import Componentized
 from zope.interface import implementer
 
 from quantix.config import LoggingConfig
@@ -43,7 +45,7 @@ PRIORITIES = {LogLevel.debug: 7, LogLevel.info: 6, LogLevel.warn: 4, LogLevel.er
 _LEGACY_KEYS = frozenset({"message", "isError", "time", "format", "why", "failure", "system", "printed"})
 
 
-def fields(event: dict[str, Any]) -> Iterator[tuple[str, Any]]:
+def fields(event: LogEvent) -> Iterator[tuple[str, object]]:
     """The event's own structured fields: everything but ``log_*`` and legacy bookkeeping."""
     for key, value in event.items():
         if key.startswith("log_") or key in _LEGACY_KEYS:
@@ -51,7 +53,7 @@ def fields(event: dict[str, Any]) -> Iterator[tuple[str, Any]]:
         yield key, value
 
 
-def _json_value(value: Any) -> Any:
+def _json_value(value: object) -> object:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, (list, tuple)):
@@ -62,15 +64,15 @@ def _json_value(value: Any) -> Any:
     return name if isinstance(name, str) else str(value)
 
 
-def _level_name(event: dict[str, Any]) -> str:
+def _level_name(event: LogEvent) -> str:
     level = event.get("log_level", LogLevel.info)
     return getattr(level, "name", str(level))
 
 
-def event_as_json(event: dict[str, Any]) -> str:
+def event_as_json(event: LogEvent) -> str:
     """One log event as one line of JSON (pure): time, level, namespace, message, then fields."""
     stamp = event.get("log_time") or time.time()
-    record: dict[str, Any] = {
+    record: dict[str, object] = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(stamp)) + f".{int(stamp % 1 * 1e6):06d}Z",
         "level": _level_name(event),
         "namespace": event.get("log_namespace", ""),
@@ -92,7 +94,7 @@ class JsonLinesObserver:
         self.stream = stream
         self._lock = threading.Lock()  # events arrive from gRPC threads as well as the reactor
 
-    def __call__(self, event: dict[str, Any]) -> None:
+    def __call__(self, event: LogEvent) -> None:
         line = event_as_json(event) + "\n"
         with self._lock:
             self.stream.write(line)
@@ -121,7 +123,7 @@ def _journal_pair(name: str, value: str) -> bytes:
     return name.encode() + b"=" + data + b"\n"
 
 
-def journal_datagram(event: dict[str, Any]) -> bytes:
+def journal_datagram(event: LogEvent) -> bytes:
     """One log event in journald's native protocol (pure)."""
     level = event.get("log_level", LogLevel.info)
     message = formatEvent(event)
@@ -152,7 +154,7 @@ class JournaldObserver:
         # Bounded wait: journald may be busy, and logging happens on the reactor thread too.
         self._sock.settimeout(1.0)
 
-    def __call__(self, event: dict[str, Any]) -> None:
+    def __call__(self, event: LogEvent) -> None:
         try:
             self._sock.sendto(journal_datagram(event), self.path)
         except OSError:  # journald gone, busy, or the event is larger than a datagram
@@ -191,7 +193,9 @@ def make_observer(
     return FilteringLogObserver(observer, [predicate])
 
 
-def twistd_observer(config: LoggingConfig, twistd_options: Any) -> ILogObserver | None:
+def twistd_observer(
+    config: LoggingConfig, twistd_options: Mapping[str, object] | None
+) -> ILogObserver | None:
     """The observer twistd should log to, given its own options (``None``: leave twistd's).
 
     ``--syslog`` and ``--logger`` keep twistd's choice. Otherwise our format goes where twistd
@@ -202,17 +206,17 @@ def twistd_observer(config: LoggingConfig, twistd_options: Any) -> ILogObserver 
         return None
     from twisted.python.logfile import LogFile
 
-    path = twistd_options.get("logfile") or ""
+    path = str(twistd_options.get("logfile") or "")
     if path == "-" or (not path and twistd_options.get("nodaemon")):
         return make_observer(config, sys.stdout)
     return make_observer(config, LogFile.fromFullPath(path or "twistd.log"))
 
 
-def attach(application: Any, observer: ILogObserver | None) -> bool:
+def attach(application: object, observer: ILogObserver | None) -> bool:
     """Make twistd log through ``observer``: twistd uses an ``ILogObserver`` component of the
     application when no ``--logger`` was given. False when there is nothing to attach or the
     parent is not an application (tests run the service tree without one)."""
-    if observer is None or not hasattr(application, "setComponent"):
+    if observer is None or not isinstance(application, Componentized):
         return False
     application.setComponent(ILogObserver, observer)
     return True

@@ -8,9 +8,23 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
-from typing import IO, Any
+from types import ModuleType
+from typing import IO, TYPE_CHECKING, Protocol, TypeVar
+
+if TYPE_CHECKING:
+    from _typeshed import SupportsWrite
+    from google.protobuf.descriptor import MethodDescriptor
+    from google.protobuf.message import Message
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    from quantix.proto import node_pb2
+
+M = TypeVar("M", bound="Message")
+M_co = TypeVar("M_co", bound="Message", covariant=True)
+#: Table cells: whatever prints.
+Cell = object
 
 EXIT_OK = 0
 EXIT_RPC_ERROR = 1
@@ -52,7 +66,15 @@ def enum_name(value: str, prefix: str) -> str:
     return value[len(prefix) :].lower() if value.startswith(prefix) else value.lower()
 
 
-def timestamp(ts: Any) -> str:
+class _Stream(Protocol[M_co]):
+    """A server-streaming call: its messages, and a way to end it early."""
+
+    def __iter__(self) -> Iterator[M_co]: ...
+
+    def cancel(self) -> bool: ...
+
+
+def timestamp(ts: Timestamp) -> str:
     if not ts.seconds and not ts.nanos:
         return "-"
     return datetime.fromtimestamp(ts.seconds + ts.nanos / 1e9, UTC).strftime("%Y-%m-%d %H:%M:%S")
@@ -62,7 +84,7 @@ def _numeric(text: str) -> bool:
     return bool(text) and text.replace(".", "", 1).replace("%", "").replace("-", "", 1).isdigit()
 
 
-def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+def table(headers: Sequence[str], rows: Iterable[Sequence[Cell]]) -> str:
     """Columns separated by two spaces; numeric columns right-aligned."""
     cells = [[str(c) for c in row] for row in rows]
     widths = [len(h) for h in headers]
@@ -78,13 +100,13 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     return "\n".join([line(headers), *(line(row) for row in cells)])
 
 
-def key_values(pairs: Iterable[tuple[str, Any]]) -> str:
+def key_values(pairs: Iterable[tuple[str, Cell]]) -> str:
     pairs = [(k, str(v)) for k, v in pairs]
     width = max((len(k) for k, _ in pairs), default=0)
     return "\n".join(f"{k + ':':<{width + 1}}  {v}".rstrip() for k, v in pairs)
 
 
-def format_health(r: Any) -> str:
+def format_health(r: node_pb2.HealthCheckResponse) -> str:
     return key_values(
         [
             ("healthy", yes_no(r.healthy)),
@@ -95,7 +117,7 @@ def format_health(r: Any) -> str:
     )
 
 
-def format_info(r: Any, built: dict[str, str] | None = None) -> str:
+def format_info(r: node_pb2.NodeInfoResponse, built: dict[str, str] | None = None) -> str:
     """``built``: the ``x-quantix-*`` response metadata (daemon version, proto fingerprint,
     libvirt version), shown when the daemon sent it."""
     cpu, mem, caps = r.cpu, r.memory, r.capabilities
@@ -171,7 +193,7 @@ def daemon_build(built: dict[str, str]) -> list[tuple[str, str]]:
     ]
 
 
-def _state(vm: Any, pb: Any) -> str:
+def _state(vm: node_pb2.VMStatusResponse, pb: ModuleType) -> str:
     return (
         enum_name(pb.PowerState.Name(vm.state), "POWER_STATE_")
         if vm.state in pb.PowerState.values()
@@ -179,7 +201,7 @@ def _state(vm: Any, pb: Any) -> str:
     )
 
 
-def format_vms(r: Any, pb: Any) -> str:
+def format_vms(r: node_pb2.ListVMsOnNodeResponse, pb: ModuleType) -> str:
     rows = [
         (
             vm.vm_id,
@@ -195,7 +217,7 @@ def format_vms(r: Any, pb: Any) -> str:
     return table(["VM ID", "NAME", "STATE", "CPU%", "MEM USED", "MEM TOTAL", "AGENT"], rows)
 
 
-def format_vm(vm: Any, pb: Any) -> str:
+def format_vm(vm: node_pb2.VMStatusResponse, pb: ModuleType) -> str:
     usage, agent = vm.resource_usage, vm.guest_agent
     pairs = [
         ("vm id", vm.vm_id),
@@ -248,7 +270,7 @@ def format_event_header() -> str:
     return f"{time_:19}  {id_:>16}  {kind:18}  {vm:36}  {message}"
 
 
-def format_event(e: Any, pb: Any) -> str:
+def format_event(e: node_pb2.NodeEvent, pb: ModuleType) -> str:
     kind = (
         enum_name(pb.EventType.Name(e.type), "EVENT_TYPE_")
         if e.type in pb.EventType.values()
@@ -257,7 +279,7 @@ def format_event(e: Any, pb: Any) -> str:
     return f"{timestamp(e.timestamp):19}  {e.id:>16}  {kind:18}  {e.vm_id or '-':36}  {e.message}".rstrip()
 
 
-def format_metrics(m: Any) -> str:
+def format_metrics(m: node_pb2.NodeMetrics) -> str:
     head = key_values(
         [
             ("time", timestamp(m.timestamp)),
@@ -315,7 +337,7 @@ def format_metrics(m: Any) -> str:
     return "\n\n".join(parts)
 
 
-def format_metrics_line(m: Any) -> str:
+def format_metrics_line(m: node_pb2.NodeMetrics) -> str:
     return (
         f"{timestamp(m.timestamp):19}  cpu {m.cpu_usage_percent:5.1f}%  "
         f"mem {human_bytes(m.memory_used_bytes)} / {human_bytes(m.memory_total_bytes)}  vms {len(m.vms)}"
@@ -335,7 +357,7 @@ class _Parser(argparse.ArgumentParser):
     out: IO[str] = sys.stdout
     err: IO[str] = sys.stderr
 
-    def _print_message(self, message: str, file: IO[str] | None = None) -> None:
+    def _print_message(self, message: str, file: SupportsWrite[str] | None = None) -> None:
         if message:
             (self.out if file is sys.stdout else self.err).write(message)
 
@@ -438,7 +460,7 @@ class _Ctl:
         self.channel = grpc.insecure_channel(args.address)
         self.stub = node_grpc.NodeDaemonServiceStub(self.channel)
 
-    def emit(self, message: Any, render: Callable[[Any], str]) -> None:
+    def emit(self, message: M, render: Callable[[M], str]) -> None:
         if self.args.json:
             text = self.json_format.MessageToJson(message, preserving_proto_field_name=True, indent=None)
         else:
@@ -468,7 +490,7 @@ class _Ctl:
         return EXIT_OK
 
     def events(self) -> int:
-        metadata = [(RESUME_METADATA, self.args.resume_after)] if self.args.resume_after else None
+        metadata = ((RESUME_METADATA, str(self.args.resume_after)),) if self.args.resume_after else None
         call = self.stub.StreamEvents(self.empty(), metadata=metadata)
         header = None if self.args.json else format_event_header()
         return self._follow(call, lambda e: format_event(e, self.pb), self.args.count, header)
@@ -502,7 +524,7 @@ class _Ctl:
                 break
         return EXIT_OK
 
-    def _deadline(self, method: Any) -> float | None:
+    def _deadline(self, method: MethodDescriptor) -> float | None:
         return None if method.server_streaming else self.args.timeout
 
     def list(self) -> int:
@@ -523,7 +545,7 @@ class _Ctl:
         return nodectl_migrate.run(self, self.err)
 
     def _follow(
-        self, call: Any, render: Callable[[Any], str], count: int | None, header: str | None = None
+        self, call: _Stream[M], render: Callable[[M], str], count: int | None, header: str | None = None
     ) -> int:
         seen = 0
         try:

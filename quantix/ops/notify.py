@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Mapping
-from typing import Any
 
 from twisted.internet import task
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 log = Logger(namespace="quantix.ops.notify")
@@ -48,7 +48,7 @@ class Notifier:
     Without ``NOTIFY_SOCKET`` (not under systemd, or ``Type=simple``) every call is a no-op.
     """
 
-    def __init__(self, reactor: Any, environ: Mapping[str, str] | None = None) -> None:
+    def __init__(self, reactor: IReactorTime, environ: Mapping[str, str] | None = None) -> None:
         env = os.environ if environ is None else environ
         self.reactor = reactor
         self.address = notify_address(env)

@@ -16,9 +16,10 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Mapping
+from types import FrameType
 from typing import Any
 
-from twisted.application.service import MultiService, Service
+from twisted.application.service import IService, MultiService, Service
 from twisted.internet import defer
 from twisted.internet.error import ReactorNotRunning
 from twisted.logger import Logger
@@ -31,8 +32,8 @@ log = Logger(namespace="quantix.ops.shutdown")
 @defer.inlineCallbacks
 def stop_in_order(
     parent: MultiService,
-    before: Mapping[Any, Callable[[], Any]] | None = None,
-    after: Mapping[Any, Callable[[], Any]] | None = None,
+    before: Mapping[IService, Callable[[], object]] | None = None,
+    after: Mapping[IService, Callable[[], object]] | None = None,
 ):
     """Stop ``parent``'s children sequentially, last added first. ``before[child]`` and
     ``after[child]`` run just before and after ``child`` stops (for steps that are not
@@ -67,7 +68,7 @@ def exit_zero_on_sigterm(reactor: Any) -> None:
         except ReactorNotRunning:  # a second SIGTERM while already stopping
             pass
 
-    def handler(signum: int, frame: Any) -> None:
+    def handler(signum: int, frame: FrameType | None) -> None:
         bridge.post_to_reactor(reactor, stop)  # signal-safe: only wakes the reactor
 
     signal.signal(signal.SIGTERM, handler)

@@ -43,9 +43,8 @@ class EventRpcs:
         self.metrics = metrics
 
     @rpc("StreamEvents")
-    def stream_events(
-        self, request: empty_pb2.Empty, context: grpc.ServicerContext
-    ) -> Iterator[node_pb2.NodeEvent]:
+    def stream_events(self, request: empty_pb2.Empty, context: grpc.ServicerContext) -> Iterator[bytes]:
+        """Each event's wire form, made once and shared by every stream (see ``Published``)."""
         sub = self.events.subscribe(resume_after(context))
         on_cancel(context, sub.cancel)
         for item in sub.events(context.is_active, POLL):

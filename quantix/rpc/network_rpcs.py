@@ -21,7 +21,7 @@ def port_message(st: ports.PortStatus) -> node_pb2.NetworkPortInfo:
         network_id=b.network_id,
         mac_address=b.mac,
         ip_addresses=list(b.ip_addresses),
-        phase=st.phase,
+        phase=node_pb2.NetworkPortPhase.ValueType(st.phase),
         error_message=st.error_message,
         ovs_port_name=st.ovs_port_name,
         ovn_port_name=b.ovn_port_name,

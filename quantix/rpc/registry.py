@@ -9,9 +9,9 @@ itself, so every RPC shares one error map, one access log and one metrics hook.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import TypeVar
 
-F = TypeVar("F", bound=Callable[..., Any])
+F = TypeVar("F", bound=Callable[..., object])
 _ATTR = "__quantix_rpc__"
 
 
@@ -25,9 +25,9 @@ def rpc(name: str) -> Callable[[F], F]:
     return mark
 
 
-def collect(objects: Iterable[object]) -> dict[str, Callable[..., Any]]:
+def collect(objects: Iterable[object]) -> dict[str, Callable[..., object]]:
     """Map RPC name to bound handler over all ``objects``; a name claimed twice is a bug."""
-    found: dict[str, Callable[..., Any]] = {}
+    found: dict[str, Callable[..., object]] = {}
     for obj in objects:
         for attr in dir(type(obj)):
             name = getattr(getattr(type(obj), attr), _ATTR, None)

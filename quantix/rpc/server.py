@@ -11,7 +11,7 @@ import os
 import socket
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from google.protobuf import message_factory
@@ -64,7 +64,7 @@ def build_generic_handler(
         request = message_factory.GetMessageClass(method.input_type)
         response = message_factory.GetMessageClass(method.output_type)
         impl = handlers.get(method.name) or status.unimplemented(method.name)
-        serializer = response.SerializeToString
+        serializer: Callable[..., bytes] = response.SerializeToString
         if method.server_streaming:
             factory = grpc.unary_stream_rpc_method_handler
             wrapped = streams.place(status.stream(method.name, streams.guard(impl), observers))
@@ -109,14 +109,14 @@ def check_bindable(address: str) -> None:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        raise ListenError.of("gRPC", address, exc.strerror, CHANGE_HINT) from None
+        raise ListenError.of("gRPC", address, exc.strerror or str(exc), CHANGE_HINT) from None
     family, kind, proto, _, sockaddr = infos[0]
     with socket.socket(family, kind, proto) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(sockaddr)
         except OSError as exc:
-            raise ListenError.of("gRPC", address, exc.strerror.lower(), CHANGE_HINT) from None
+            raise ListenError.of("gRPC", address, (exc.strerror or str(exc)).lower(), CHANGE_HINT) from None
 
 
 class HealthOnItsOwnThread:
@@ -189,7 +189,9 @@ class GrpcServer(Service):
         server.add_generic_rpc_handlers(
             [build_generic_handler(self._handlers(), self.observers, self.streams)]
         )
-        health_pb2_grpc.add_HealthServicer_to_server(HealthOnItsOwnThread(self.health), server)
+        # The wrapper stands in for the servicer it wraps (duck-typed through __getattr__).
+        health_servicer = cast(health.HealthServicer, HealthOnItsOwnThread(self.health))
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         names = (
             SERVICE.full_name,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,

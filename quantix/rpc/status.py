@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 from twisted.logger import Logger
 
 from quantix import errors
@@ -41,7 +42,11 @@ MAX_MESSAGE_CHARS = 1000
 #: ``observer(method, code, seconds, peer)``, called after every RPC (metrics).
 Observer = Callable[[str, grpc.StatusCode, float, str], None]
 #: Same, also given the request, for its ``vm_id`` (the access log).
-RequestObserver = Callable[[str, grpc.StatusCode, float, str, Any], None]
+RequestObserver = Callable[[str, grpc.StatusCode, float, str, object], None]
+#: An RPC handler: each is typed with its own request and response messages, so the common
+#: shape can only say "some message".
+Handler = Callable[[Any, grpc.ServicerContext], Any]
+StreamHandler = Callable[[Any, grpc.ServicerContext], Iterator[Any]]
 
 
 class RpcObservers:
@@ -68,7 +73,9 @@ class RpcObservers:
         if observer in self._request_observers:
             self._request_observers.remove(observer)
 
-    def finished(self, method: str, code: grpc.StatusCode, seconds: float, peer: str, request: Any) -> None:
+    def finished(
+        self, method: str, code: grpc.StatusCode, seconds: float, peer: str, request: object
+    ) -> None:
         """Tell every observer; one that raises is logged and does not stop the others."""
         for observer in self._observers:
             try:
@@ -120,7 +127,7 @@ def _finish(
     code: grpc.StatusCode,
     started: float,
     context: grpc.ServicerContext,
-    request: Any = None,
+    request: object = None,
 ) -> None:
     if observers is None:
         return
@@ -147,10 +154,10 @@ class MalformedRequest:
         self.reason = reason
 
 
-def decoder(message_class: Any) -> Callable[[bytes], Any]:
+def decoder(message_class: type[Message]) -> Callable[[bytes], Message | MalformedRequest]:
     """Request deserializer that never raises (see :class:`MalformedRequest`)."""
 
-    def decode(data: bytes) -> Any:
+    def decode(data: bytes) -> Message | MalformedRequest:
         try:
             return message_class.FromString(data)
         except Exception as exc:  # DecodeError; RecursionError on absurd nesting
@@ -159,18 +166,16 @@ def decoder(message_class: Any) -> Callable[[bytes], Any]:
     return decode
 
 
-def _check_decoded(request: Any) -> None:
+def _check_decoded(request: object) -> None:
     if isinstance(request, MalformedRequest):
         raise errors.Invalid(f"malformed request: {request.reason}")
     inputs.check(request)  # entry counts and string characters, before any work
 
 
-def unary(
-    method: str, handler: Callable[[Any, grpc.ServicerContext], Any], observers: RpcObservers | None = None
-) -> Callable:
+def unary(method: str, handler: Handler, observers: RpcObservers | None = None) -> Handler:
     """Wrap a unary handler with the error map and the observers."""
 
-    def call(request: Any, context: grpc.ServicerContext) -> Any:
+    def call(request: object, context: grpc.ServicerContext) -> object:
         started = time.monotonic()
         code = grpc.StatusCode.OK
         try:
@@ -179,6 +184,7 @@ def unary(
         except Exception as exc:
             code = classify(exc)[0]
             _abort(method, exc, context)
+            return None  # not reached: abort raises
         finally:
             _finish(observers, method, code, started, context, request)
 
@@ -187,12 +193,12 @@ def unary(
 
 def stream(
     method: str,
-    handler: Callable[[Any, grpc.ServicerContext], Iterator[Any]],
+    handler: StreamHandler,
     observers: RpcObservers | None = None,
-) -> Callable:
+) -> StreamHandler:
     """Wrap a server-streaming handler the same way as :func:`unary`."""
 
-    def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+    def call(request: object, context: grpc.ServicerContext) -> Iterator[object]:
         started = time.monotonic()
         code = grpc.StatusCode.OK
         try:
@@ -215,10 +221,10 @@ def stream(
     return call
 
 
-def unimplemented(method: str) -> Callable:
+def unimplemented(method: str) -> Handler:
     """Handler for an RPC no box has claimed yet."""
 
-    def call(request: Any, context: grpc.ServicerContext) -> Any:
+    def call(request: object, context: grpc.ServicerContext) -> object:
         raise errors.Unsupported(f"{method} is not implemented on this node")
 
     return call

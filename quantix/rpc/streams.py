@@ -14,9 +14,14 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from quantix import errors
+
+if TYPE_CHECKING:
+    import grpc
+
+    from quantix.rpc.status import StreamHandler
 
 #: Threads beyond the budget: they only answer refusals, so a burst of streams over the budget
 #: is refused promptly instead of queueing behind the open ones.
@@ -64,12 +69,12 @@ class StreamBudget:
         with self._lock:
             self._open -= 1
 
-    def guard(self, behavior: Callable[[Any, Any], Iterator[Any]]) -> Callable[[Any, Any], Iterator[Any]]:
+    def guard(self, behavior: StreamHandler) -> StreamHandler:
         """``behavior`` counted against the budget: refused when it is spent, the slot given
         back as soon as the handler returns (handlers wake up on cancellation, see
         :func:`on_cancel`)."""
 
-        def call(request: Any, context: Any) -> Iterator[Any]:
+        def call(request: object, context: grpc.ServicerContext) -> Iterator[object]:
             self._enter()
             try:
                 yield from behavior(request, context)

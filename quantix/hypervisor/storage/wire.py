@@ -55,7 +55,7 @@ def pool_request(req: node_pb2.InitStoragePoolRequest) -> sm.PoolRequest:
 def pool_message(info: sm.PoolInfo) -> node_pb2.StoragePoolInfoResponse:
     return node_pb2.StoragePoolInfoResponse(
         pool_id=info.pool_id,
-        type=TYPE_NUMBERS.get(info.type, 0),
+        type=node_pb2.StoragePoolType.ValueType(TYPE_NUMBERS.get(info.type, 0)),
         mount_path=info.mount_path,
         device_path=info.device_path,
         rbd_pool=info.rbd_pool,

@@ -217,7 +217,8 @@ def parse_pool(xml: str) -> PoolDef:
     fields: dict[str, str] = {}
     if source is not None:
         hosts = tuple((h.get("name", ""), h.get("port", "")) for h in source.findall("host"))
-        fields["source_dir"] = (source.find("dir").get("path", "")) if source.find("dir") is not None else ""
+        source_dir = source.find("dir")
+        fields["source_dir"] = source_dir.get("path", "") if source_dir is not None else ""
         device = source.find("device")
         fields["source_device"] = device.get("path", "") if device is not None else ""
         fields["source_name"] = (source.findtext("name") or "").strip()
