@@ -135,6 +135,15 @@ class ChannelTests(unittest.TestCase):
         self.assertGreater(req.timestamp.seconds, 0)
 
     @defer.inlineCallbacks
+    def test_no_channel_opens_after_shutdown_began(self):
+        """A VM reported running after stop_all (a late reconciliation) gets no channel."""
+        yield self.f.start()
+        yield self.f.manager.stop_all()
+        self.f.manager.vm_started(self.f.vm)
+        self.assertIsNone(self.f.manager.socket_path(self.f.vm))
+        self.assertFalse(self.f.manager.is_channel_open(self.f.vm))
+
+    @defer.inlineCallbacks
     def test_telemetry_updates_info(self):
         yield self.f.start()
         t = default_telemetry("from-telemetry")

@@ -147,6 +147,9 @@ class AgentManager:
         self._vms: dict[str, _VM] = {}
         self._strikes: dict[str, int] = {}  # hostile-stream hang-ups per VM since it started
         self._hold_until: dict[str, float] = {}
+        #: Set by stop_all: a state change reported after shutdown began (a reconciliation that
+        #: was still running in a worker thread) must not start a channel that nobody stops.
+        self._closed = False
 
     @bridge.reactor_only
     def vm_started(self, vm_id: str, domain_name: str | None = None, socket_path: str | None = None) -> None:
@@ -155,7 +158,7 @@ class AgentManager:
         ``socket_path`` is the ``<channel>`` source path from the domain XML when the caller
         knows it; it is then the only candidate.
         """
-        if vm_id in self._vms:
+        if vm_id in self._vms or self._closed:
             return
         if socket_path:
 
@@ -191,7 +194,8 @@ class AgentManager:
         return vm.service.stopService()
 
     def stop_all(self) -> defer.Deferred:
-        """Close every channel (daemon shutdown)."""
+        """Close every channel (daemon shutdown); no channel opens after this."""
+        self._closed = True
         return defer.DeferredList([self.vm_stopped(v) for v in list(self._vms)], consumeErrors=True)
 
     @bridge.reactor_only
