@@ -121,8 +121,11 @@ class DomainWatcher(Service):
             return self.reconcile()
 
         def failed(failure: Failure) -> None:
-            if failure.check(errors.HypervisorDown):
-                # libvirt went away (or stopped) before the first reconciliation: nothing is
+            if failure.check(errors.HypervisorDown) or (
+                failure.check(libvirt.libvirtError) and self._conn is not conn
+            ):
+                # libvirt went away (or stopped, closing this connection under the worker: an
+                # "invalid connection pointer") before the first reconciliation: nothing is
                 # wrong with watching; the next connection attaches again.
                 log.info("libvirt went away before reconciling; waiting for the next connection")
                 return
