@@ -357,16 +357,7 @@ class VmRpcTests(unittest.TestCase):
         listed = yield self.call("ListSnapshots", node_pb2.VMIdRequest(vm_id=RUNNING))
         self.assertEqual(list(listed.snapshots), [])
 
-        agents = self.daemon.node.agents
-        os.makedirs(self.daemon.config.agent.socket_dir, exist_ok=True)
-        peer = GuestPeer(reactor)
-        port = reactor.listenUNIX(
-            os.path.join(self.daemon.config.agent.socket_dir, f"{RUNNING}.agent.sock"), peer
-        )
-        self.addCleanup(port.stopListening)
-        self.addCleanup(peer.hang_up)
-        agents.vm_started(RUNNING)
-        yield wait_for(lambda: agents.is_channel_open(RUNNING))
+        peer = yield self.guest_on_running_vm()
         snap = yield self.call("CreateSnapshot", req)
         self.assertEqual(snap.snapshot_id, "q1")
         self.assertEqual(len(peer.requests_of("quiesce")), 1)
@@ -381,10 +372,8 @@ class VmRpcTests(unittest.TestCase):
         self.assertIn("already frozen", details)
 
     @defer.inlineCallbacks
-    def test_quiesced_snapshot_during_an_rpc_freeze(self):
-        """QuiesceFilesystems and a quiesced snapshot share one owner: while the RPC's freeze is
-        active the snapshot is refused without asking the guest, and the RPC's token still
-        thaws; afterwards a quiesced snapshot freezes and thaws by itself."""
+    def guest_on_running_vm(self):
+        """A reference guest peer on the running VM's agent socket, its channel open."""
         agents = self.daemon.node.agents
         os.makedirs(self.daemon.config.agent.socket_dir, exist_ok=True)
         peer = GuestPeer(reactor)
@@ -395,6 +384,14 @@ class VmRpcTests(unittest.TestCase):
         self.addCleanup(peer.hang_up)
         agents.vm_started(RUNNING)
         yield wait_for(lambda: agents.is_channel_open(RUNNING))
+        return peer
+
+    @defer.inlineCallbacks
+    def test_quiesced_snapshot_during_an_rpc_freeze(self):
+        """QuiesceFilesystems and a quiesced snapshot share one owner: while the RPC's freeze is
+        active the snapshot is refused without asking the guest, and the RPC's token still
+        thaws; afterwards a quiesced snapshot freezes and thaws by itself."""
+        peer = yield self.guest_on_running_vm()
 
         q = yield self.call("QuiesceFilesystems", node_pb2.QuiesceFilesystemsRequest(vm_id=RUNNING))
         self.assertTrue(q.success)
