@@ -66,6 +66,12 @@ class NetworkPorts:
     def _transact(self, *ops: dict) -> list:
         return call_on_reactor(self._reactor, self.ovsdb.transact, *ops)
 
+    def _switch(self, *columns: str) -> dict:
+        """The ``Open_vSwitch`` row (one per database; empty before ``ovs-vsctl init``)."""
+        select = {"op": "select", "table": "Open_vSwitch", "where": [], "columns": list(columns)}
+        rows = self._transact(select)[0]["rows"]
+        return rows[0] if rows else {}
+
     def _interfaces(self, where: list) -> list[dict]:
         rows = self._transact(
             {"op": "select", "table": "Interface", "where": where, "columns": _INTERFACE_COLUMNS}
@@ -77,18 +83,10 @@ class NetworkPorts:
     def ovs_status(self) -> OvsStatus:
         """Never an error: OVS missing or unreachable is ``available=False``."""
         try:
-            rows = self._transact(
-                {
-                    "op": "select",
-                    "table": "Open_vSwitch",
-                    "where": [],
-                    "columns": ["ovs_version", "external_ids"],
-                }
-            )[0]["rows"]
+            row = self._switch("ovs_version", "external_ids")
         except Unavailable as exc:
             log.debug("GetOVSStatus: {err}", err=exc)
             return OvsStatus(available=False)
-        row = rows[0] if rows else {}
         ext = from_map(row.get("external_ids"))
         return OvsStatus(
             available=True,
@@ -230,13 +228,10 @@ class NetworkPorts:
     def _integration_bridge(self) -> str:
         """OVN's ``external_ids:ovn-bridge`` when OVSDB answers, else the configured default."""
         try:
-            rows = self._transact(
-                {"op": "select", "table": "Open_vSwitch", "where": [], "columns": ["external_ids"]}
-            )
+            row = self._switch("external_ids")
         except Unavailable:
             return self._default_bridge
-        ext = from_map(rows[0]["rows"][0]["external_ids"]) if rows[0]["rows"] else {}
-        return ext.get("ovn-bridge", self._default_bridge)
+        return from_map(row.get("external_ids")).get("ovn-bridge", self._default_bridge)
 
 
 def _interface(row: dict) -> dict:
