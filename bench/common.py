@@ -54,9 +54,15 @@ def start_daemon(*flags: str, uri: str = "test:///default") -> tuple[subprocess.
         "--listen", address, "--libvirt-uri", uri, "--state-dir", state,
         "--agent-socket-dir", os.path.join(state, "agents"), "--config", os.devnull, *flags,
     ]  # fmt: skip
-    # Metrics and the 8080 download listener off: the floor serves gRPC alone, and 8080 may be
-    # taken on a shared machine.
-    env = dict(os.environ, PYTHONPATH=ROOT, QUANTIX_SERVER_METRICS_LISTEN="", QUANTIX_HTTP_LISTEN="off")
+    # Metrics and the 8080/8443 listeners off: the floor serves gRPC alone, and those fixed
+    # ports may be taken on a shared machine.
+    env = dict(
+        os.environ,
+        PYTHONPATH=ROOT,
+        QUANTIX_SERVER_METRICS_LISTEN="",
+        QUANTIX_HTTP_LISTEN="off",
+        QUANTIX_HTTPS_LISTEN="off",
+    )
     started = time.monotonic()
     proc = subprocess.Popen(cmd, env=env, cwd=state)
     wait_serving(address)
