@@ -8,26 +8,12 @@ flow: the round trips, the chunking loop of file transfers and the error answers
 
 from __future__ import annotations
 
-from typing import TypeVar
-
-from google.protobuf.message import Message
-
-from quantix.agent.protocol import AgentError, set_timestamp
+from quantix.agent.protocol import set_timestamp
 from quantix.agent.quiesce import Frozen
 from quantix.proto import agent_pb2, node_pb2
 
-R = TypeVar("R", bound=Message)
-
 #: Bytes per file-transfer round trip.
 CHUNK = 64 * 1024
-
-
-def expect(reply: Message, kind: type[R]) -> R:
-    """``reply`` as the message its request is answered with. The agent protocol already refuses
-    a reply of another kind (:class:`AgentError`); this says so to the type checker."""
-    if not isinstance(reply, kind):
-        raise AgentError(f"guest answered with {reply.DESCRIPTOR.name}, expected {kind.DESCRIPTOR.name}")
-    return reply
 
 
 def ping_response(pong: agent_pb2.PongResponse) -> node_pb2.AgentPingResponse:

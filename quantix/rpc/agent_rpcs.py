@@ -19,7 +19,7 @@ import grpc
 from google.protobuf.message import Message
 
 from quantix.agent import wire
-from quantix.agent.protocol import AgentError, ConnectionLost
+from quantix.agent.protocol import AgentError, ConnectionLost, expect
 from quantix.errors import HypervisorDown, Invalid, Unavailable
 from quantix.facades import GuestAgents, VmHost
 from quantix.hypervisor import vms
@@ -57,7 +57,7 @@ class AgentRpcs:
     def _call(self, vm_id: str, payload: Message, reply: type[R], timeout: float) -> R:
         """One round trip; the guest's answer, of the ``reply`` kind ``payload`` asks for."""
         answer = self._guarded(vm_id, lambda: self.agents.request(vm_id, payload, timeout))
-        return wire.expect(answer, reply)
+        return expect(answer, reply)
 
     def _guarded(self, vm_id: str, call: Callable[[], T]) -> T:
         if not vm_id:
