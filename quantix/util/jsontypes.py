@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TypeAlias
 
-#: Any JSON value: what ``json.loads`` can return.
+#: A JSON value of any kind: what ``json.loads`` can return.
 JsonValue: TypeAlias = bool | int | float | str | list["JsonValue"] | dict[str, "JsonValue"] | None
 #: A JSON object (``{...}``) with values of any JSON type.
 JsonObject: TypeAlias = dict[str, JsonValue]
