@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import ParamSpec, TypeVar, cast, overload
+from typing import ParamSpec, TypeVar, overload
 
 from twisted.internet import defer, threads
 from twisted.internet.interfaces import IReactorFromThreads, IReactorThreads
 from twisted.python import threadable
+
+from quantix.util.reactor import running_reactor
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -43,12 +45,6 @@ def on_reactor_thread() -> bool:
     """True on the reactor thread, and on any thread before a reactor has started running
     (while the service tree is built there is no other side to hop to)."""
     return threadable.ioThread is None or threadable.isInIOThread()
-
-
-def _global_reactor() -> IReactorThreads:
-    from twisted.internet import reactor
-
-    return cast(IReactorThreads, reactor)  # the installed reactor stands in for the module
 
 
 @overload
@@ -96,7 +92,7 @@ def run_in_worker(  # type: ignore[valid-type]
     box on a fake clock still uses for its blocking work."""
     if not on_reactor_thread():
         raise WrongThread(f"{_name(func)}: run_in_worker called from a worker thread")
-    reactor = reactor if reactor is not None else _global_reactor()
+    reactor = reactor if reactor is not None else running_reactor()
     return threads.deferToThreadPool(reactor, reactor.getThreadPool(), func, *args, **kwargs)
 
 
