@@ -1,16 +1,17 @@
-"""Types of decoded JSON documents, for code that reads or builds them.
+"""The one spelling of "a JSON document" for the whole package.
 
-``json.loads`` (and ``yaml.safe_load``, whose safe subset decodes to the same shapes) returns
-untyped values; annotate them with :data:`JsonValue` (or :data:`JsonObject` for a document whose
-top level must be an object) and narrow with ``isinstance`` before use, as hostile input needs
-anyway. Values merely passed on as data can be ``Mapping[str, object]``.
+A parsed body (``json.loads`` of what a client sent, a guest's reply) is a :data:`JsonValue`:
+code narrows it with ``isinstance`` before using it, so a wrong shape is a 400 or an error
+message and never an ``AttributeError`` deep inside. Bodies we build are :data:`JsonObject`.
+Defined here once so modules do not grow their own slightly different aliases.
 """
 
 from __future__ import annotations
 
 from typing import TypeAlias
 
-#: A JSON value of any kind: what ``json.loads`` can return.
-JsonValue: TypeAlias = bool | int | float | str | list["JsonValue"] | dict[str, "JsonValue"] | None
-#: A JSON object (``{...}``) with values of any JSON type.
-JsonObject: TypeAlias = dict[str, JsonValue]
+JsonValue: TypeAlias = "bool | int | float | str | list[JsonValue] | dict[str, JsonValue] | None"
+"""Whatever ``json.loads`` can return (and ``json.dumps`` accepts without a ``default``)."""
+
+JsonObject: TypeAlias = "dict[str, JsonValue]"
+"""A JSON object: what the HTTP APIs answer and what a request body must be."""
