@@ -6,14 +6,17 @@ that is gone.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Generator
 from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IProtocolNegotiationFactory
+from twisted.internet.interfaces import IListeningPort, IOpenSSLContextFactory, IProtocolNegotiationFactory
 from twisted.logger import Logger
 from twisted.protocols.policies import WrappingFactory
+from twisted.web.resource import IResource
 from zope.interface import implementer
 
 from quantix import bridge
@@ -43,16 +46,18 @@ class WebListener(Service):
     HTTPS; without it the listener is plain HTTP.
     """
 
+    name: str  # never None here: it names the listener in logs and errors
+
     def __init__(
         self,
         reactor: Any,
         listen: str | None,
-        resource: Any,
+        resource: IResource,
         *,
         name: str = "http",
-        allow: Any = None,
+        allow: Callable[[str], bool] | None = None,
         control_plane_url: str | None = None,
-        tls: Any = None,
+        tls: IOpenSSLContextFactory | None = None,
         max_body: int = MAX_BODY,
     ) -> None:
         self.reactor = reactor
@@ -65,7 +70,7 @@ class WebListener(Service):
         self._factory = _TrackingFactory(self.site)
         self._factory.noisy = False  # no "Starting factory <..._TrackingFactory object at 0x...>"
         self.port: int | None = None
-        self._listening: Any = None
+        self._listening: IListeningPort | None = None
 
     def startService(self) -> None:
         if self.listen is None:
@@ -85,7 +90,8 @@ class WebListener(Service):
         except CannotListenError as exc:
             reason = getattr(exc.socketError, "strerror", None) or str(exc.socketError)
             raise ListenError.of(self.name, self.listen, reason.lower(), self._hint()) from None
-        self.port = self._listening.getHost().port
+        address = self._listening.getHost()
+        self.port = address.port if isinstance(address, IPv4Address | IPv6Address) else None
         self._resolve_control_plane()
         scheme = "https" if self.tls is not None else "http"
         log.info(
@@ -113,10 +119,11 @@ class WebListener(Service):
         bridge.run_in_worker(resolve_host, self.control_plane_url, reactor=self.reactor).addCallback(resolved)
 
     @defer.inlineCallbacks
-    def stopService(self):
+    def stopService(self) -> Generator[defer.Deferred[None], None, None]:
         super().stopService()
         listening, self._listening = self._listening, None
-        if listening is not None:
-            yield listening.stopListening()
+        stopped = listening.stopListening() if listening is not None else None
+        if stopped is not None:
+            yield stopped
         for connection in list(self._factory.protocols):
             connection.loseConnection()
