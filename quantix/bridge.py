@@ -25,10 +25,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, ParamSpec, TypeVar
+from typing import ParamSpec, TypeVar, overload
 
 from twisted.internet import defer, threads
+from twisted.internet.interfaces import IReactorFromThreads, IReactorThreads
 from twisted.python import threadable
+
+from quantix.util.reactor import running_reactor
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -44,13 +47,24 @@ def on_reactor_thread() -> bool:
     return threadable.ioThread is None or threadable.isInIOThread()
 
 
-def _global_reactor() -> Any:
-    from twisted.internet import reactor
+@overload
+def call_on_reactor(
+    reactor: IReactorFromThreads, func: Callable[P, defer.Deferred[R]], *args: P.args, **kwargs: P.kwargs
+) -> R: ...
 
-    return reactor
+
+@overload
+def call_on_reactor(
+    reactor: IReactorFromThreads, func: Callable[P, R], *args: P.args, **kwargs: P.kwargs
+) -> R: ...
 
 
-def call_on_reactor(reactor: Any, func: Callable[P, Any], *args: P.args, **kwargs: P.kwargs) -> Any:
+def call_on_reactor(
+    reactor: IReactorFromThreads,
+    func: Callable[P, defer.Deferred[R]] | Callable[P, R],
+    *args: P.args,
+    **kwargs: P.kwargs,
+) -> R:
     """Worker thread: run ``func`` on the reactor and block until it (or the Deferred it
     returns) has a result; its exception is raised here."""
     if threadable.isInIOThread():
@@ -58,7 +72,9 @@ def call_on_reactor(reactor: Any, func: Callable[P, Any], *args: P.args, **kwarg
     return threads.blockingCallFromThread(reactor, func, *args, **kwargs)
 
 
-def post_to_reactor(reactor: Any, func: Callable[P, Any], *args: P.args, **kwargs: P.kwargs) -> None:
+def post_to_reactor(
+    reactor: IReactorFromThreads, func: Callable[P, object], *args: P.args, **kwargs: P.kwargs
+) -> None:
     """Any thread (a signal handler too): run ``func`` on the reactor soon, in posting order;
     nobody waits for it."""
     reactor.callFromThread(func, *args, **kwargs)
@@ -68,7 +84,7 @@ def post_to_reactor(reactor: Any, func: Callable[P, Any], *args: P.args, **kwarg
 def run_in_worker(  # type: ignore[valid-type]
     func: Callable[P, R],
     *args: P.args,
-    reactor: Any = None,
+    reactor: IReactorThreads | None = None,
     **kwargs: P.kwargs,
 ) -> defer.Deferred[R]:
     """Reactor thread: run blocking ``func`` in the reactor's thread pool; a Deferred (fired
@@ -76,7 +92,7 @@ def run_in_worker(  # type: ignore[valid-type]
     box on a fake clock still uses for its blocking work."""
     if not on_reactor_thread():
         raise WrongThread(f"{_name(func)}: run_in_worker called from a worker thread")
-    reactor = reactor if reactor is not None else _global_reactor()
+    reactor = reactor if reactor is not None else running_reactor()
     return threads.deferToThreadPool(reactor, reactor.getThreadPool(), func, *args, **kwargs)
 
 
@@ -93,5 +109,5 @@ def reactor_only(method: Callable[P, R]) -> Callable[P, R]:
     return checked
 
 
-def _name(func: Callable[..., Any]) -> str:
+def _name(func: Callable[..., object]) -> str:
     return getattr(func, "__qualname__", None) or repr(func)

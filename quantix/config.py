@@ -13,7 +13,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from collections.abc import Mapping
-from typing import Any, cast
+from typing import TypeVar, cast
 
 import attrs
 import yaml
@@ -83,6 +83,8 @@ TOKEN = r"[!-~]+"
 BRIDGE = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 
 DAY = 86_400.0
+
+_C = TypeVar("_C")
 
 
 # Every key is declared with a quantix.configspec helper: its type and range, checked alike for
@@ -376,7 +378,7 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, tuple[str, str]]:
     return out
 
 
-def _read(field: attrs.Attribute, value: Any, where: str) -> Any:
+def _read(field: attrs.Attribute[object], value: object, where: str) -> object:
     """One value in its field's type and range (see :mod:`quantix.configspec`)."""
     declared = spec.spec_of(field)
     if declared is None:  # declared without a helper: only its type is known (tests flag it)
@@ -387,7 +389,7 @@ def _read(field: attrs.Attribute, value: Any, where: str) -> Any:
         raise ConfigError(f"{where}: {exc}") from None
 
 
-def _coerce(value: Any, typ: Any, where: str) -> Any:
+def _coerce(value: object, typ: object, where: str) -> object:
     """Turn YAML/env/flag values into the field's type; strings from env and flags included."""
     text = str(typ)
     if value is None:
@@ -404,14 +406,14 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
             return False
         raise ConfigError(f"{where}: expected true or false, got {value!r}")
     if typ is int or text == "int":
-        if isinstance(value, bool):
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         try:
             return int(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
     if typ is float or text == "float":
-        if isinstance(value, bool):
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         try:
             return float(value)
@@ -426,9 +428,11 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
     return str(value)
 
 
-def _flatten(data: Mapping[str, Any], origin: str, warnings: list[str]) -> dict[str, tuple[Any, str]]:
+def _flatten(
+    data: Mapping[object, object], origin: str, warnings: list[str]
+) -> dict[str, tuple[object, str]]:
     """YAML mapping → ``{dotted key: (value, where)}``; unknown keys become warnings."""
-    out: dict[str, tuple[Any, str]] = {}
+    out: dict[str, tuple[object, str]] = {}
     sections = _sections()
     for key, value in data.items():
         key = str(key)
@@ -450,7 +454,8 @@ def _flatten(data: Mapping[str, Any], origin: str, warnings: list[str]) -> dict[
     return out
 
 
-def read_file(path: str) -> Mapping[str, Any]:
+def read_file(path: str) -> Mapping[object, object]:
+    """The YAML file's top-level mapping (keys not yet checked to be strings)."""
     try:
         with open(path, encoding="utf-8") as fh:
             data = yaml.safe_load(fh)
@@ -468,10 +473,10 @@ def read_file(path: str) -> Mapping[str, Any]:
     return data
 
 
-def build(values: Mapping[str, tuple[Any, str]]) -> Config:
+def build(values: Mapping[str, tuple[object, str]]) -> Config:
     """Assemble a :class:`Config` from dotted keys; each value knows where it came from."""
-    top: dict[str, Any] = {}
-    nested: dict[str, dict[str, Any]] = {}
+    top: dict[str, tuple[object, str]] = {}
+    nested: dict[str, dict[str, tuple[object, str]]] = {}
     fields = {f.name: f for f in attrs.fields(Config)}
     for key, (value, where) in values.items():
         section, _, sub = key.partition(".")
@@ -480,11 +485,15 @@ def build(values: Mapping[str, tuple[Any, str]]) -> Config:
             nested.setdefault(section, {})[sub] = (_read(field, value, where), where)
         else:
             top[key] = (_read(fields[key], value, where), where)
-    sections = {name: _construct(cast(type, fields[name].type), subs) for name, subs in nested.items()}
+    sections: dict[str, object] = {
+        name: _construct(cast(type, fields[name].type), subs) for name, subs in nested.items()
+    }
     return _construct(Config, top, extra=sections)
 
 
-def _construct(cls: type, values: Mapping[str, tuple[Any, str]], extra: Mapping[str, Any] | None = None):
+def _construct(
+    cls: type[_C], values: Mapping[str, tuple[object, str]], extra: Mapping[str, object] | None = None
+) -> _C:
     kwargs = {k: v for k, (v, _) in values.items()}
     kwargs.update(extra or {})
     try:
@@ -504,7 +513,7 @@ def load(
     *,
     path_explicit: bool = False,
     environ: Mapping[str, str] | None = None,
-    flags: Mapping[str, Any] | None = None,
+    flags: Mapping[str, object] | None = None,
     warnings: list[str] | None = None,
 ) -> Config:
     """Merge defaults, the file, the environment and given flags into one :class:`Config`.
@@ -513,15 +522,15 @@ def load(
     is an error rather than silently ignored.
     """
     warnings = warnings if warnings is not None else []
-    values: dict[str, tuple[Any, str]] = {}
+    values: dict[str, tuple[object, str]] = {}
     if path and (path_explicit or os.path.exists(path)):
         values.update(_flatten(read_file(path), path, warnings))
     # Environment variables and flags are text, parsed into the key's type; the file's values
     # must already have it (a quoted number in YAML is a mistake worth reporting).
     for key, (value, name) in env_overrides(os.environ if environ is None else environ).items():
         values[key] = (spec.Text(value), f"environment {name}")
-    for flag, value in (flags or {}).items():
-        values[FLAG_KEYS[flag]] = (spec.Text(value) if isinstance(value, str) else value, f"--{flag}")
+    for flag, given in (flags or {}).items():
+        values[FLAG_KEYS[flag]] = (spec.Text(given) if isinstance(given, str) else given, f"--{flag}")
     return build(values)
 
 

@@ -21,11 +21,12 @@ the wrong type and every out-of-range sample its spec offers (:meth:`Spec.wrong_
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 import math
 import re
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Generic, Protocol, TypeVar
 
 import attrs
 
@@ -36,24 +37,44 @@ OFF_WORDS = ("", "off")
 NULL_WORDS = ("", "null", "none")
 
 
+T = TypeVar("T")
+#: What a field helper returns: the field's type, for the attrs class body.
+F = TypeVar("F")
+#: Text keys: a ``None`` default makes the field ``str | None``.
+OptStr = TypeVar("OptStr", str, "str | None")
+
+
 class Text(str):
     """A value that arrived as text (environment variable or flag) and is parsed, not checked."""
 
 
-def _show(value: Any) -> str:
+def _show(value: object) -> str:
     kind = type(value).__name__ if not isinstance(value, Text) else "text"
     return f"{value!r} ({'a ' + kind if kind != 'NoneType' else 'null'})"
 
 
+class Declared(Protocol):
+    """What the loader and the walk test use of a declared key's spec, whatever its type."""
+
+    def read(self, value: object) -> object: ...
+
+    def wrong_type(self) -> object: ...
+
+    def out_of_range(self) -> list[object]: ...
+
+    def describe(self) -> str: ...
+
+
 @attrs.frozen
-class Spec:
-    """Type and range of one key. Subclasses implement :meth:`parse` and :meth:`check`."""
+class Spec(Generic[T]):
+    """Type and range of one key, whose values are ``T``. Subclasses implement :meth:`parse`
+    and :meth:`check`."""
 
     optional: bool = False
     #: ``"an integer"``: what :meth:`parse` expects, for messages.
     what: str = "a value"
 
-    def read(self, value: Any) -> Any:
+    def read(self, value: object) -> T | None:
         """Parse and range-check one value; raises ValueError with a one-line reason."""
         if value is None or (
             isinstance(value, Text) and self.optional and value.strip().lower() in NULL_WORDS
@@ -66,37 +87,37 @@ class Spec:
             self.check(parsed)
         return parsed
 
-    def parse(self, value: Any) -> Any:
+    def parse(self, value: object) -> T:
         """The value in this key's type: native values must already have it, :class:`Text` is
         converted. Raises ValueError ``expected ...``."""
         raise NotImplementedError
 
-    def check(self, value: Any) -> None:
+    def check(self, value: T) -> None:
         """Raise ValueError when ``value`` (already of the right type) is out of range."""
 
-    def wrong_type(self) -> Any:
+    def wrong_type(self) -> object:
         """A YAML value of the wrong type for this key."""
         raise NotImplementedError
 
-    def out_of_range(self) -> list[Any]:
+    def out_of_range(self) -> list[object]:
         """YAML values of the right type that the range refuses (empty only for booleans)."""
         raise NotImplementedError
 
     def describe(self) -> str:
         return self.what
 
-    def _expected(self, value: Any) -> ValueError:
+    def _expected(self, value: object) -> ValueError:
         hint = " (write it without quotes)" if isinstance(value, str) and not isinstance(value, Text) else ""
         return ValueError(f"expected {self.what}, got {_show(value)}{hint}")
 
 
 @attrs.frozen
-class Integer(Spec):
+class Integer(Spec[int]):
     min: int = 0
     max: int = 0
     what: str = "an integer"
 
-    def parse(self, value: Any) -> int:
+    def parse(self, value: object) -> int:
         if isinstance(value, Text):
             try:
                 return int(value.strip())
@@ -110,10 +131,10 @@ class Integer(Spec):
         if not self.min <= value <= self.max:
             raise ValueError(f"must be between {self.min} and {self.max}, got {value}")
 
-    def wrong_type(self) -> Any:
+    def wrong_type(self) -> object:
         return str(self.min)
 
-    def out_of_range(self) -> list[Any]:
+    def out_of_range(self) -> list[object]:
         return [self.min - 1, self.max + 1]
 
     def describe(self) -> str:
@@ -121,14 +142,14 @@ class Integer(Spec):
 
 
 @attrs.frozen
-class Number(Spec):
+class Number(Spec[float]):
     min: float = 0.0
     max: float = 0.0
     #: ``min`` itself is refused (a timeout of 0 seconds).
     above_min: bool = False
     what: str = "a number"
 
-    def parse(self, value: Any) -> float:
+    def parse(self, value: object) -> float:
         if isinstance(value, Text):
             try:
                 value = float(value.strip())
@@ -146,10 +167,10 @@ class Number(Spec):
             lower = f"above {self.min:g}" if self.above_min else f"at least {self.min:g}"
             raise ValueError(f"must be {lower} and at most {self.max:g}, got {value:g}")
 
-    def wrong_type(self) -> Any:
+    def wrong_type(self) -> object:
         return str(self.max)
 
-    def out_of_range(self) -> list[Any]:
+    def out_of_range(self) -> list[object]:
         return [self.min if self.above_min else self.min - 1, self.max + 1]
 
     def describe(self) -> str:
@@ -157,10 +178,10 @@ class Number(Spec):
 
 
 @attrs.frozen
-class Boolean(Spec):
+class Boolean(Spec[bool]):
     what: str = "true or false"
 
-    def parse(self, value: Any) -> bool:
+    def parse(self, value: object) -> bool:
         if isinstance(value, Text):
             lowered = value.strip().lower()
             if lowered in ("1", "true", "yes", "on"):
@@ -172,19 +193,19 @@ class Boolean(Spec):
             raise self._expected(value)
         return value
 
-    def wrong_type(self) -> Any:
+    def wrong_type(self) -> object:
         return "maybe"
 
-    def out_of_range(self) -> list[Any]:
+    def out_of_range(self) -> list[object]:
         return []  # true and false are the whole range
 
 
 @attrs.frozen
-class Choice(Spec):
+class Choice(Spec[str]):
     choices: tuple[str, ...] = ()
     what: str = "a string"
 
-    def parse(self, value: Any) -> str:
+    def parse(self, value: object) -> str:
         if not isinstance(value, str):
             raise self._expected(value)
         return str(value)
@@ -193,10 +214,10 @@ class Choice(Spec):
         if value not in self.choices:
             raise ValueError(f"must be one of {', '.join(self.choices)}, not {value!r}")
 
-    def wrong_type(self) -> Any:
+    def wrong_type(self) -> object:
         return 5
 
-    def out_of_range(self) -> list[Any]:
+    def out_of_range(self) -> list[object]:
         return ["no-such-choice"]
 
     def describe(self) -> str:
@@ -204,7 +225,7 @@ class Choice(Spec):
 
 
 @attrs.frozen
-class String(Spec):
+class String(Spec[str]):
     """Text of at most ``max_len`` characters, never containing control characters, optionally
     matching ``pattern`` and passing ``validate`` (which raises ValueError)."""
 
@@ -212,14 +233,14 @@ class String(Spec):
     min_len: int = 1
     pattern: str | None = None
     #: Extra check, e.g. an address parser; raises ValueError.
-    validate: Any = None
+    validate: Callable[[str], object] | None = None
     #: An in-type value the range refuses, used by the walk test (besides a too long one).
     bad_sample: str | None = None
     what: str = "a string"
     #: Shown in range errors: ``an absolute path``.
     shape: str = "text"
 
-    def parse(self, value: Any) -> str:
+    def parse(self, value: object) -> str:
         if not isinstance(value, str):
             raise self._expected(value)
         return str(value)
@@ -237,11 +258,11 @@ class String(Spec):
             except ValueError as exc:
                 raise ValueError(f"must be {self.shape}, not {value!r}: {exc}") from None
 
-    def wrong_type(self) -> Any:
+    def wrong_type(self) -> object:
         return ["not", "a", "string"]
 
-    def out_of_range(self) -> list[Any]:
-        samples = ["x" * (self.max_len + 1), "bad\nvalue"]
+    def out_of_range(self) -> list[object]:
+        samples: list[object] = ["x" * (self.max_len + 1), "bad\nvalue"]
         if self.bad_sample is not None:
             samples.append(self.bad_sample)
         return samples
@@ -257,7 +278,7 @@ class Address(String):
     shape: str = "host:port"
     bad_sample: str | None = "localhost:99999"
 
-    def read(self, value: Any) -> Any:
+    def read(self, value: object) -> str | None:
         if self.optional and (
             value is False or (isinstance(value, str) and value.strip().lower() in OFF_WORDS)
         ):
@@ -266,7 +287,7 @@ class Address(String):
 
 
 @attrs.frozen
-class Table(Spec):
+class Table(Spec[dict[str, str]]):
     """A mapping of strings to strings (labels)."""
 
     max_items: int = 64
@@ -274,7 +295,7 @@ class Table(Spec):
     value: String = String(max_len=255, min_len=0, shape="a label value")
     what: str = "a mapping"
 
-    def parse(self, value: Any) -> dict[str, str]:
+    def parse(self, value: object) -> dict[str, str]:
         if isinstance(value, Text):  # k=v,k2=v2
             pairs = [p.partition("=") for p in value.split(",") if p.strip()]
             if any(not sep for _, sep, _ in pairs):
@@ -296,10 +317,10 @@ class Table(Spec):
             self.key.check(k)
             self.value.check(v)
 
-    def wrong_type(self) -> Any:
+    def wrong_type(self) -> object:
         return ["not", "a", "mapping"]
 
-    def out_of_range(self) -> list[Any]:
+    def out_of_range(self) -> list[object]:
         return [{f"k{i}": "v" for i in range(self.max_items + 1)}, {"bad key!": "v"}]
 
     def describe(self) -> str:
@@ -307,30 +328,36 @@ class Table(Spec):
 
 
 @attrs.frozen
-class Items(Spec):
-    """A list whose every item obeys ``item``; from text, comma-separated."""
+class Items(Spec[list[str]]):
+    """A list of strings, every one obeying ``item``; from text, comma-separated."""
 
-    item: Spec = String()
+    item: String = String()
     max_items: int = 64
     what: str = "a list"
 
-    def parse(self, value: Any) -> list[Any]:
+    def parse(self, value: object) -> list[str]:
         if isinstance(value, Text):
-            return [self.item.read(Text(v.strip())) for v in value.split(",") if v.strip()]
+            return [self._item(Text(v.strip())) for v in value.split(",") if v.strip()]
         if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
             raise self._expected(value)
-        return [self.item.read(v) for v in value]
+        return [self._item(v) for v in value]
 
-    def check(self, value: Sequence[Any]) -> None:
+    def _item(self, value: object) -> str:
+        item = self.item.read(value)
+        if item is None:  # an optional item spec let a null through
+            raise ValueError("a list item is required")
+        return item
+
+    def check(self, value: Sequence[str]) -> None:
         if len(value) > self.max_items:
             raise ValueError(f"must have at most {self.max_items} entries, has {len(value)}")
         for v in value:
             self.item.check(v)
 
-    def wrong_type(self) -> Any:
+    def wrong_type(self) -> object:
         return "not-a-list"
 
-    def out_of_range(self) -> list[Any]:
+    def out_of_range(self) -> list[object]:
         return [[self.item.out_of_range()[0]]]
 
     def describe(self) -> str:
@@ -340,56 +367,52 @@ class Items(Spec):
 # -- field helpers ----------------------------------------------------------------------------
 
 
-def field(spec: Spec, default: Any) -> Any:
-    """An attrs field checked by ``spec`` (what the helpers below return)."""
+def field(spec: Spec[T], default: F) -> F:
+    """An attrs field checked by ``spec`` (what the helpers below return); the field's type is
+    the default's, as with ``attrs.field``."""
 
-    def validate(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+    def validate(inst: object, attribute: attrs.Attribute[F], value: F) -> None:
         if value is None:
             if not spec.optional:
                 raise ValueError(f"{attribute.name}: a value is required")
             return
         spec.check(spec.parse(value))
 
-    def convert(value: Any) -> Any:
+    metadata = {SPEC: spec}
+    if isinstance(default, (dict, list)):
+        return attrs.field(factory=lambda: copy.copy(default), validator=validate, metadata=metadata)
+    if isinstance(spec, Address) and spec.optional:
         # Optional listeners accept "off" in code too (flags arrive as text).
-        if isinstance(spec, Address) and spec.optional:
-            return spec.read(value)
-        return value
-
-    kwargs: dict[str, Any] = (
-        {"factory": lambda: type(default)(default)}
-        if isinstance(default, (dict, list))
-        else {"default": default}
-    )
-    return attrs.field(**kwargs, validator=validate, converter=convert, metadata={SPEC: spec})
+        return attrs.field(default=default, validator=validate, converter=spec.read, metadata=metadata)
+    return attrs.field(default=default, validator=validate, metadata=metadata)
 
 
-def integer(default: int, *, min: int, max: int) -> Any:
+def integer(default: int, *, min: int, max: int) -> int:
     return field(Integer(min=min, max=max), default)
 
 
-def number(default: float, *, min: float, max: float, above_min: bool = False) -> Any:
+def number(default: float, *, min: float, max: float, above_min: bool = False) -> float:
     return field(Number(min=min, max=max, above_min=above_min), default)
 
 
-def boolean(default: bool) -> Any:
+def boolean(default: bool) -> bool:
     return field(Boolean(), default)
 
 
-def choice(default: str, choices: Sequence[str]) -> Any:
+def choice(default: str, choices: Sequence[str]) -> str:
     return field(Choice(choices=tuple(choices)), default)
 
 
 def text(
-    default: str | None,
+    default: OptStr,
     *,
     optional: bool = False,
     max_len: int = 255,
     pattern: str | None = None,
     shape: str = "text",
     bad_sample: str | None = None,
-    validate: Any = None,
-) -> Any:
+    validate: Callable[[str], object] | None = None,
+) -> OptStr:
     spec = String(
         optional=optional,
         max_len=max_len,
@@ -401,7 +424,7 @@ def text(
     return field(spec, default)
 
 
-def path(default: str | None, *, optional: bool = False) -> Any:
+def path(default: OptStr, *, optional: bool = False) -> OptStr:
     """A filesystem path (relative paths are relative to the daemon's working directory)."""
     return field(String(optional=optional, max_len=4096, shape="a path", bad_sample=""), default)
 
@@ -412,7 +435,7 @@ def _parse_address(value: str) -> None:
     parse_address(value)
 
 
-def address(default: str | None, *, optional: bool = False) -> Any:
+def address(default: OptStr, *, optional: bool = False) -> OptStr:
     """``host:port`` to listen on; optional ones are turned off by null or ``off``."""
     return field(Address(optional=optional, validate=_parse_address), default)
 
@@ -421,14 +444,14 @@ def _ip(value: str) -> None:
     ipaddress.ip_address(value)
 
 
-def ip(default: str | None, *, optional: bool = False) -> Any:
+def ip(default: OptStr, *, optional: bool = False) -> OptStr:
     return field(
         String(optional=optional, max_len=45, shape="an IP address", bad_sample="999.0.0.1", validate=_ip),
         default,
     )
 
 
-def url(default: str | None, *, optional: bool = False, schemes: Sequence[str] = ("http", "https")) -> Any:
+def url(default: OptStr, *, optional: bool = False, schemes: Sequence[str] = ("http", "https")) -> OptStr:
     pattern = rf"(?:{'|'.join(map(re.escape, schemes))})://[^\s/]+(?:/\S*)?"
     shape = f"a {' or '.join(s + '://' for s in schemes)} URL"
     return field(
@@ -437,14 +460,14 @@ def url(default: str | None, *, optional: bool = False, schemes: Sequence[str] =
     )
 
 
-def table(*, max_items: int = 64) -> Any:
-    return field(Table(max_items=max_items), {})
+def table(*, max_items: int = 64) -> dict[str, str]:
+    return field(Table(max_items=max_items), dict[str, str]())
 
 
-def items(default: Sequence[Any], item: Spec, *, max_items: int = 64) -> Any:
+def items(default: Sequence[str], item: String, *, max_items: int = 64) -> list[str]:
     return field(Items(item=item, max_items=max_items), list(default))
 
 
-def spec_of(attribute: attrs.Attribute) -> Spec | None:
+def spec_of(attribute: attrs.Attribute[object]) -> Declared | None:
     """The declared spec of a model field, or None when it was declared without a helper."""
     return attribute.metadata.get(SPEC)

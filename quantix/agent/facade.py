@@ -7,9 +7,8 @@ reaches them through :class:`WorkerAgents`, which makes every hop through :mod:`
 
 from __future__ import annotations
 
-from typing import Any
-
 from google.protobuf.message import Message
+from twisted.internet.interfaces import IReactorFromThreads
 
 from quantix import bridge
 from quantix.agent.guestinfo import GuestInfo
@@ -21,15 +20,14 @@ from quantix.proto import agent_pb2
 class WorkerAgents:
     """:class:`quantix.facades.GuestAgents` over one manager and the reactor that runs it."""
 
-    def __init__(self, reactor: Any, manager: AgentManager, quiesce: Quiesce) -> None:
+    def __init__(self, reactor: IReactorFromThreads, manager: AgentManager, quiesce: Quiesce) -> None:
         self._reactor = reactor
         self._manager = manager
         self._quiesce = quiesce
 
     def request(self, vm_id: str, payload: Message, timeout: float) -> Message:
         """Worker: one round trip to the VM's agent; blocks this thread, not the reactor."""
-        reply: Message = bridge.call_on_reactor(self._reactor, self._manager.request, vm_id, payload, timeout)
-        return reply
+        return bridge.call_on_reactor(self._reactor, self._manager.request, vm_id, payload, timeout)
 
     def info(self, vm_id: str) -> GuestInfo:
         """Any thread: read without a reactor hop. The cache is written only on the reactor, by
@@ -41,16 +39,10 @@ class WorkerAgents:
         self, vm_id: str, request: agent_pb2.QuiesceFilesystemsRequest, timeout: float, hold_for: float
     ) -> Frozen:
         """Worker: :meth:`Quiesce.freeze` (serialised per VM, auto-thaw after ``hold_for``)."""
-        frozen: Frozen = bridge.call_on_reactor(
-            self._reactor, self._quiesce.freeze, vm_id, request, timeout, hold_for
-        )
-        return frozen
+        return bridge.call_on_reactor(self._reactor, self._quiesce.freeze, vm_id, request, timeout, hold_for)
 
     def thaw(
         self, vm_id: str, token: str, request: agent_pb2.ThawFilesystemsRequest, timeout: float
     ) -> agent_pb2.ThawFilesystemsResponse:
         """Worker: :meth:`Quiesce.thaw` of the freeze ``token`` names."""
-        reply: agent_pb2.ThawFilesystemsResponse = bridge.call_on_reactor(
-            self._reactor, self._quiesce.thaw, vm_id, token, request, timeout
-        )
-        return reply
+        return bridge.call_on_reactor(self._reactor, self._quiesce.thaw, vm_id, token, request, timeout)

@@ -199,7 +199,7 @@ class AgentManager:
         return defer.DeferredList([self.vm_stopped(v) for v in list(self._vms)], consumeErrors=True)
 
     @bridge.reactor_only
-    def request(self, vm_id: str, payload: Message, timeout: float) -> defer.Deferred:
+    def request(self, vm_id: str, payload: Message, timeout: float) -> defer.Deferred[Message]:
         """Send one request to the VM's agent; fires with the reply payload message."""
         vm = self._vms.get(vm_id)
         if vm is None or vm.proto is None or not vm.proto.connected:

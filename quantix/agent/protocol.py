@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from typing import TypeVar
 
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -33,6 +34,8 @@ _REPLY_FIELD = {
     for f in _PAYLOAD.fields
     if f.number < 50 and f.number + 40 in agent_pb2.AgentMessage.DESCRIPTOR.fields_by_number
 }
+#: A reply message class.
+R = TypeVar("R", bound=Message)
 UNSOLICITED = frozenset({"telemetry", "agent_ready", "error", "clipboard_changed"})
 
 
@@ -52,6 +55,14 @@ def request_field(payload: Message) -> str:
         raise Invalid(f"{payload.DESCRIPTOR.full_name} is not an agent request") from None
 
 
+def expect(reply: Message, kind: type[R]) -> R:
+    """``reply`` as the message its request is answered with. :meth:`AgentProtocol.request`
+    already refuses a reply of another kind; this says so to the type checker."""
+    if not isinstance(reply, kind):
+        raise AgentError(f"guest answered with {reply.DESCRIPTOR.name}, expected {kind.DESCRIPTOR.name}")
+    return reply
+
+
 def set_timestamp(ts: Timestamp, seconds: float) -> None:
     """Set a protobuf Timestamp from a clock reading (float seconds)."""
     whole = int(seconds)
@@ -62,7 +73,9 @@ def set_timestamp(ts: Timestamp, seconds: float) -> None:
 class _Pending:
     __slots__ = ("deferred", "op", "reply_field", "timer")
 
-    def __init__(self, deferred: defer.Deferred, timer: IDelayedCall, reply_field: str, op: str) -> None:
+    def __init__(
+        self, deferred: defer.Deferred[Message], timer: IDelayedCall, reply_field: str, op: str
+    ) -> None:
         self.deferred = deferred
         self.timer = timer
         self.reply_field = reply_field
@@ -95,7 +108,7 @@ class AgentProtocol(Protocol):
 
     # -- requests ---------------------------------------------------------------------------
 
-    def request(self, payload: Message, timeout: float) -> defer.Deferred:
+    def request(self, payload: Message, timeout: float) -> defer.Deferred[Message]:
         """Send ``payload`` (e.g. ``PingRequest``); fire with the guest's reply payload message.
 
         Fails with :class:`Unavailable` when not connected or when the channel drops,
@@ -116,12 +129,12 @@ class AgentProtocol(Protocol):
             return defer.fail(Invalid(str(e)))
         mid = msg.message_id
 
-        def cancel(_: defer.Deferred) -> None:
+        def cancel(_: defer.Deferred[Message]) -> None:
             p = self._pending.pop(mid, None)
             if p is not None and p.timer.active():
                 p.timer.cancel()
 
-        d: defer.Deferred = defer.Deferred(cancel)
+        d: defer.Deferred[Message] = defer.Deferred(cancel)
         timer = self.clock.callLater(timeout, self._timed_out, mid, timeout)
         self._pending[mid] = _Pending(d, timer, _REPLY_FIELD.get(field, ""), field)
         assert self.transport is not None  # connected (checked above) implies a transport

@@ -13,8 +13,8 @@ Different VMs do not wait for each other.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Callable, Generator
+from typing import ParamSpec, TypeVar
 
 import attrs
 from google.protobuf.message import Message
@@ -23,6 +23,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from quantix import bridge
+from quantix.agent.protocol import expect
 from quantix.errors import Invalid
 from quantix.proto import agent_pb2
 
@@ -31,7 +32,9 @@ ALREADY_FROZEN = "filesystems are already frozen"
 THAW_TIMEOUT = 30.0
 
 T = TypeVar("T")
-Request = Callable[[str, Message, float], "defer.Deferred[Any]"]
+P = ParamSpec("P")
+#: The agent manager's round trip: fires with the guest's reply payload.
+Request = Callable[[str, Message, float], "defer.Deferred[Message]"]
 
 
 @attrs.define
@@ -100,27 +103,32 @@ class Quiesce:
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _serialised(self, vm_id: str, func: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+    def _serialised(
+        self, vm_id: str, func: Callable[P, defer.Deferred[T]], *args: P.args, **kwargs: P.kwargs
+    ) -> defer.Deferred[T]:
         entry = self._locks.get(vm_id)
         if entry is None:
             entry = self._locks[vm_id] = _VmLock()
         entry.users += 1
 
-        def release(result: T) -> T:
+        def release(result: object) -> object:
             entry.users -= 1
             if not entry.users:
                 del self._locks[vm_id]
             return result
 
-        return entry.lock.run(func, *args).addBoth(release)
+        d = entry.lock.run(func, *args, **kwargs)
+        d.addBoth(release)  # passes the result (or failure) on unchanged
+        return d
 
     @defer.inlineCallbacks
     def _freeze(
         self, vm_id: str, request: agent_pb2.QuiesceFilesystemsRequest, timeout: float, hold_for: float
-    ) -> Any:
+    ) -> Generator[defer.Deferred[Message], Message, Frozen]:
         if vm_id in self._freezes:
             return Frozen(agent_pb2.QuiesceFilesystemsResponse(success=False, error=ALREADY_FROZEN))
-        reply = yield self._request(vm_id, request, timeout)
+        answer = yield self._request(vm_id, request, timeout)
+        reply = expect(answer, agent_pb2.QuiesceFilesystemsResponse)
         if not reply.success:
             return Frozen(reply)
         token = reply.quiesce_token or str(uuid.uuid4())
@@ -142,22 +150,22 @@ class Quiesce:
 
     def _thaw(
         self, vm_id: str, token: str, request: agent_pb2.ThawFilesystemsRequest, timeout: float
-    ) -> defer.Deferred[Any]:
+    ) -> defer.Deferred[agent_pb2.ThawFilesystemsResponse]:
         f = self._claim(vm_id, token)
         request.quiesce_token = f.agent_token if f is not None else token
-        return self._request(vm_id, request, timeout)
+        d = self._request(vm_id, request, timeout)
+        return d.addCallback(lambda reply: expect(reply, agent_pb2.ThawFilesystemsResponse))
 
-    def _auto_thaw(self, vm_id: str, token: str) -> defer.Deferred[Any]:
+    def _auto_thaw(self, vm_id: str, token: str) -> defer.Deferred[Message | None]:
         return self._serialised(vm_id, self._auto_thaw_now, vm_id, token)
 
-    def _auto_thaw_now(self, vm_id: str, token: str) -> defer.Deferred[Any] | None:
+    def _auto_thaw_now(self, vm_id: str, token: str) -> defer.Deferred[Message | None]:
         f = self._freezes.get(vm_id)
         if f is None or f.token != token:
-            return None  # thawed meanwhile
+            return defer.succeed(None)  # thawed meanwhile
         del self._freezes[vm_id]
         msg = "auto-thawing filesystems of {vm}: no ThawFilesystems within the quiesce timeout"
         self.log.warn(msg, vm=vm_id)
         req = agent_pb2.ThawFilesystemsRequest(quiesce_token=f.agent_token, mount_points=f.mounts)
         d = self._request(vm_id, req, THAW_TIMEOUT)
-        d.addErrback(lambda fail: self.log.failure("automatic thaw of {vm} failed", fail, vm=vm_id))
-        return d
+        return d.addErrback(lambda fail: self.log.failure("automatic thaw of {vm} failed", fail, vm=vm_id))

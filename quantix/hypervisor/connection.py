@@ -19,7 +19,7 @@ import attrs
 import libvirt
 from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -140,7 +140,7 @@ class Hypervisor(Service):
 
     def __init__(
         self,
-        reactor: IReactorTime,
+        reactor: eventloop.Reactor,
         uri: str,
         *,
         event_loop: str = "thread",

@@ -13,11 +13,11 @@ import os
 import re
 import threading
 from collections.abc import Callable, Iterable
-from typing import Any
 
 import psutil
 
 from quantix.hypervisor import hostinfo
+from quantix.util.jsontypes import JsonObject, JsonValue
 
 STATVFS_TIMEOUT = 2.0
 _SKIP_BLOCK = ("loop", "ram", "zram", "dm-", "nbd", "fd")
@@ -77,8 +77,8 @@ def read_mounts(proc_root: str = "/proc") -> list[tuple[str, str, str]]:
     return out
 
 
-def nfs_mounts(mounts: Iterable[tuple[str, str, str]], statvfs=bounded_statvfs) -> list[dict[str, Any]]:
-    out = []
+def nfs_mounts(mounts: Iterable[tuple[str, str, str]], statvfs=bounded_statvfs) -> list[JsonValue]:
+    out: list[JsonValue] = []
     for dev, mnt, fstype in mounts:
         if not fstype.startswith("nfs") or ":" not in dev:
             continue
@@ -111,7 +111,7 @@ def _interface(name: str, device_path: str) -> str:
 
 def block_devices(
     mounts: Iterable[tuple[str, str, str]], sys_root: str = "/sys", statvfs=bounded_statvfs
-) -> list[dict[str, Any]]:
+) -> list[JsonValue]:
     """Whole disks under ``/sys/block`` with their partitions (virtual devices left out)."""
     mounted = {dev: (mnt, fstype) for dev, mnt, fstype in mounts if dev.startswith("/dev/")}
     base = os.path.join(sys_root, "block")
@@ -119,14 +119,14 @@ def block_devices(
         names = sorted(os.listdir(base))
     except OSError:
         return []
-    out = []
+    out: list[JsonValue] = []
     for name in names:
         path = os.path.join(base, name)
         size = _int(_read(os.path.join(path, "size"))) * 512
         if name.startswith(_SKIP_BLOCK) or size == 0:
             continue
         rotational = _read(os.path.join(path, "queue", "rotational")) == "1"
-        disk: dict[str, Any] = {
+        disk: JsonObject = {
             "name": name,
             "model": _read(os.path.join(path, "device", "model")),
             "serial": _read(os.path.join(path, "device", "serial")),
@@ -134,32 +134,33 @@ def block_devices(
             "diskType": "NVMe" if name.startswith("nvme") else ("HDD" if rotational else "SSD"),
             "interface": _interface(name, os.path.realpath(path)),
             "isRemovable": _read(os.path.join(path, "removable")) == "1",
-            "partitions": [],
         }
+        partitions: list[JsonValue] = []
         for part in sorted(os.listdir(path)):
             ppath = os.path.join(path, part)
             if not part.startswith(name) or not os.path.exists(os.path.join(ppath, "partition")):
                 continue
-            entry: dict[str, Any] = {
+            entry: JsonObject = {
                 "name": part,
                 "sizeBytes": _int(_read(os.path.join(ppath, "size"))) * 512,
             }
             if f"/dev/{part}" in mounted:
                 mnt, fstype = mounted[f"/dev/{part}"]
                 entry.update(mountPoint=mnt, filesystem=fstype, usedBytes=_usage(statvfs(mnt))[1])
-            disk["partitions"].append(entry)
+            partitions.append(entry)
+        disk["partitions"] = partitions
         out.append(disk)
     return out
 
 
-def network(nics: Iterable[hostinfo.NicFacts], sys_root: str = "/sys") -> list[dict[str, Any]]:
+def network(nics: Iterable[hostinfo.NicFacts], sys_root: str = "/sys") -> list[JsonValue]:
     """Host NICs (bridges, taps and other virtual ones left out) with driver, PCI address, SR-IOV."""
-    out = []
+    out: list[JsonValue] = []
     for nic in nics:
         if nic.name.startswith(hostinfo._VIRTUAL_PREFIXES):
             continue
         dev = os.path.join(sys_root, "class", "net", nic.name, "device")
-        entry: dict[str, Any] = {
+        entry: JsonObject = {
             "name": nic.name,
             "macAddress": nic.mac,
             "speedMbps": max(nic.speed_mbps, 0),
@@ -196,16 +197,14 @@ def pci_name(vendor: str, device: str, paths: Iterable[str] = PCI_IDS) -> str | 
     return None
 
 
-def gpus(
-    sys_root: str = "/sys", name_of: Callable[[str, str], str | None] = pci_name
-) -> list[dict[str, Any]]:
+def gpus(sys_root: str = "/sys", name_of: Callable[[str, str], str | None] = pci_name) -> list[JsonValue]:
     """PCI display controllers (class 0x03xxxx)."""
     base = os.path.join(sys_root, "bus", "pci", "devices")
     try:
         addrs = sorted(os.listdir(base))
     except OSError:
         return []
-    out = []
+    out: list[JsonValue] = []
     for addr in addrs:
         path = os.path.join(base, addr)
         if not _read(os.path.join(path, "class")).startswith("0x03"):
@@ -225,7 +224,7 @@ def _cpu_vendor(proc_root: str) -> str:
     return ""
 
 
-def discovery(facts: hostinfo.HostFacts, sys_root: str = "/sys", proc_root: str = "/proc") -> dict[str, Any]:
+def discovery(facts: hostinfo.HostFacts, sys_root: str = "/sys", proc_root: str = "/proc") -> JsonObject:
     """The ``registration/discovery`` body: camelCase keys, every count a JSON integer."""
     cpu = facts.cpu
     swap = psutil.swap_memory()

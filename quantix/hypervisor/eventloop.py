@@ -39,7 +39,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Protocol
 
 import libvirt
 from twisted.internet import defer
@@ -50,8 +50,25 @@ from zope.interface import implementer
 
 log = Logger()
 
-# The reactor as used here: IReactorCore + IReactorTime + IReactorThreads + IReactorFDSet.
-Reactor = Any
+
+class Reactor(Protocol):
+    """The reactor as used here: parts of IReactorTime, IReactorFromThreads and IReactorFDSet
+    (one object provides all three; an interface type can name only one)."""
+
+    def callLater(
+        self, delay: float, callable: Callable[..., object], *args: object, **kwargs: object
+    ) -> IDelayedCall: ...
+
+    def callFromThread(self, callable: Callable[..., object], *args: object, **kwargs: object) -> None: ...
+
+    def addReader(self, reader: IReadDescriptor) -> None: ...
+
+    def removeReader(self, reader: IReadDescriptor) -> None: ...
+
+    def addWriter(self, writer: IWriteDescriptor) -> None: ...
+
+    def removeWriter(self, writer: IWriteDescriptor) -> None: ...
+
 
 READABLE = libvirt.VIR_EVENT_HANDLE_READABLE
 WRITABLE = libvirt.VIR_EVENT_HANDLE_WRITABLE

@@ -15,14 +15,14 @@ import base64
 import json
 import os
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import attrs
 import libvirt
 
 from quantix import errors
 from quantix.hypervisor import vms
+from quantix.util.jsontypes import JsonObject, JsonValue
 
 PING_TIMEOUT = 5
 COMMAND_TIMEOUT = 10
@@ -59,7 +59,7 @@ fi
 _DISABLED_WORDS = ("not allowed", "disabled", "blocked")
 
 #: ``run(domain, json_command, timeout_seconds) -> json_reply``: libvirt's call, or a test's.
-Runner = Callable[[Any, str, int], str | None]
+Runner = Callable[[libvirt.virDomain, str, int], str | None]
 
 
 class QemuAgentError(errors.Unavailable):
@@ -70,7 +70,7 @@ class CommandDisabled(QemuAgentError):
     """The guest's qemu-ga policy forbids the command (``--block-rpcs``, an allow-list)."""
 
 
-def libvirt_runner(dom: Any, command: str, timeout: int) -> str | None:
+def libvirt_runner(dom: libvirt.virDomain, command: str, timeout: int) -> str | None:
     import libvirt_qemu  # part of libvirt-python; imported late so the module loads without it
 
     return libvirt_qemu.qemuAgentCommand(dom, command, timeout, 0)
@@ -85,15 +85,15 @@ def _error(text: str) -> QemuAgentError:
 class QemuAgent:
     """Commands to one domain's qemu-ga. Blocking; every call is bounded by its timeout."""
 
-    def __init__(self, dom: Any, run: Runner = libvirt_runner) -> None:
+    def __init__(self, dom: libvirt.virDomain, run: Runner = libvirt_runner) -> None:
         self.dom = dom
         self.run = run
 
     def command(
-        self, execute: str, arguments: dict[str, Any] | None = None, timeout: int = COMMAND_TIMEOUT
-    ) -> Any:
+        self, execute: str, arguments: Mapping[str, object] | None = None, timeout: int = COMMAND_TIMEOUT
+    ) -> JsonValue:
         """Send one command; its ``return`` value, or QemuAgentError with libvirt's or the guest's text."""
-        payload: dict[str, Any] = {"execute": execute}
+        payload: dict[str, object] = {"execute": execute}
         if arguments:
             payload["arguments"] = arguments
         try:
@@ -103,7 +103,7 @@ class QemuAgent:
         if raw is None:
             return None
         try:
-            reply = json.loads(raw)
+            reply: JsonValue = json.loads(raw)
         except ValueError:
             raise QemuAgentError(f"{execute}: the guest agent sent a reply that is not JSON") from None
         if not isinstance(reply, dict):
@@ -117,7 +117,7 @@ class QemuAgent:
         self.command("guest-ping", timeout=timeout)
 
     def write_file(
-        self, path: str, chunks: Any, deadline: float, clock: Callable[[], float] = time.monotonic
+        self, path: str, chunks: Iterable[bytes], deadline: float, clock: Callable[[], float] = time.monotonic
     ) -> int:
         """Write the byte chunks to ``path`` in the guest (``guest-file-open/write/close``)."""
         handle = self.command("guest-file-open", {"path": path, "mode": "w"}, _left(deadline, clock))
@@ -129,7 +129,7 @@ class QemuAgent:
                     "guest-file-write", {"handle": handle, "buf-b64": buf}, _left(deadline, clock)
                 )
                 count = r.get("count") if isinstance(r, dict) else None
-                if count != len(chunk):
+                if not isinstance(count, int) or count != len(chunk):
                     raise QemuAgentError(
                         f"guest-file-write: short write to {path} ({count} of {len(chunk)} bytes)"
                     )
@@ -144,9 +144,10 @@ class QemuAgent:
     def exec(self, path: str, args: list[str]) -> int:
         """Start ``path args`` in the guest without waiting; its pid."""
         r = self.command("guest-exec", {"path": path, "arg": args, "capture-output": False})
-        if not isinstance(r, dict) or not isinstance(r.get("pid"), int):
+        pid = r.get("pid") if isinstance(r, dict) else None
+        if not isinstance(pid, int):
             raise QemuAgentError("guest-exec: no pid in the reply")
-        return r["pid"]
+        return pid
 
 
 def _left(deadline: float, clock: Callable[[], float]) -> int:
@@ -156,7 +157,7 @@ def _left(deadline: float, clock: Callable[[], float]) -> int:
     return max(1, min(COMMAND_TIMEOUT, int(left)))
 
 
-def state_text(dom: Any) -> str:
+def state_text(dom: libvirt.virDomain) -> str:
     """``running``, ``paused``, ``shut off``, ... for messages."""
     names = {
         libvirt.VIR_DOMAIN_RUNNING: "running",
@@ -170,7 +171,9 @@ def state_text(dom: Any) -> str:
     return names.get(vms.state_of(dom), "unknown")
 
 
-def ping_result(dom: Any, run: Runner = libvirt_runner, timeout: int = PING_TIMEOUT) -> dict[str, Any]:
+def ping_result(
+    dom: libvirt.virDomain, run: Runner = libvirt_runner, timeout: int = PING_TIMEOUT
+) -> JsonObject:
     """``{available, error?}`` for ``qemu-agent/ping``: qemu-ga answered ``guest-ping`` in time."""
     if not dom.isActive():
         return {"available": False, "error": f"VM is not running (state: {state_text(dom)})"}
@@ -188,21 +191,21 @@ class InstallResult:
     method: str
     error: str | None = None
 
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"success": self.success, "message": self.message, "method": self.method}
+    def to_json(self) -> JsonObject:
+        out: JsonObject = {"success": self.success, "message": self.message, "method": self.method}
         if self.error is not None:
             out["error"] = self.error
         return out
 
 
-def _file_chunks(path: str):
+def _file_chunks(path: str) -> Iterator[bytes]:
     with open(path, "rb") as fh:
         while chunk := fh.read(CHUNK):
             yield chunk
 
 
 def install_agent(
-    dom: Any,
+    dom: libvirt.virDomain,
     binary_path: str | None,
     run: Runner = libvirt_runner,
     deadline_seconds: float = INSTALL_DEADLINE,

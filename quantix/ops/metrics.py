@@ -31,8 +31,12 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
+from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
@@ -224,7 +228,7 @@ class MetricsPage(Resource):
         super().__init__()
         self.registry = registry
 
-    def render_GET(self, request: Any) -> bytes:
+    def render_GET(self, request: IRequest) -> bytes:
         accept = request.getHeader(b"accept")
         encoder, content_type = choose_encoder(accept.decode("latin-1") if accept else "")
         request.setHeader(b"content-type", content_type.encode())
@@ -257,7 +261,7 @@ class MetricsService(Service):
         self.listen = None if listen is None or listen.strip().lower() in OFF else listen
         self.registry, self.rpc = build_registry(collector or NodeCollector())
         self.port: int | None = None
-        self._listening: Any = None
+        self._listening: IListeningPort | None = None
 
     def startService(self) -> None:
         if self.listen is None:
@@ -277,12 +281,13 @@ class MetricsService(Service):
         except CannotListenError as exc:
             reason = getattr(exc.socketError, "strerror", None) or str(exc.socketError)
             raise ListenError.of("metrics", self.listen, reason.lower(), CHANGE_HINT) from None
-        self.port = self._listening.getHost().port
+        address = self._listening.getHost()
+        self.port = address.port if isinstance(address, (IPv4Address, IPv6Address)) else None
         self.observers.add(self.rpc.observe)
         log.info("metrics on http://{listen}/metrics (port {port})", listen=self.listen, port=self.port)
         super().startService()
 
-    def stopService(self) -> Any:
+    def stopService(self) -> defer.Deferred[None] | None:
         super().stopService()
         self.observers.remove(self.rpc.observe)
         listening, self._listening = self._listening, None

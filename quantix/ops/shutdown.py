@@ -17,7 +17,6 @@ import sys
 import threading
 from collections.abc import Callable, Mapping
 from types import FrameType
-from typing import Any
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet import defer
@@ -25,6 +24,7 @@ from twisted.internet.error import ReactorNotRunning
 from twisted.logger import Logger
 
 from quantix import bridge
+from quantix.util.reactor import INodeReactor
 
 log = Logger(namespace="quantix.ops.shutdown")
 
@@ -51,7 +51,7 @@ def stop_in_order(
                 log.failure("stopping {service} failed", service=type(child).__name__)
 
 
-def exit_zero_on_sigterm(reactor: Any) -> None:
+def exit_zero_on_sigterm(reactor: INodeReactor) -> None:
     """Replace the reactor's SIGTERM handler (call when running: the reactor installs its own
     during startup).
 

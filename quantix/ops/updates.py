@@ -7,9 +7,8 @@ version, ``idle``, and ``apply`` refused with a reason, in the shapes the contro
 
 from __future__ import annotations
 
-from typing import Any
-
 import quantix
+from quantix.util.jsontypes import JsonObject
 
 NO_SOURCE = (
     "this node has no update source: update the quantix-node package with the host's package "
@@ -17,12 +16,12 @@ NO_SOURCE = (
 )
 
 
-def version(hostname: str, channel: str) -> dict[str, Any]:
+def version(hostname: str, channel: str) -> JsonObject:
     """``updates/version``."""
     return {"currentVersion": quantix.__version__, "channel": channel, "hostname": hostname}
 
 
-def check(channel: str) -> dict[str, Any]:
+def check(channel: str) -> JsonObject:
     """``updates/check``: nothing available (no ``latestVersion``, which the control plane needs)."""
     return {
         "available": False,
@@ -34,7 +33,7 @@ def check(channel: str) -> dict[str, Any]:
     }
 
 
-def status() -> dict[str, Any]:
+def status() -> JsonObject:
     """``updates/status``."""
     return {"status": "idle", "message": "no update source is configured on this node"}
 

@@ -5,6 +5,7 @@ They run in gRPC worker threads and reach the agent box through its worker facad
 so channel and freeze state is only ever touched by the reactor. Every request field is passed
 on to the agent. No channel: ``Unavailable``; no answer in time:
 ``Timeout``; the agent reporting a failure: a normal response with ``success=false`` and its text.
+The messages themselves are mapped by the agent box (:mod:`quantix.agent.wire`).
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import grpc
 from google.protobuf.message import Message
 
-from quantix.agent.protocol import AgentError, ConnectionLost, set_timestamp
+from quantix.agent import wire
+from quantix.agent.protocol import AgentError, ConnectionLost, expect
 from quantix.errors import HypervisorDown, Invalid, Unavailable
 from quantix.facades import GuestAgents, VmHost
 from quantix.hypervisor import vms
@@ -29,12 +31,12 @@ EXEC_DEFAULT_SECONDS = 60  # when ExecuteInGuest.timeout_seconds is 0
 EXEC_GRACE = 5.0  # reply wait beyond the command's own timeout
 QUIESCE_DEFAULT_SECONDS = 60  # freeze lifetime when QuiesceFilesystems.timeout_seconds is 0
 QUIESCE_GRACE = 10.0
-CHUNK = 64 * 1024
 # A read answer stops here (eof=false; the caller continues at offset): it must fit the 4 MiB a
 # default gRPC client accepts.
 MAX_READ = 4 * 1024 * 1024 - 64 * 1024
 
 T = TypeVar("T")
+R = TypeVar("R", bound=Message)
 
 
 class AgentRpcs:
@@ -52,8 +54,10 @@ class AgentRpcs:
         self.wallclock = wallclock
         self._ping_seq = itertools.count(1)  # next() is atomic under the GIL
 
-    def _call(self, vm_id: str, payload: Message, timeout: float) -> Any:
-        return self._guarded(vm_id, lambda: self.agents.request(vm_id, payload, timeout))
+    def _call(self, vm_id: str, payload: Message, reply: type[R], timeout: float) -> R:
+        """One round trip; the guest's answer, of the ``reply`` kind ``payload`` asks for."""
+        answer = self._guarded(vm_id, lambda: self.agents.request(vm_id, payload, timeout))
+        return expect(answer, reply)
 
     def _guarded(self, vm_id: str, call: Callable[[], T]) -> T:
         if not vm_id:
@@ -81,14 +85,13 @@ class AgentRpcs:
     ) -> node_pb2.AgentPingResponse:
         seq = next(self._ping_seq)
         started = time.monotonic()
-        pong = self._call(request.vm_id, agent_pb2.PingRequest(sequence=seq), DEFAULT_TIMEOUT)
+        ping = agent_pb2.PingRequest(sequence=seq)
+        pong = self._call(request.vm_id, ping, agent_pb2.PongResponse, DEFAULT_TIMEOUT)
         rtt_ms = (time.monotonic() - started) * 1000
         # The response message has no round-trip field; report it as trailing metadata.
         if context is not None:
             context.set_trailing_metadata((("x-quantix-agent-rtt-ms", f"{rtt_ms:.3f}"),))
-        return node_pb2.AgentPingResponse(
-            connected=True, version=pong.version, uptime_seconds=pong.uptime_seconds
-        )
+        return wire.ping_response(pong)
 
     @rpc("ExecuteInGuest")
     def execute_in_guest(
@@ -97,28 +100,12 @@ class AgentRpcs:
         if not request.command:
             raise Invalid("command is required")
         seconds = request.timeout_seconds or EXEC_DEFAULT_SECONDS
-        req = agent_pb2.ExecuteRequest(
-            command=request.command,
-            args=request.args,
-            working_directory=request.working_directory,
-            environment=request.environment,
-            timeout_seconds=seconds,
-            wait_for_exit=request.wait_for_exit,
-        )
+        req = wire.execute_request(request, seconds)
         try:
-            r = self._call(request.vm_id, req, seconds + EXEC_GRACE)
+            r = self._call(request.vm_id, req, agent_pb2.ExecuteResponse, seconds + EXEC_GRACE)
         except AgentError as e:
             return node_pb2.ExecuteInGuestResponse(success=False, exit_code=-1, error=str(e))
-        ok = not r.error and not r.timed_out and (r.exit_code == 0 or not request.wait_for_exit)
-        return node_pb2.ExecuteInGuestResponse(
-            success=ok,
-            exit_code=r.exit_code,
-            stdout=r.stdout,
-            stderr=r.stderr,
-            timed_out=r.timed_out,
-            duration_ms=r.duration_ms,
-            error=r.error,
-        )
+        return wire.execute_response(request, r)
 
     @rpc("ReadGuestFile")
     def read_guest_file(
@@ -133,10 +120,10 @@ class AgentRpcs:
         total = 0
         eof = False
         while len(data) < limit:
-            want = min(CHUNK, limit - len(data))
-            req = agent_pb2.FileReadRequest(path=request.path, offset=offset, length=want, chunk_size=want)
+            want = min(wire.CHUNK, limit - len(data))
+            req = wire.file_read_request(request.path, offset, want)
             try:
-                r = self._call(request.vm_id, req, DEFAULT_TIMEOUT)
+                r = self._call(request.vm_id, req, agent_pb2.FileReadResponse, DEFAULT_TIMEOUT)
             except AgentError as e:
                 return node_pb2.ReadGuestFileResponse(success=False, error=str(e))
             if not r.success:
@@ -157,22 +144,10 @@ class AgentRpcs:
         """Write in 64 KiB chunks; an empty payload still creates/truncates the file."""
         if not request.path:
             raise Invalid("path is required")
-        payload = request.data
-        chunks = [payload[i : i + CHUNK] for i in range(0, len(payload), CHUNK)] or [b""]
         written = 0
-        for n, chunk in enumerate(chunks):
-            req = agent_pb2.FileWriteRequest(
-                path=request.path,
-                data=chunk,
-                offset=n * CHUNK,
-                eof=n == len(chunks) - 1,
-                mode=request.mode,
-                create_parents=request.create_parents,
-                chunk_number=n,
-                total_chunks=len(chunks),
-            )
+        for req in wire.file_write_requests(request):
             try:
-                r = self._call(request.vm_id, req, DEFAULT_TIMEOUT)
+                r = self._call(request.vm_id, req, agent_pb2.FileWriteResponse, DEFAULT_TIMEOUT)
             except AgentError as e:
                 return node_pb2.WriteGuestFileResponse(success=False, bytes_written=written, error=str(e))
             if not r.success:
@@ -186,18 +161,15 @@ class AgentRpcs:
     def guest_shutdown(
         self, request: node_pb2.GuestShutdownRequest, context: grpc.ServicerContext
     ) -> node_pb2.GuestShutdownResponse:
-        kind = agent_pb2.SHUTDOWN_TYPE_REBOOT if request.reboot else agent_pb2.SHUTDOWN_TYPE_POWEROFF
-        req = agent_pb2.ShutdownRequest(
-            type=kind, delay_seconds=request.delay_seconds, message=request.message
-        )
+        req = wire.shutdown_request(request)
         try:
-            r = self._call(request.vm_id, req, DEFAULT_TIMEOUT)
+            r = self._call(request.vm_id, req, agent_pb2.ShutdownResponse, DEFAULT_TIMEOUT)
         except ConnectionLost:
             # The guest went down before its answer got out: the request reached it.
             return node_pb2.GuestShutdownResponse(accepted=True)
         except AgentError as e:
             return node_pb2.GuestShutdownResponse(accepted=False, error=str(e))
-        return node_pb2.GuestShutdownResponse(accepted=r.accepted, error=r.error)
+        return wire.shutdown_response(r)
 
     # -- quiesce / thaw ---------------------------------------------------------------------
 
@@ -208,11 +180,7 @@ class AgentRpcs:
         """Freeze through the agent box's quiesce owner; thawed automatically once
         ``timeout_seconds`` pass without ``ThawFilesystems``."""
         seconds = request.timeout_seconds or QUIESCE_DEFAULT_SECONDS
-        req = agent_pb2.QuiesceFilesystemsRequest(
-            mount_points=request.mount_points,
-            timeout_seconds=seconds,
-            run_pre_freeze_scripts=request.run_pre_freeze_scripts,
-        )
+        req = wire.quiesce_request(request, seconds)
         vm_id = request.vm_id
         try:
             frozen = self._guarded(
@@ -220,27 +188,13 @@ class AgentRpcs:
             )
         except AgentError as e:
             return node_pb2.QuiesceFilesystemsResponse(success=False, error=str(e))
-        r = frozen.reply
-        out = node_pb2.QuiesceFilesystemsResponse(success=r.success, error=r.error)
-        for f in r.frozen:
-            out.frozen.add(
-                mount_point=f.mount_point,
-                device=f.device,
-                filesystem=f.filesystem,
-                frozen=f.frozen,
-                error=f.error,
-            )
-        if r.success:
-            out.quiesce_token = frozen.token
-        return out
+        return wire.quiesce_response(frozen)
 
     @rpc("ThawFilesystems")
     def thaw_filesystems(
         self, request: node_pb2.ThawFilesystemsRequest, context: grpc.ServicerContext
     ) -> node_pb2.ThawFilesystemsResponse:
-        req = agent_pb2.ThawFilesystemsRequest(
-            mount_points=request.mount_points, run_post_thaw_scripts=request.run_post_thaw_scripts
-        )
+        req = wire.thaw_request(request)
         vm_id = request.vm_id
         try:
             r = self._guarded(
@@ -248,24 +202,16 @@ class AgentRpcs:
             )
         except AgentError as e:
             return node_pb2.ThawFilesystemsResponse(success=False, error=str(e))
-        return node_pb2.ThawFilesystemsResponse(
-            success=r.success,
-            thawed_mount_points=r.thawed_mount_points,
-            error=r.error,
-            frozen_duration_ms=r.frozen_duration_ms,
-        )
+        return wire.thaw_response(r)
 
     @rpc("SyncTime")
     def sync_time(
         self, request: node_pb2.SyncTimeRequest, context: grpc.ServicerContext
     ) -> node_pb2.SyncTimeResponse:
         """Ask the agent to set its clock to the host's (``force`` steps instead of slewing)."""
-        req = agent_pb2.SyncTimeRequest(force=request.force)
-        set_timestamp(req.set_time, self.wallclock())
+        req = wire.sync_time_request(request, self.wallclock())
         try:
-            r = self._call(request.vm_id, req, DEFAULT_TIMEOUT)
+            r = self._call(request.vm_id, req, agent_pb2.SyncTimeResponse, DEFAULT_TIMEOUT)
         except AgentError as e:
             return node_pb2.SyncTimeResponse(success=False, error=str(e))
-        return node_pb2.SyncTimeResponse(
-            success=r.success, offset_seconds=r.offset_seconds, time_source=r.time_source, error=r.error
-        )
+        return wire.sync_time_response(r)

@@ -11,10 +11,10 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Iterator
-from typing import Any
 
 import grpc
 from google.protobuf import empty_pb2
+from twisted.internet.interfaces import IReactorFromThreads
 
 from quantix import bridge, errors
 from quantix.images.engine import DownloadEngine, DownloadRequest
@@ -36,20 +36,18 @@ class ImageRpcs:
     """``engine`` is the node's :class:`~quantix.images.engine.DownloadEngine` (reactor-only
     methods); ``closed`` is set when the node stops, ending open streams with UNAVAILABLE."""
 
-    def __init__(self, engine: DownloadEngine, reactor: Any, closed: threading.Event) -> None:
+    def __init__(self, engine: DownloadEngine, reactor: IReactorFromThreads, closed: threading.Event) -> None:
         self.engine = engine
         self.reactor = reactor
         self.closed = closed
-
-    def _call(self, fn: Any, *args: Any) -> Any:
-        return bridge.call_on_reactor(self.reactor, fn, *args)
 
     @rpc("DownloadImage")
     def download_image(
         self, request: node_pb2.DownloadImageOnNodeRequest, context: grpc.ServicerContext
     ) -> Iterator[node_pb2.DownloadProgress]:
         engine = self.engine
-        job = self._call(
+        job = bridge.call_on_reactor(
+            self.reactor,
             engine.submit,
             DownloadRequest(
                 url=request.url,
@@ -62,10 +60,10 @@ class ImageRpcs:
             ),
         )
         changes: queue.SimpleQueue[Job] = queue.SimpleQueue()
-        unwatch = self._call(engine.watch, job.job_id, changes.put)
+        unwatch = bridge.call_on_reactor(self.reactor, engine.watch, job.job_id, changes.put)
         closed = self.closed
         try:
-            job = self._call(engine.get, job.job_id)
+            job = bridge.call_on_reactor(self.reactor, engine.get, job.job_id)
             while True:
                 yield progress(job)
                 if job.ended:
@@ -73,7 +71,7 @@ class ImageRpcs:
                 try:
                     job = changes.get(timeout=INTERVAL)
                 except queue.Empty:
-                    job = self._call(engine.get, job.job_id)
+                    job = bridge.call_on_reactor(self.reactor, engine.get, job.job_id)
                 if closed.is_set():
                     raise errors.Unavailable("node daemon is shutting down")
                 if not context.is_active():
@@ -85,11 +83,11 @@ class ImageRpcs:
     def get_download_status(
         self, request: node_pb2.GetDownloadStatusRequest, context: grpc.ServicerContext
     ) -> node_pb2.DownloadProgress:
-        return progress(self._call(self.engine.get, _job_id(request.job_id)))
+        return progress(bridge.call_on_reactor(self.reactor, self.engine.get, _job_id(request.job_id)))
 
     @rpc("CancelDownload")
     def cancel_download(
         self, request: node_pb2.CancelDownloadRequest, context: grpc.ServicerContext
     ) -> empty_pb2.Empty:
-        self._call(self.engine.cancel, _job_id(request.job_id))
+        bridge.call_on_reactor(self.reactor, self.engine.cancel, _job_id(request.job_id))
         return empty_pb2.Empty()
