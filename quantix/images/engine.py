@@ -17,7 +17,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import attrs
 from twisted.application.service import Service
@@ -32,6 +32,7 @@ from quantix.images import checksum, jobs, qemu, target, transfer
 from quantix.images.jobs import Job
 from quantix.util.backoff import Backoff
 from quantix.util.files import atomic_write, fsync_dir
+from quantix.util.reactor import INodeReactor
 
 if TYPE_CHECKING:
     from treq.client import HTTPClient  # imported by the first download only (idle memory)
@@ -81,12 +82,12 @@ class DownloadEngine(Service):
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: INodeReactor,
         settings: DownloadsConfig,
         state_dir: str,
         default_dir: str,
         roots: Callable[[], list[str]],
-        client_factory: Callable[[Any, DownloadsConfig], HTTPClient] | None = None,
+        client_factory: Callable[[INodeReactor, DownloadsConfig], HTTPClient] | None = None,
     ) -> None:
         self.reactor = reactor
         self.settings = settings
@@ -464,7 +465,7 @@ class DownloadEngine(Service):
         return d
 
 
-def default_client(reactor: Any, settings: DownloadsConfig) -> HTTPClient:
+def default_client(reactor: INodeReactor, settings: DownloadsConfig) -> HTTPClient:
     """treq over an Agent with the connect timeout; redirects are followed by treq."""
     from treq.client import HTTPClient
     from twisted.web.client import Agent, HTTPConnectionPool

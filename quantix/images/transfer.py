@@ -22,7 +22,7 @@ import shutil
 import threading
 import typing
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import attrs
 from twisted.internet import defer
@@ -37,6 +37,7 @@ from quantix import bridge
 from quantix.images.checksum import Expected
 from quantix.util.files import atomic_write
 from quantix.util.jsontypes import JsonObject
+from quantix.util.reactor import INodeReactor
 
 if TYPE_CHECKING:
     from treq.client import HTTPClient  # imported by the first download only (idle memory)
@@ -289,7 +290,9 @@ class Attempt:
     """A single GET of ``request.url`` into the part file; :meth:`run` fires with a
     :class:`Result` or fails with :class:`TransferError`. :meth:`stop` aborts it."""
 
-    def __init__(self, reactor: Any, client: HTTPClient, request: Request, on_bytes: Callable[[int], None]):
+    def __init__(
+        self, reactor: INodeReactor, client: HTTPClient, request: Request, on_bytes: Callable[[int], None]
+    ):
         self.reactor = reactor
         self.client = client
         self.request = request

@@ -8,13 +8,14 @@ download engine's; these functions only check the JSON and map errors.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from quantix import errors
 from quantix.images import jobs
 from quantix.images.engine import DownloadEngine, DownloadRequest
 from quantix.images.target import InvalidTarget
 from quantix.util.jsontypes import JsonObject
+from quantix.util.reactor import INodeReactor
 from quantix.web.errors import HttpError
 from quantix.web.listener import WebListener
 from quantix.web.router import Call, Router
@@ -94,7 +95,7 @@ def http_error(exc: errors.QuantixError) -> HttpError:
     return HttpError(503, "unavailable", str(exc))
 
 
-def listener(reactor: Any, listen: str | None, engine: DownloadEngine) -> WebListener:
+def listener(reactor: INodeReactor, listen: str | None, engine: DownloadEngine) -> WebListener:
     """The plain-HTTP listener (``http.listen``) with the download routes."""
     router = Router()
     add_routes(router, engine)

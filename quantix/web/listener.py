@@ -7,13 +7,18 @@ that is gone.
 from __future__ import annotations
 
 from collections.abc import Callable, Generator
-from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort, IOpenSSLContextFactory, IProtocolNegotiationFactory
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IOpenSSLContextFactory,
+    IProtocolNegotiationFactory,
+    IReactorSSL,
+)
+from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from twisted.protocols.policies import WrappingFactory
 from twisted.web.resource import IResource
@@ -21,6 +26,7 @@ from zope.interface import implementer
 
 from quantix import bridge
 from quantix.config import ListenError, parse_address
+from quantix.util.reactor import INodeReactor
 from quantix.web.allow import ClientAllowList, resolve_host
 from quantix.web.request import MAX_BODY, JsonSite
 
@@ -28,10 +34,13 @@ log = Logger(namespace="quantix.web")
 
 
 @implementer(IProtocolNegotiationFactory)
-class _TrackingFactory(WrappingFactory):
+class _TrackingFactory(WrappingFactory, ServerFactory):
     """Tracks connections and, over TLS, answers ALPN itself: a plain ``WrappingFactory`` hides
     the site's ALPN support, and then a client offering ALPN (curl does) gets an "internal error"
-    alert instead of a handshake. HTTP/1.1 only: the request limits are written for it."""
+    alert instead of a handshake. HTTP/1.1 only: the request limits are written for it.
+
+    ``ServerFactory`` adds nothing at run time; it says what this factory is for (Twisted's
+    ``WrappingFactory`` derives from ``ClientFactory``, and ``listenTCP`` takes server factories)."""
 
     def acceptableProtocols(self) -> list[bytes]:
         return [b"http/1.1"]
@@ -50,7 +59,7 @@ class WebListener(Service):
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: INodeReactor,
         listen: str | None,
         resource: IResource,
         *,
@@ -84,7 +93,8 @@ class WebListener(Service):
             raise ListenError.of(self.name, repr(self.listen), reason, self._hint()) from None
         try:
             if self.tls is not None:
-                self._listening = self.reactor.listenSSL(port, self._factory, self.tls, interface=host)
+                tls_reactor = IReactorSSL(self.reactor)  # the running reactor provides it
+                self._listening = tls_reactor.listenSSL(port, self._factory, self.tls, interface=host)
             else:
                 self._listening = self.reactor.listenTCP(port, self._factory, interface=host)
         except CannotListenError as exc:

@@ -13,11 +13,11 @@ from __future__ import annotations
 import io
 from collections.abc import Callable
 
-from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.resource import IResource
 
+from quantix.util.reactor import INodeReactor
 from quantix.web.errors import HttpError
 from quantix.web.router import log, write_error
 
@@ -88,6 +88,7 @@ class JsonSite(server.Site):
     """
 
     requestFactory = JsonRequest
+    reactor: INodeReactor  # the routes' worker threads come from it too (``Call.in_thread``)
     displayTracebacks = False
     noisy = False
 
@@ -95,7 +96,7 @@ class JsonSite(server.Site):
         self,
         resource: IResource,
         *,
-        reactor: IReactorTime | None = None,
+        reactor: INodeReactor | None = None,
         max_body: int = MAX_BODY,
         allow: Callable[[str], bool] | None = None,
     ) -> None:

@@ -16,7 +16,6 @@ from urllib.parse import unquote
 
 import attrs
 from twisted.internet import defer
-from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
@@ -24,6 +23,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from quantix import bridge
 from quantix.util.jsontypes import JsonObject
+from quantix.util.reactor import INodeReactor
 from quantix.web.errors import HttpError, encode
 
 log = Logger(namespace="quantix.web")
@@ -76,11 +76,13 @@ class Call:
         return body
 
     @property
-    def reactor(self) -> IReactorTime:
+    def reactor(self) -> INodeReactor:
         """The site's reactor (its thread pool runs :meth:`in_thread`; its clock bounds waits)."""
-        site = self.request.site
-        if site is None:  # set by Request.process, before any resource renders
-            raise RuntimeError("request is not being processed by a site")
+        from quantix.web.request import JsonSite  # imports this module
+
+        site = self.request.site  # set by Request.process, before any resource renders
+        if not isinstance(site, JsonSite):
+            raise RuntimeError(f"a Router is served by a JsonSite, not {site!r}")
         return site.reactor
 
     def in_thread(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> defer.Deferred[R]:

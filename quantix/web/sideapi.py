@@ -8,7 +8,6 @@ what is :mod:`.access`; how each route is served is :mod:`.routes`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import libvirt
 from cryptography import x509
@@ -21,6 +20,7 @@ from quantix.agent.manager import AgentManager
 from quantix.config import Config, ListenError
 from quantix.hypervisor import hostinfo, qemuagent
 from quantix.ops import selfsigned
+from quantix.util.reactor import INodeReactor
 from quantix.web.access import RouteAccess
 from quantix.web.allow import ClientAllowList, resolve_host
 from quantix.web.hostroutes import HostRoutes, identity
@@ -72,7 +72,7 @@ class HttpsListener(WebListener):
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: INodeReactor,
         config: Config,
         routes: Routes,
         access: RouteAccess,
@@ -143,7 +143,7 @@ def access_for(config: Config) -> RouteAccess:
 
 
 def build(
-    reactor: Any,
+    reactor: INodeReactor,
     config: Config,
     conn: Callable[[], libvirt.virConnect],
     agents: AgentManager,
