@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from quantix import bridge, errors
 
@@ -94,7 +94,7 @@ class Drain:
     def wrap(self, handlers: Mapping[str, Handler], streaming: set[str]) -> dict[str, Handler]:
         """Gate every handler; names in ``streaming`` are generator handlers."""
         return {
-            name: (self._stream(impl) if name in streaming else self._unary(impl))
+            name: (self._stream(cast("StreamHandler", impl)) if name in streaming else self._unary(impl))
             for name, impl in handlers.items()
         }
 
