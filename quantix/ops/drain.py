@@ -20,6 +20,7 @@ from quantix import bridge, errors
 
 if TYPE_CHECKING:
     import grpc
+    from twisted.internet import defer
 
     from quantix.rpc.status import Handler, StreamHandler
 
@@ -73,7 +74,7 @@ class Drain:
                     self._idle.wait(min(self._last + quiet, deadline) - now)
         return max(0.0, deadline - time.monotonic())
 
-    def wait_idle_in_thread(self, grace: float):
+    def wait_idle_in_thread(self, grace: float) -> defer.Deferred[float]:
         """:meth:`wait_idle` off the reactor; a Deferred firing with the seconds left."""
         return bridge.run_in_worker(self.wait_idle, grace)
 
