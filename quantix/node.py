@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import libvirt
 from twisted.application.service import MultiService
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from quantix import state
@@ -49,6 +50,7 @@ from quantix.rpc.node_rpcs import NodeRpcs
 from quantix.rpc.server import SERVICE, GrpcServer
 from quantix.rpc.storage_rpcs import StorageRpcs
 from quantix.rpc.vm_rpcs import VmRpcs
+from quantix.util.reactor import INodeReactor, running_reactor
 from quantix.web import images as web_images
 from quantix.web import sideapi
 
@@ -75,10 +77,10 @@ class NodeService(MultiService):
     listener, gRPC, the event bus, the metrics hub, the domain watcher, the control-plane link.
     """
 
-    def __init__(self, config: Config, reactor: Any = None) -> None:
+    def __init__(self, config: Config, reactor: INodeReactor | None = None) -> None:
         super().__init__()
         if reactor is None:
-            from twisted.internet import reactor
+            reactor = running_reactor()
         self.config = config
         self.reactor = reactor
         self.host = hostinfo.HostBox(config.node.hostname or "", config.node.management_ip or "")
@@ -246,7 +248,7 @@ class NodeService(MultiService):
             self, before={self.grpc: self.ops.drain_calls}, after={self.grpc: self._after_grpc}
         )
 
-    def _after_grpc(self) -> Any:
+    def _after_grpc(self) -> defer.Deferred[object]:
         self.network.ovsdb.close()
         return self.agents.stop_all()
 

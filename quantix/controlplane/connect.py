@@ -13,8 +13,9 @@ from __future__ import annotations
 import email.utils
 import json
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import treq
 import treq.client
@@ -37,7 +38,11 @@ from twisted.web.client import (
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
+from quantix.util.jsontypes import JsonValue
+from quantix.util.reactor import INodeReactor
+
 M = TypeVar("M", bound=Message)
+T = TypeVar("T")
 
 # The codes of the Connect protocol (the gRPC codes in snake_case).
 CODES = frozenset(
@@ -190,7 +195,7 @@ class ConnectClient:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: INodeReactor,
         base_url: str,
         *,
         ca_file: str | Path | None = None,
@@ -215,25 +220,26 @@ class ConnectClient:
         pool._factory = _QuietHTTP11ClientFactory
         self._http = treq.client.HTTPClient(Agent(reactor, contextFactory=policy, pool=pool))
 
-    def call(self, service: str, method: str, request: Message, response_cls: type[M]) -> defer.Deferred:
+    def call(self, service: str, method: str, request: Message, response_cls: type[M]) -> defer.Deferred[M]:
         """POST ``request`` to ``/<service>/<method>``; fires with a ``response_cls`` or ConnectError."""
         url = f"{self.base_url}/{service}/{method}"
         return self._post(url, encode(request), lambda response: self._read(response, response_cls))
 
-    def post_json(self, path: str, body: dict[str, Any]) -> defer.Deferred:
+    def post_json(self, path: str, body: Mapping[str, object]) -> defer.Deferred[JsonValue]:
         """POST plain JSON (not a Connect call, e.g. ``/api/v1/images/notify``) to ``<base><path>``;
         fires with the decoded answer, or ConnectError for a non-200 status or a transport error."""
         return self._post(self.base_url + path, json.dumps(body).encode(), self._read_json)
 
-    def _post(self, url: str, data: bytes, read: Any) -> defer.Deferred:
-        d = self._http.post(
+    def _post(
+        self, url: str, data: bytes, read: Callable[[IResponse], defer.Deferred[T]]
+    ) -> defer.Deferred[T]:
+        posted = self._http.post(
             url,
             data=data,
             headers=Headers(self._headers),
             allow_redirects=False,
-            reactor=self._reactor,
         )
-        d.addCallback(read)
+        d = posted.addCallback(read)
         # Our own timer rather than addTimeout: a cancelled Agent request fails with a wrapped
         # CancelledError, so only the timer knows whether the deadline or the caller cancelled.
         expired: list[bool] = []
@@ -251,11 +257,11 @@ class ConnectClient:
                 raise ConnectError("deadline_exceeded", f"no answer from {url} within {self._timeout:g} s")
             return result
 
-        d.addBoth(settle)
+        d.addBoth(settle)  # the result passes unchanged, or the failure becomes a ConnectError
         d.addErrback(self._translate, url)
         return d
 
-    def _read(self, response: IResponse, response_cls: type[M]) -> defer.Deferred:
+    def _read(self, response: IResponse, response_cls: type[M]) -> defer.Deferred[M]:
         retry_after = response.headers.getRawHeaders(b"Retry-After", [b""])[0].decode("latin-1")
 
         def done(body: bytes) -> M:
@@ -265,8 +271,8 @@ class ConnectClient:
 
         return treq.content(response).addCallback(done)
 
-    def _read_json(self, response: Any) -> defer.Deferred:
-        def done(body: bytes) -> Any:
+    def _read_json(self, response: IResponse) -> defer.Deferred[JsonValue]:
+        def done(body: bytes) -> JsonValue:
             if response.code != 200:
                 raise error_from_response(response.code, body)
             try:
@@ -274,7 +280,7 @@ class ConnectClient:
             except ValueError:
                 return {}
 
-        return response.content().addCallback(done)
+        return treq.content(response).addCallback(done)
 
     def _translate(self, failure: Failure, url: str) -> Failure:
         if failure.check(ConnectError, defer.CancelledError):

@@ -17,17 +17,19 @@ import os
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer, task
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from quantix import bridge
-from quantix.controlplane.connect import ConnectError
+from quantix.controlplane.connect import ConnectClient, ConnectError
 from quantix.images.scan import LocalImage
 from quantix.proto import storage_pb2
 from quantix.util.files import atomic_write
+from quantix.util.jsontypes import JsonObject
+from quantix.util.reactor import INodeReactor
 
 IMAGE_SERVICE = "limiquantix.storage.v1.ImageService"
 NOTIFY_PATH = "/api/v1/images/notify"
@@ -55,7 +57,7 @@ def local_image_message(image: LocalImage) -> storage_pb2.LocalImageInfo:
     )
 
 
-def deleted_event(node_id: str, path: str, now: float) -> dict[str, Any]:
+def deleted_event(node_id: str, path: str, now: float) -> JsonObject:
     name = os.path.basename(path)
     return {
         "node_id": node_id,
@@ -88,8 +90,8 @@ class ImageReporter(service.Service):
 
     def __init__(
         self,
-        reactor: Any,
-        client: Any,
+        reactor: INodeReactor,
+        client: ConnectClient,
         scan: Callable[[], list[LocalImage]],
         state_dir: str,
         rescan_interval: float = RESCAN_INTERVAL,
@@ -123,7 +125,7 @@ class ImageReporter(service.Service):
     def idle(self) -> bool:
         return self._running is None
 
-    def stopService(self) -> Any:
+    def stopService(self) -> None:
         super().stopService()
         if self._loop is not None and self._loop.running:
             self._loop.stop()
@@ -143,13 +145,13 @@ class ImageReporter(service.Service):
         self._running.addErrback(self._failed)
         self._running.addBoth(self._done)
 
-    def _done(self, _: Any) -> None:
+    def _done(self, _: object) -> None:
         self._running = None
         again, self._again = self._again, None
         if again is not None:
             self._start(again)
 
-    def _failed(self, failure: Any) -> None:
+    def _failed(self, failure: Failure) -> None:
         if failure.check(defer.CancelledError):
             return
         log.failure("reporting local images failed", failure)

@@ -26,7 +26,6 @@ import os
 import uuid as uuidlib
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
 
 import libvirt
 import psutil
@@ -47,6 +46,7 @@ from quantix.hypervisor.storage import manager as sm
 from quantix.hypervisor.storage import wire as storage_wire
 from quantix.images.scan import Scanner
 from quantix.proto import node_pb2, storage_pb2
+from quantix.util.reactor import INodeReactor
 
 log = Logger(namespace="quantix.controlplane")
 
@@ -101,7 +101,7 @@ def state_name(state: int) -> str:
 
 
 def vm_facts(
-    records: Iterable[tuple[str, str, Mapping[str, Any]]],
+    records: Iterable[tuple[str, str, Mapping[str, int | float | str]]],
     fallback: Callable[[str], tuple[int, int]] | None = None,
 ) -> list[cf.VMFacts]:
     """``(uuid, name, stats)`` from ``getAllDomainStats`` → inventory entries.
@@ -452,7 +452,7 @@ class DaemonSources:
 
 
 def make_link(
-    reactor: Any,  # the global reactor: timers for the link, threads for the sources
+    reactor: INodeReactor,  # timers and sockets for the link, threads for the sources
     config: Config,
     host: hostinfo.HostBox,
     hypervisor: VmHost,
@@ -484,7 +484,7 @@ def make_link(
     return link
 
 
-def make_image_reporter(reactor: Any, config: Config, link: ControlPlaneLink) -> ImageReporter:
+def make_image_reporter(reactor: INodeReactor, config: Config, link: ControlPlaneLink) -> ImageReporter:
     """Report ``storage.cloud_images`` after each registration of ``link`` (its client)."""
     scanner = Scanner(config.storage.cloud_images)
     reporter = ImageReporter(reactor, link.client, scanner.scan, config.state_dir)

@@ -15,7 +15,6 @@ import collections
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from twisted.application.service import Service
@@ -62,7 +61,7 @@ class Published:
             self._wire = self.event.SerializeToString()  # a benign race: same bytes either way
         return self._wire
 
-    def __getattr__(self, name: str) -> Any:
+    def __getattr__(self, name: str) -> object:
         return getattr(self.event, name)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING
 
 import libvirt
 import psutil
@@ -21,6 +21,9 @@ from twisted.application.service import Service
 
 from quantix import errors
 from quantix.proto import node_pb2
+
+if TYPE_CHECKING:
+    from psutil._ntuples import scputimes, sdiskio
 
 SHUTTING_DOWN = "node daemon is shutting down"
 
@@ -34,7 +37,7 @@ VM_STATS = (
 )
 
 
-def _busy_total(t: Any) -> tuple[float, float]:
+def _busy_total(t: scputimes) -> tuple[float, float]:
     idle = t.idle + getattr(t, "iowait", 0.0)
     total = sum(t)
     # guest time is already counted in user time on Linux
@@ -71,7 +74,7 @@ class Sampler:
         self._flags = flags
         self._prev_at: float | None = None
         self._prev_cpu = _busy_total(psutil.cpu_times())
-        self._prev_disks: dict[str, Any] = {}
+        self._prev_disks: dict[str, sdiskio] = {}
         self._prev_vms: dict[str, int] = {}
 
     def sample(self) -> node_pb2.NodeMetrics:

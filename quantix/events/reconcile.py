@@ -9,7 +9,6 @@ or undefined behind the daemon's back.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
 
 import libvirt
 
@@ -79,7 +78,7 @@ def inventory(conn: libvirt.virConnect) -> dict[str, tuple[str, str]]:
     """Blocking (worker thread): every domain's name and coarse state in one bulk call."""
     out: dict[str, tuple[str, str]] = {}
     try:
-        records: Iterable[tuple[Any, dict]] = conn.getAllDomainStats(STATS, 0)
+        records: Iterable[tuple[libvirt.virDomain, dict[str, int]]] = conn.getAllDomainStats(STATS, 0)
     except libvirt.libvirtError as exc:
         if exc.get_error_code() != libvirt.VIR_ERR_NO_SUPPORT:
             raise

@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 from quantix import bridge, errors
 from quantix.hypervisor import eventloop
 from quantix.util.backoff import Backoff
+from quantix.util.reactor import INodeReactor
 from quantix.util.states import StateMachine
 
 log = Logger(namespace="quantix.hypervisor")
@@ -140,7 +141,7 @@ class Hypervisor(Service):
 
     def __init__(
         self,
-        reactor: eventloop.Reactor,
+        reactor: INodeReactor,
         uri: str,
         *,
         event_loop: str = "thread",

@@ -39,7 +39,6 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from typing import Protocol
 
 import libvirt
 from twisted.internet import defer
@@ -48,26 +47,9 @@ from twisted.logger import Logger
 from twisted.python import threadable
 from zope.interface import implementer
 
+from quantix.util.reactor import INodeReactor
+
 log = Logger()
-
-
-class Reactor(Protocol):
-    """The reactor as used here: parts of IReactorTime, IReactorFromThreads and IReactorFDSet
-    (one object provides all three; an interface type can name only one)."""
-
-    def callLater(
-        self, delay: float, callable: Callable[..., object], *args: object, **kwargs: object
-    ) -> IDelayedCall: ...
-
-    def callFromThread(self, callable: Callable[..., object], *args: object, **kwargs: object) -> None: ...
-
-    def addReader(self, reader: IReadDescriptor) -> None: ...
-
-    def removeReader(self, reader: IReadDescriptor) -> None: ...
-
-    def addWriter(self, writer: IWriteDescriptor) -> None: ...
-
-    def removeWriter(self, writer: IWriteDescriptor) -> None: ...
 
 
 READABLE = libvirt.VIR_EVENT_HANDLE_READABLE
@@ -91,7 +73,7 @@ class EventLoop:
 
     kind = ""
 
-    def __init__(self, reactor: Reactor) -> None:
+    def __init__(self, reactor: INodeReactor) -> None:
         self.reactor = reactor
 
     def register(self) -> None:
@@ -130,7 +112,7 @@ class ThreadEventLoop(EventLoop):
 
     kind = "thread"
 
-    def __init__(self, reactor: Reactor) -> None:
+    def __init__(self, reactor: INodeReactor) -> None:
         super().__init__(reactor)
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -262,7 +244,7 @@ class ReactorEventLoop(EventLoop):
     kind = "reactor"
 
     def __init__(
-        self, reactor: Reactor, free: Callable[[object], None] = libvirt.virEventInvokeFreeCallback
+        self, reactor: INodeReactor, free: Callable[[object], None] = libvirt.virEventInvokeFreeCallback
     ) -> None:
         super().__init__(reactor)
         self._free = free
@@ -542,7 +524,7 @@ _install_lock = threading.Lock()
 _installed: EventLoop | None = None
 
 
-def install(kind: str, reactor: Reactor) -> EventLoop:
+def install(kind: str, reactor: INodeReactor) -> EventLoop:
     """Create and register the process's libvirt event loop of *kind* (``thread`` | ``reactor``).
 
     Must run before the first ``libvirt.open``. libvirt takes one implementation per process:

@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from quantix.errors import QuantixError, Unavailable
+from quantix.util.reactor import INodeReactor
 
 log = Logger(namespace="quantix.network.ovsdb")
 
@@ -169,7 +170,7 @@ class OvsdbClient:
     times out, :class:`OvsdbError` when it answers with an error.
     """
 
-    def __init__(self, reactor: Any, socket_path: str, timeout: float = 5.0) -> None:
+    def __init__(self, reactor: INodeReactor, socket_path: str, timeout: float = 5.0) -> None:
         self._reactor = reactor
         self.socket_path = socket_path
         self.timeout = timeout
@@ -205,7 +206,7 @@ class OvsdbClient:
         self._connecting.addBoth(_relay, mine)
         return mine
 
-    def _connected(self, result: Any) -> Any:
+    def _connected(self, result: OvsdbProtocol | Failure) -> OvsdbProtocol | Failure:
         self._connecting = None
         if isinstance(result, OvsdbProtocol):
             self._proto = result
@@ -227,7 +228,7 @@ class OvsdbClient:
         )
 
 
-def _relay(result: Any, target: defer.Deferred) -> Any:
+def _relay(result: OvsdbProtocol | Failure, target: defer.Deferred[OvsdbProtocol]) -> OvsdbProtocol | None:
     if not target.called:
         if isinstance(result, Failure):
             target.errback(result)

@@ -14,7 +14,7 @@ import threading
 import uuid
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import attrs
 from twisted.logger import Logger
@@ -23,6 +23,9 @@ from quantix import state
 from quantix.errors import Invalid, ResourceExhausted
 from quantix.hypervisor.domainxml import NicSource, check_text, nic_element, validate_mac
 from quantix.util.files import atomic_write
+
+if TYPE_CHECKING:
+    from quantix.proto import node_pb2
 
 log = Logger(namespace="quantix.network.ports")
 
@@ -89,7 +92,7 @@ def _bounded(what: str, value: int, limit: int) -> int:
     return int(value)
 
 
-def binding_from_request(req: Any, bridge: str) -> Binding:
+def binding_from_request(req: node_pb2.ConfigureNetworkPortRequest, bridge: str) -> Binding:
     """Validate a ``ConfigureNetworkPortRequest``; every refusal names the field."""
     if req.binding_type != BINDING_NORMAL:
         name = _BINDING_NAMES.get(req.binding_type, str(req.binding_type))

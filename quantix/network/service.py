@@ -12,7 +12,7 @@ import shutil
 import subprocess
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 import attrs
 import libvirt
@@ -23,6 +23,10 @@ from quantix.errors import NotFound, Unavailable
 from quantix.hypervisor import vms
 from quantix.network import ports
 from quantix.network.ovsdb import OvsdbClient, from_map, omap, oset, scalar
+from quantix.util.reactor import INodeReactor
+
+if TYPE_CHECKING:
+    from quantix.proto import node_pb2
 
 log = Logger(namespace="quantix.network")
 
@@ -49,7 +53,7 @@ class NetworkPorts:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: INodeReactor,
         conn: Callable[[], libvirt.virConnect],
         ovsdb: OvsdbClient,
         store: ports.PortStore,
@@ -98,7 +102,7 @@ class NetworkPorts:
             chassis_id=ext.get("system-id", ""),
         )
 
-    def configure(self, request: Any) -> ports.PortStatus:
+    def configure(self, request: node_pb2.ConfigureNetworkPortRequest) -> ports.PortStatus:
         """Persist the binding; if the VM runs with a NIC of that MAC, bind its OVS Interface."""
         binding = ports.binding_from_request(request, self._default_bridge)
         conn = self._conn()

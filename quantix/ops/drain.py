@@ -14,12 +14,13 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from quantix import bridge, errors
 
 if TYPE_CHECKING:
     import grpc
+    from twisted.internet import defer
 
     from quantix.rpc.status import Handler, StreamHandler
 
@@ -73,7 +74,7 @@ class Drain:
                     self._idle.wait(min(self._last + quiet, deadline) - now)
         return max(0.0, deadline - time.monotonic())
 
-    def wait_idle_in_thread(self, grace: float):
+    def wait_idle_in_thread(self, grace: float) -> defer.Deferred[float]:
         """:meth:`wait_idle` off the reactor; a Deferred firing with the seconds left."""
         return bridge.run_in_worker(self.wait_idle, grace)
 
@@ -94,7 +95,7 @@ class Drain:
     def wrap(self, handlers: Mapping[str, Handler], streaming: set[str]) -> dict[str, Handler]:
         """Gate every handler; names in ``streaming`` are generator handlers."""
         return {
-            name: (self._stream(impl) if name in streaming else self._unary(impl))
+            name: (self._stream(cast("StreamHandler", impl)) if name in streaming else self._unary(impl))
             for name, impl in handlers.items()
         }
 

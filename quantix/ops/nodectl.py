@@ -510,7 +510,8 @@ class _Ctl:
         try:
             method = reflector.find(self.args.rpc)
             request = rpccall.request_from_json(method, self.args.request)
-            metadata = [tuple(kv.split("=", 1)) for kv in self.args.metadata if "=" in kv] or None
+            pairs = [kv.partition("=") for kv in self.args.metadata if "=" in kv]
+            metadata = tuple((key, value) for key, _, value in pairs) or None
             replies = rpccall.invoke(self.channel, method, request, self._deadline(method), metadata)
         except rpccall.CallError as exc:
             raise UsageError(str(exc)) from None

@@ -11,9 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import urllib.request
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING
 
 from tqdm import tqdm
+
+if TYPE_CHECKING:
+    from quantix.ops.nodectl import _Ctl
+    from quantix.proto import node_pb2
 
 STATUS = {
     1: "pending",
@@ -26,7 +30,7 @@ STATUS = {
 }
 
 
-def add_parser(sub: Any) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     images = sub.add_parser("images", help="cloud-image downloads: download, jobs")
     isub = images.add_subparsers(dest="images_command", required=True, metavar="SUBCOMMAND")
     dl = isub.add_parser("download", help="download an image on the node, with a progress bar")
@@ -41,7 +45,7 @@ def add_parser(sub: Any) -> None:
     jobs.add_argument("--http", default="127.0.0.1:8080", metavar="ADDRESS", help="the node's http.listen")
 
 
-def describe(message: Any) -> str:
+def describe(message: node_pb2.DownloadProgress) -> str:
     """One plain line for a progress message (pure)."""
     from quantix.ops.nodectl import human_bytes
 
@@ -54,7 +58,7 @@ def describe(message: Any) -> str:
     return text
 
 
-def run(ctl: Any, err: IO[str]) -> int:
+def run(ctl: _Ctl, err: IO[str]) -> int:
     from quantix.ops.nodectl import EXIT_OK, EXIT_RPC_ERROR
 
     args: argparse.Namespace = ctl.args

@@ -8,12 +8,13 @@ message and the replies back into JSON (proto field names, enums as names).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Protocol
 
 import grpc
 from google.protobuf import descriptor_pool, json_format, message_factory
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+from google.protobuf.message import Message
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 #: Services every server of ours has that are not the node's API.
@@ -78,7 +79,7 @@ def describe(method: MethodDescriptor) -> str:
     return f"{full_name(method)}({method.input_type.name}) returns {stream}{method.output_type.name}"
 
 
-def request_from_json(method: MethodDescriptor, text: str) -> Any:
+def request_from_json(method: MethodDescriptor, text: str) -> Message:
     """The request message for ``method`` from JSON text (empty text: the empty request)."""
     cls = message_factory.GetMessageClass(method.input_type)
     try:
@@ -87,28 +88,39 @@ def request_from_json(method: MethodDescriptor, text: str) -> Any:
         raise CallError(f"{method.input_type.name}: {exc}") from None
 
 
-def to_json(message: Any, indent: int | None = None) -> str:
+def to_json(message: Message, indent: int | None = None) -> str:
     return json_format.MessageToJson(message, preserving_proto_field_name=True, indent=indent)
 
 
 def invoke(
-    channel: grpc.Channel, method: MethodDescriptor, request: Any, timeout: float | None, metadata: Any = None
-) -> Iterator[Any]:
+    channel: grpc.Channel,
+    method: MethodDescriptor,
+    request: Message,
+    timeout: float | None,
+    metadata: tuple[tuple[str, str | bytes], ...] | None = None,
+) -> Iterator[Message]:
     """Call ``method``: an iterator over the one reply of a unary RPC or each message of a stream."""
     if method.client_streaming:
         raise CallError(f"{full_name(method)} takes a client stream; nodectl sends one request")
     response = message_factory.GetMessageClass(method.output_type)
     path = f"/{full_name(method)}"
-    codec = {
-        "request_serializer": type(request).SerializeToString,
-        "response_deserializer": response.FromString,
-    }
+    encode: Callable[[Message], bytes] = type(request).SerializeToString
+    decode: Callable[[bytes], Message] = response.FromString
     if method.server_streaming:
-        return _stream(channel.unary_stream(path, **codec)(request, timeout=timeout, metadata=metadata))
-    return iter([channel.unary_unary(path, **codec)(request, timeout=timeout, metadata=metadata)])
+        stream = channel.unary_stream(path, encode, decode)
+        return _stream(stream(request, timeout=timeout, metadata=metadata))
+    return iter([channel.unary_unary(path, encode, decode)(request, timeout=timeout, metadata=metadata)])
 
 
-def _stream(call: Any) -> Iterator[Any]:
+class _Replies(Protocol):
+    """A server stream's call: its messages, and a way to stop it."""
+
+    def __iter__(self) -> Iterator[Message]: ...
+
+    def cancel(self) -> bool: ...
+
+
+def _stream(call: _Replies) -> Iterator[Message]:
     try:
         yield from call
     finally:

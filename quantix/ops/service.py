@@ -8,10 +8,12 @@ access log see the whole drain). The node passes its handler table through :meth
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, TypeVar
 
+import grpc
 from twisted.application.service import MultiService
+from twisted.internet import defer
 from twisted.logger import ILogObserver
 
 from quantix.config import Config
@@ -20,6 +22,13 @@ from quantix.ops.drain import Drain
 from quantix.ops.notify import Notifier
 from quantix.rpc import status
 from quantix.rpc.server import SERVICE, GrpcServer
+from quantix.util.reactor import INodeReactor
+
+if TYPE_CHECKING:
+    from quantix.ops.metrics import MetricsService, NodeCollector
+
+
+T = TypeVar("T")
 
 
 class Operations(MultiService):
@@ -28,10 +37,10 @@ class Operations(MultiService):
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: INodeReactor,
         config: Config,
         grpc: GrpcServer,
-        collector: Callable[[], Any],
+        collector: Callable[[], NodeCollector],
         environ: dict[str, str] | None = None,
         rpc_observers: status.RpcObservers | None = None,
     ) -> None:
@@ -45,7 +54,7 @@ class Operations(MultiService):
         #: The Prometheus endpoint, ``collector()``'s gauges beside the RPC counters; None when
         #: ``server.metrics_listen`` is off (prometheus_client and twisted.web are then never
         #: imported: idle memory).
-        self.metrics: Any = None
+        self.metrics: MetricsService | None = None
         if config.server.metrics_listen:
             from quantix.ops.metrics import MetricsService
 
@@ -60,12 +69,12 @@ class Operations(MultiService):
         #: Set under twistd: :meth:`ready` freezes the start-up heap (see :mod:`quantix.ops.heap`).
         self.freeze_heap_when_ready = False
 
-    def gate(self, table: dict[str, Any]) -> dict[str, Any]:
+    def gate(self, table: Mapping[str, status.Handler]) -> dict[str, status.Handler]:
         """Put the drain gate in front of the handler table the gRPC server is built from."""
         streaming = {m.name for m in SERVICE.methods if m.server_streaming}
         return self.drain.wrap(table, streaming)
 
-    def drain_calls(self) -> Any:
+    def drain_calls(self) -> defer.Deferred[None]:
         """Just before gRPC stops: wait for the calls in flight (until ``grace_seconds`` after
         the stop began) and leave the server what remains of the grace period."""
         grace = self.config.server.grace_seconds
@@ -76,7 +85,7 @@ class Operations(MultiService):
 
         return self.drain.wait_idle_in_thread(grace).addCallback(left)
 
-    def configure_twistd(self, twistd_options: Any) -> None:
+    def configure_twistd(self, twistd_options: Mapping[str, object] | None) -> None:
         """Running under twistd (its options, the parent of ours): log in ``logging.format``
         and exit 0 on SIGTERM. Without twistd's options (a caller of its own) nothing changes."""
         if twistd_options is None:
@@ -85,7 +94,7 @@ class Operations(MultiService):
         self.reactor.callWhenRunning(shutdown.exit_zero_on_sigterm, self.reactor)
         self.freeze_heap_when_ready = True  # the process is the daemon's alone
 
-    def attach_logging(self, parent: Any) -> None:
+    def attach_logging(self, parent: object) -> None:
         """Called when the node joins twistd's application, before twistd starts logging."""
         logs.attach(parent, self.log_observer)
 
@@ -105,15 +114,15 @@ class Operations(MultiService):
         self.grpc.health.enter_graceful_shutdown()
         self.drain.start()
 
-    def stopService(self) -> Any:
+    def stopService(self) -> defer.Deferred[None]:
         self.rpc_observers.remove_with_request(self._access)
         d = super().stopService()
         d.addBoth(self._closed)
         return d
 
-    def _closed(self, result: Any) -> Any:
+    def _closed(self, result: T) -> T:
         self.notifier.close()
         return result
 
-    def _access(self, method: str, code: Any, seconds: float, peer: str, request: Any) -> None:
+    def _access(self, method: str, code: grpc.StatusCode, seconds: float, peer: str, request: object) -> None:
         access.log_rpc(method, code, seconds, peer, request)

@@ -14,7 +14,7 @@ The limits are documented in the README's "Reliability and limits" section.
 from __future__ import annotations
 
 import re
-from typing import Any
+from collections.abc import Mapping, Sized
 
 import attrs
 from google.protobuf.descriptor import FieldDescriptor
@@ -69,16 +69,17 @@ REPEATED_LIMITS: dict[str, int] = {
 }
 
 
-def check(request: Any) -> None:
+def check(request: object) -> None:
     """Raise :class:`Invalid` when any field of ``request`` is over its limit or badly formed."""
     if isinstance(request, Message):
         _message(request, "")
 
 
-def _message(msg: Any, prefix: str) -> None:
+def _message(msg: Message, prefix: str) -> None:
     for field, value in msg.ListFields():
         path = prefix + field.name
-        if field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type.GetOptions().map_entry:
+        kind = field.message_type
+        if field.type == FieldDescriptor.TYPE_MESSAGE and kind is not None and kind.GetOptions().map_entry:
             _map(field, value, path)
         elif field.is_repeated:
             _count(field, value, path)
@@ -88,13 +89,13 @@ def _message(msg: Any, prefix: str) -> None:
             _value(field, value, path)
 
 
-def _count(field: FieldDescriptor, value: Any, path: str) -> None:
+def _count(field: FieldDescriptor, value: Sized, path: str) -> None:
     limit = REPEATED_LIMITS.get(field.full_name, DEFAULT_REPEATED)
     if len(value) > limit:
         raise Invalid(f"{path} has {len(value)} entries; the limit is {limit}")
 
 
-def _map(field: FieldDescriptor, value: Any, path: str) -> None:
+def _map(field: FieldDescriptor, value: Mapping[object, object], path: str) -> None:
     _count(field, value, path)
     entry = field.message_type
     if entry is None:  # pragma: no cover - a map field always has its entry type
@@ -104,17 +105,22 @@ def _map(field: FieldDescriptor, value: Any, path: str) -> None:
         if isinstance(key, str):
             _string(MAP_KEY, key, f"{path} key")
         if value_field.type == FieldDescriptor.TYPE_MESSAGE:
-            _message(item, f"{path} value.")
+            if isinstance(item, Message):
+                _message(item, f"{path} value.")
         elif isinstance(item, str):
             _string(STRING_RULES.get(field.full_name, STRICT), item, f"{path} value")
 
 
-def _value(field: FieldDescriptor, value: Any, path: str) -> None:
+def _value(field: FieldDescriptor, value: object, path: str) -> None:
     if field.type == FieldDescriptor.TYPE_MESSAGE:
         kind = field.message_type
-        if kind is not None and not kind.full_name.startswith("google.protobuf."):
+        if (
+            kind is not None
+            and not kind.full_name.startswith("google.protobuf.")
+            and isinstance(value, Message)
+        ):
             _message(value, path + ".")
-    elif field.type == FieldDescriptor.TYPE_STRING:
+    elif field.type == FieldDescriptor.TYPE_STRING and isinstance(value, str):
         _string(STRING_RULES.get(field.full_name, STRICT), value, path)
 
 

@@ -11,10 +11,11 @@ import os
 import socket
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, cast
+from typing import cast
 
 import grpc
 from google.protobuf import message_factory
+from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_reflection.v1alpha import reflection_pb2 as reflection_pb
@@ -36,18 +37,18 @@ SERVICE = node_pb2.DESCRIPTOR.services_by_name["NodeDaemonService"]
 CHANGE_HINT = "choose another with --listen HOST:PORT or listen_address"
 
 
-def passthrough(serialize: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
+def passthrough(serialize: Callable[[Message], bytes]) -> Callable[[Message | bytes], bytes]:
     """A response serializer that sends bytes as they are: a streamed message serialized once
     (a metrics sample for every subscriber) is not serialized again per stream."""
 
-    def encode(message: Any) -> bytes:
-        return message if type(message) is bytes else serialize(message)
+    def encode(message: Message | bytes) -> bytes:
+        return message if isinstance(message, bytes) else serialize(message)
 
     return encode
 
 
 def build_generic_handler(
-    handlers: Mapping[str, Callable[..., Any]],
+    handlers: Mapping[str, status.Handler],
     observers: status.RpcObservers | None = None,
     streams: StreamBudget | None = None,
 ) -> grpc.GenericRpcHandler:
@@ -67,7 +68,10 @@ def build_generic_handler(
         serializer: Callable[..., bytes] = response.SerializeToString
         if method.server_streaming:
             factory = grpc.unary_stream_rpc_method_handler
-            wrapped = streams.place(status.stream(method.name, streams.guard(impl), observers))
+            streaming = cast(status.StreamHandler, impl)  # the descriptor says it streams
+            wrapped: status.Handler = streams.place(
+                status.stream(method.name, streams.guard(streaming), observers)
+            )
             serializer = passthrough(serializer)
         else:
             factory, wrapped = grpc.unary_unary_rpc_method_handler, status.unary(method.name, impl, observers)
@@ -127,13 +131,15 @@ class HealthOnItsOwnThread:
         self._servicer = servicer
         pool = ThreadPoolExecutor(1, thread_name_prefix="grpc-health")
 
-        def check(request: Any, context: Any) -> Any:
+        def check(
+            request: health_pb2.HealthCheckRequest, context: grpc.ServicerContext
+        ) -> health_pb2.HealthCheckResponse:
             return servicer.Check(request, context)
 
         check.experimental_thread_pool = pool  # type: ignore[attr-defined]
         self.Check = check
 
-    def __getattr__(self, name: str) -> Any:
+    def __getattr__(self, name: str) -> object:
         return getattr(self._servicer, name)
 
 
@@ -143,14 +149,14 @@ class GrpcServer(Service):
     def __init__(
         self,
         listen: str,
-        handlers: Callable[[], Mapping[str, Callable[..., Any]]],
+        handlers: Callable[[], Mapping[str, status.Handler]],
         *,
         max_workers: int,
         max_streams: int,
         grace: float,
         max_message_bytes: int,
         credentials: grpc.ServerCredentials | None = None,
-        extra_options: tuple[tuple[str, Any], ...] = (),
+        extra_options: tuple[tuple[str, int | str], ...] = (),
         observers: status.RpcObservers | None = None,
     ) -> None:
         self.listen = listen

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import grpc
 from google.protobuf.message import Message
@@ -43,10 +42,11 @@ MAX_MESSAGE_CHARS = 1000
 Observer = Callable[[str, grpc.StatusCode, float, str], None]
 #: Same, also given the request, for its ``vm_id`` (the access log).
 RequestObserver = Callable[[str, grpc.StatusCode, float, str, object], None]
-#: An RPC handler: each is typed with its own request and response messages, so the common
-#: shape can only say "some message".
-Handler = Callable[[Any, grpc.ServicerContext], Any]
-StreamHandler = Callable[[Any, grpc.ServicerContext], Iterator[Any]]
+#: An RPC handler, called with its request message and the call's context: each is typed with
+#: its own messages, so the common shape leaves the parameters open. A server-streaming one
+#: returns an iterator of messages; which one a handler is, the service descriptor says.
+Handler = Callable[..., object]
+StreamHandler = Callable[..., Iterator[object]]
 
 
 class RpcObservers:

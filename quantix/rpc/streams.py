@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, TypeVar
 
 from quantix import errors
 
@@ -22,6 +22,9 @@ if TYPE_CHECKING:
     import grpc
 
     from quantix.rpc.status import StreamHandler
+
+#: A gRPC behaviour (any callable grpc runs for a call).
+B = TypeVar("B", bound=Callable[..., object])
 
 #: Threads beyond the budget: they only answer refusals, so a burst of streams over the budget
 #: is refused promptly instead of queueing behind the open ones.
@@ -83,13 +86,13 @@ class StreamBudget:
 
         return call
 
-    def place(self, behavior: Callable[..., Any]) -> Callable[..., Any]:
+    def place(self, behavior: B) -> B:
         """Mark a (wrapped, plain-function) behaviour to run in the stream pool."""
         behavior.experimental_thread_pool = self.pool  # type: ignore[attr-defined]
         return behavior
 
 
-def on_cancel(context: Any, wake: Callable[[], None]) -> None:
+def on_cancel(context: grpc.ServicerContext | None, wake: Callable[[], None]) -> None:
     """Call ``wake`` when the RPC ends (client gone, deadline, server stop) so a handler blocked
     waiting for data returns at once rather than at its next poll; at once if it already ended."""
     if context is not None and not context.add_callback(wake):

@@ -12,6 +12,7 @@ from typing import cast
 
 from twisted.internet.interfaces import (
     IReactorCore,
+    IReactorFDSet,
     IReactorPluggableNameResolver,
     IReactorTCP,
     IReactorThreads,
@@ -21,9 +22,16 @@ from twisted.internet.interfaces import (
 
 
 class INodeReactor(
-    IReactorCore, IReactorTime, IReactorThreads, IReactorTCP, IReactorUNIX, IReactorPluggableNameResolver
+    IReactorCore,
+    IReactorTime,
+    IReactorThreads,
+    IReactorTCP,
+    IReactorUNIX,
+    IReactorFDSet,
+    IReactorPluggableNameResolver,
 ):
-    """Timers, threads, TCP and UNIX sockets, name resolution, start/stop and system events."""
+    """Timers, threads, TCP and UNIX sockets, raw descriptors (the libvirt event loop), name
+    resolution, start/stop and system events."""
 
 
 def running_reactor() -> INodeReactor:

@@ -16,12 +16,12 @@ import os
 import uuid as uuidlib
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
 
 import attrs
 import libvirt
 
 from quantix import errors
+from quantix.config import StorageConfig
 from quantix.hypervisor import domaininfo
 from quantix.hypervisor.errors import translate
 from quantix.hypervisor.storage import files, paths
@@ -339,7 +339,7 @@ def _libvirt_errors() -> Iterator[None]:
 class StorageManager:
     """Blocking storage operations on the daemon's libvirt connection."""
 
-    def __init__(self, conn: Callable[[], libvirt.virConnect], config: Any) -> None:
+    def __init__(self, conn: Callable[[], libvirt.virConnect], config: StorageConfig) -> None:
         self._conn = conn
         self.config = config
         self.root = os.path.abspath(config.root)
