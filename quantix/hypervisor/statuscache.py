@@ -29,9 +29,11 @@ from concurrent.futures import Future
 
 import attrs
 import libvirt
-from google.protobuf.message import Message
 
 from quantix.hypervisor import domaininfo
+from quantix.proto import node_pb2
+
+Status = node_pb2.VMStatusResponse
 
 
 @attrs.frozen
@@ -53,7 +55,7 @@ def _canonical(vm_id: str) -> str | None:
 @attrs.frozen
 class _Sample:
     taken: float
-    status: Message
+    status: Status
 
 
 class DomainCache:
@@ -63,7 +65,7 @@ class DomainCache:
     def __init__(self, max_age: float = 0.0, clock: Callable[[], float] = time.monotonic) -> None:
         self._entries: dict[str, Entry] = {}
         self._samples: dict[str, _Sample] = {}
-        self._pending: dict[str, Future[Message]] = {}
+        self._pending: dict[str, Future[Status]] = {}
         self._lock = threading.Lock()
         self._version = 0
         self.max_age = max_age
@@ -96,7 +98,7 @@ class DomainCache:
                 self._entries[entry.uuid] = entry
         return entry
 
-    def status(self, entry: Entry, build: Callable[[Entry], Message]) -> Message:
+    def status(self, entry: Entry, build: Callable[[Entry], Status]) -> Status:
         """Blocking (worker thread): a copy of the domain's status, reused while younger than
         ``max_age``; else built by ``build(entry)`` (one libvirt query), once for all callers
         that arrive while it runs. An error of that query reaches each of them."""
@@ -149,8 +151,8 @@ class DomainCache:
             self._samples.clear()
 
 
-def _copy(status: Message) -> Message:
+def _copy(status: Status) -> Status:
     """A caller's own copy: it adds fields (guest agent) to what it gets."""
-    out = type(status)()
+    out = Status()
     out.CopyFrom(status)
     return out
