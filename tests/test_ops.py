@@ -181,7 +181,7 @@ class AccessLogTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def setUp(self):
-        self.daemon = yield Daemon(self).start()
+        self.daemon = yield Daemon(self, **{"logging.level": "debug"}).start()
 
     @defer.inlineCallbacks
     def test_one_json_line_per_rpc_with_fields(self):
@@ -217,6 +217,12 @@ class AccessLogTests(unittest.TestCase):
         self.assertEqual(lines[0]["vm_id"], "no-such-vm")
         self.assertEqual(lines[0]["code"], code)
         self.assertNotEqual(code, "OK")  # NOT_FOUND once the VM box lands, UNIMPLEMENTED before
+
+    async def test_no_access_lines_are_built_below_debug(self):
+        daemon = await Daemon(self, **{"logging.level": "info"}).start()
+        buffer = capture_json(self)  # even an observer that would take debug lines sees none
+        await daemon.call("HealthCheck", node_pb2.HealthCheckRequest())
+        self.assertEqual(json_lines(buffer, "quantix.access"), [])
 
     @defer.inlineCallbacks
     def test_info_level_hides_access_lines(self):
@@ -403,7 +409,9 @@ class MetricsTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_live_state_is_read_at_scrape_time(self):
-        daemon = yield Daemon(self, **{"server.metrics_listen": "127.0.0.1:0"}).start()
+        daemon = yield Daemon(
+            self, **{"server.metrics_listen": "127.0.0.1:0", "logging.level": "debug"}
+        ).start()
         port = daemon.node.ops.metrics.port
         samples = yield threads.deferToThread(scrape, port)
         self.assertEqual(samples[("quantix_events_subscribers", ())], 0)

@@ -100,7 +100,10 @@ class Operations(MultiService):
 
     def startService(self) -> None:
         self.drain.reset()
-        self.rpc_observers.add_with_request(self._access)
+        if self.config.logging.level == "debug":
+            # Access lines are debug lines: at any other level the filter would drop each one
+            # after it was built, for every call.
+            self.rpc_observers.add_with_request(self._access)
         super().startService()
 
     def ready(self) -> None:
