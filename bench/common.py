@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import compileall
 import os
 import socket
 import statistics
@@ -16,7 +17,18 @@ import grpc
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from quantix.proto import node_grpc, node_pb2  # noqa: E402
+from quantix.proto import generated_dir, node_grpc, node_pb2  # noqa: E402
+
+
+def compile_bytecode() -> None:
+    """Byte-compile the checkout and the generated protobuf modules, as installing the package
+    does: with PYTHONDONTWRITEBYTECODE set (as on some CI hosts) every process started from the
+    checkout would otherwise compile ~110 modules from source, about 0.3 s of each start."""
+    for path in (os.path.join(ROOT, "quantix"), generated_dir()):
+        compileall.compile_dir(path, quiet=1)
+
+
+compile_bytecode()
 
 
 def free_port() -> int:
