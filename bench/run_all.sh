@@ -23,7 +23,7 @@ run() {
 }
 
 run bench_startup.py --runs 3
-run bench_unary.py --seconds 2 --concurrency 1,8,64
+run bench_unary.py --seconds 6 --rounds 6 --concurrency 1,8,64
 run bench_vms.py --sizes 1000,5000 --runs 5 --calls 200
 run bench_events.py --toggles 200 --burst 5000
 run bench_reactor_lag.py --clients 200 --seconds 5
