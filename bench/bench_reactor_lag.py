@@ -26,6 +26,7 @@ from twisted.internet import defer, reactor, task, threads
 
 from quantix import config as cfg
 from quantix.node import NodeService
+from quantix.ops import heap
 
 TICK = 0.010
 
@@ -125,6 +126,7 @@ def run(args):
     while not node.hypervisor.connected:
         yield task.deferLater(reactor, 0.05, lambda: None)
     yield task.deferLater(reactor, 1, lambda: None)
+    heap.freeze_startup_heap()  # as the daemon does under twistd once it is ready
     load = load1()
     idle, idle_cpu = yield lag_sampler(args.seconds)
     rows = [["idle daemon (baseline)", f"{load:.1f}", len(idle), median(idle) * 1e3, pct(idle, 0.99) * 1e3,

@@ -7,7 +7,10 @@ Target: daemon throughput >= 0.7x the bare servicer.
 When the real libvirtd answers on qemu:///system, GetVMStatus is also measured there, for a
 tiny running TCG domain defined for the run (the daemon then pays real libvirt round trips).
 
-usage: python bench/bench_unary.py [--seconds 3] [--concurrency 1,8,64] [--no-libvirtd]
+Each server is measured in ``--rounds`` alternating windows (bare, daemon, daemon, bare, ...) that
+share ``--seconds`` between them; the rates are the medians of the windows.
+
+usage: python bench/bench_unary.py [--seconds 3] [--rounds 6] [--concurrency 1,8,64] [--no-libvirtd]
 """
 
 from __future__ import annotations
@@ -38,14 +41,8 @@ def requests(vm_id: str = VM_ID) -> dict[str, object]:
     }
 
 
-def load(
-    address: str, method: str, request: object, threads: int, seconds: float
-) -> tuple[float, list[float]]:
-    """Calls/s and per-call latencies with ``threads`` callers for ``seconds``."""
-    channel = grpc.insecure_channel(address)
-    call = getattr(node_grpc.NodeDaemonServiceStub(channel), method)
-    for _ in range(50):  # warm-up
-        call(request)
+def load(call: object, request: object, threads: int, seconds: float) -> tuple[float, list[float]]:
+    """Calls/s and per-call latencies of ``call`` with ``threads`` callers for ``seconds``."""
     latencies: list[float] = []
     lock = threading.Lock()
     deadline = time.monotonic() + seconds
@@ -66,11 +63,37 @@ def load(
     for w in workers:
         w.join()
     elapsed = time.monotonic() - started
-    channel.close()
     return len(latencies) / elapsed, latencies
 
 
-def measure(uri: str, vm_id: str, methods: list[str], levels: list[int], seconds: float, tier: str) -> list:
+def compare(
+    addresses: tuple[str, str], method: str, request: object, threads: int, seconds: float, rounds: int
+) -> list[object]:
+    """(bare, daemon) in alternating windows, ``rounds`` each, ``seconds`` in all per server:
+    load from other processes, and drift, hit both alike. One row: rates are the medians of
+    the windows, the ratio theirs; latencies are pooled."""
+    channels = [grpc.insecure_channel(a) for a in addresses]
+    calls = [getattr(node_grpc.NodeDaemonServiceStub(c), method) for c in channels]
+    for call in calls:
+        for _ in range(50):  # warm-up
+            call(request)
+    rates: list[list[float]] = [[], []]
+    lats: list[list[float]] = [[], []]
+    for r in range(rounds):
+        for side in (0, 1) if r % 2 == 0 else (1, 0):
+            rps, lat = load(calls[side], request, threads, seconds / rounds)
+            rates[side].append(rps)
+            lats[side].extend(lat)
+    for c in channels:
+        c.close()
+    base, ours = median(rates[0]), median(rates[1])
+    ms = [median(lats[0]), median(lats[1]), pct(lats[0], 0.99), pct(lats[1], 0.99)]
+    return [round(base), round(ours), ours / base, *(x * 1e3 for x in ms)]
+
+
+def measure(
+    uri: str, vm_id: str, methods: list[str], levels: list[int], seconds: float, rounds: int, tier: str
+) -> list:
     """Rows for ``methods`` against a daemon on ``uri`` and a bare servicer with its answers."""
     daemon, address, _ = start_daemon(uri=uri)
     baseline = None
@@ -102,11 +125,8 @@ def measure(uri: str, vm_id: str, methods: list[str], levels: list[int], seconds
         for method in served:
             request = requests(vm_id)[method]
             for n in levels:
-                base_rps, base_lat = load(f"127.0.0.1:{port}", method, request, n, seconds)
-                rps, lat = load(address, method, request, n, seconds)
-                ms = [median(base_lat), median(lat), pct(base_lat, 0.99), pct(lat, 0.99)]
-                rates = [round(base_rps), round(rps), rps / base_rps]
-                rows.append([method, tier, n, *rates, *(x * 1e3 for x in ms)])
+                pair = (f"127.0.0.1:{port}", address)
+                rows.append([method, tier, n, *compare(pair, method, request, n, seconds, rounds)])
     finally:
         stop(daemon)
         if baseline is not None:
@@ -135,16 +155,21 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--concurrency", default="1,8,64")
+    parser.add_argument("--rounds", type=int, default=6, help="alternating windows per server")
     parser.add_argument("--no-libvirtd", action="store_true", help="skip the qemu:///system GetVMStatus rows")
     args = parser.parse_args()
     levels = [int(x) for x in args.concurrency.split(",")]
     fixture = f"test://{os.path.join(ROOT, 'tests', 'fixtures', 'node.xml')}"
-    rows = measure(fixture, VM_ID, ["HealthCheck", "GetVMStatus"], levels, args.seconds, "test driver")
+    rows = measure(
+        fixture, VM_ID, ["HealthCheck", "GetVMStatus"], levels, args.seconds, args.rounds, "test driver"
+    )
     found = None if args.no_libvirtd else libvirtd_domain()
     if found is not None:
         (conn, dom), uuid = found
         try:
-            rows += measure(LIBVIRTD, uuid, ["GetVMStatus"], levels, args.seconds, "libvirtd, TCG VM")
+            rows += measure(
+                LIBVIRTD, uuid, ["GetVMStatus"], levels, args.seconds, args.rounds, "libvirtd, TCG VM"
+            )
         finally:
             dom.destroy()
             dom.undefine()

@@ -116,6 +116,9 @@ class HypervisorConfig:
     console_listen: str = spec.ip("0.0.0.0")
     #: Where libvirt's QEMU driver writes ``<vm name>.log`` (GetVMLogs reads only there).
     log_dir: str = spec.path("/var/log/libvirt/qemu")
+    #: GetVMStatus reuses a VM's status for this many seconds (0: never): its counters come from
+    #: a query libvirtd answers only after asking QEMU. Every change of state drops it.
+    status_max_age: float = spec.number(1.0, min=0, max=60)
 
 
 @attrs.frozen

@@ -112,7 +112,7 @@ class NodeService(MultiService):
         self.watcher = DomainWatcher(
             reactor, self.hypervisor, self.bus, reconcile_interval=ev.reconcile_interval
         )
-        self.domain_cache = DomainCache()
+        self.domain_cache = DomainCache(max_age=hv.status_max_age)
         self.agents = AgentManager(
             reactor,
             socket_dir=config.agent.socket_dir,
@@ -166,8 +166,10 @@ class NodeService(MultiService):
         self.watcher.setServiceParent(self)
         # The 8443 side API (https.listen null: off); it stops before gRPC and libvirt do.
         self.https.setServiceParent(self)
-        # GetVMStatus's per-domain cache of what the XML says, dropped when libvirt says it changed.
+        # GetVMStatus's per-domain cache of what the XML says, dropped when libvirt says it
+        # changed; its last status, dropped on every change of state.
         self.watcher.xml_listeners.append(self.domain_cache.forget)
+        self.watcher.state_listeners.append(self.domain_cache.state_changed)
         # Agent channels follow the VMs: opened when one runs, closed when it stops.
         self.watcher.state_listeners.append(self._domain_state)
         #: Migration tokens handed out by PrepareMigration (kept across gRPC restarts).

@@ -6,6 +6,7 @@ in-process daemon on the test driver, real grpc and HTTP clients.
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import os
@@ -25,7 +26,7 @@ from twisted.trial import unittest
 from quantix import __version__
 from quantix.config import ListenError, LoggingConfig
 from quantix.hypervisor.hostinfo import HostBox
-from quantix.ops import logs, nodectl
+from quantix.ops import heap, logs, nodectl
 from quantix.ops.metrics import MetricsService, NodeCollector
 from quantix.ops.notify import Notifier, notify_address, watchdog_interval
 from quantix.proto import node_pb2
@@ -88,6 +89,29 @@ class WatchdogOnAClockTests(unittest.TestCase):
         self.assertEqual(clock.getDelayedCalls(), [])
         clock.advance(60.0)
         self.assertEqual(sink.count("WATCHDOG=1"), 3)
+
+
+class HeapTests(unittest.TestCase):
+    """Under twistd the node freezes its start-up heap once ready (see quantix.ops.heap)."""
+
+    def setUp(self):
+        gc.unfreeze()
+        self.addCleanup(gc.unfreeze)  # this process runs many nodes: never leave objects frozen
+
+    def test_freeze_moves_startup_objects_out_of_collection(self):
+        survivor = [object()]
+        frozen = heap.freeze_startup_heap()
+        self.assertGreater(frozen, 1000)
+        self.assertEqual(gc.get_freeze_count(), frozen)
+        # frozen objects are no longer scanned
+        self.assertFalse(any(o is survivor for o in gc.get_objects()))
+
+    async def test_ready_freezes_only_when_the_process_is_the_daemons(self):
+        daemon = await Daemon(self).start()
+        self.assertEqual(gc.get_freeze_count(), 0)  # a node in a shared process leaves gc alone
+        daemon.node.ops.freeze_heap_when_ready = True  # what configure_twistd sets under twistd
+        daemon.node.ops.ready()
+        self.assertGreater(gc.get_freeze_count(), 0)
 
 
 class NotifyDaemonTests(unittest.TestCase):

@@ -17,7 +17,7 @@ import re
 import socket
 import threading
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from urllib.parse import urlsplit
 
 import attrs
@@ -131,7 +131,7 @@ def refuse_self(target: Target, own: set[str], what: str = "target_node_uri") ->
     except ValueError:
         try:
             infos = socket.getaddrinfo(target.host, None, type=socket.SOCK_STREAM)
-            candidates.update(info[4][0] for info in infos)
+            candidates.update(str(info[4][0]) for info in infos)
         except (OSError, UnicodeError):
             pass  # unresolvable: the reachability probe reports it
     if candidates & own or any(ipaddress.ip_address(c).is_loopback for c in candidates if _is_ip(c)):
@@ -317,7 +317,7 @@ def _host_uuid(conn: libvirt.virConnect) -> str:
     return ET.fromstring(conn.getCapabilities()).findtext("host/uuid", "")
 
 
-def _backings_present(dconn: libvirt.virConnect, dom: libvirt.virDomain, devs: Iterable[str]) -> bool:
+def _backings_present(dconn: libvirt.virConnect, dom: libvirt.virDomain, devs: Collection[str]) -> bool:
     root = ET.fromstring(dom.XMLDesc(0))
     for disk in root.findall("devices/disk"):
         target = disk.find("target")

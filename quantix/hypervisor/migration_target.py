@@ -77,46 +77,53 @@ def prepare(
             )
         shared = [*shared_dirs, *migration.network_pool_dirs(conn)]
         roots = list(storage_roots)
-        to_create, to_copy = [], []
+        to_create: list[tuple[domaininfo.DiskInfo, str]] = []
+        to_copy: list[str] = []
         for disk in info.disks:
-            if not disk.path or disk.element.get("type") not in ("file", None):
+            path = disk.path
+            if not path or disk.element.get("type") not in ("file", None):
                 continue
-            if migration.is_shared(disk.path, shared):
-                if not os.path.isdir(os.path.dirname(disk.path)):
+            if migration.is_shared(path, shared):
+                if not os.path.isdir(os.path.dirname(path)):
                     raise errors.WrongState(
-                        f"shared storage {os.path.dirname(disk.path)} (disk {disk.dev}) is not mounted here"
+                        f"shared storage {os.path.dirname(path)} (disk {disk.dev}) is not mounted here"
                     )
                 continue
-            if os.path.exists(disk.path):
+            if os.path.exists(path):
                 continue
-            if not _within(disk.path, roots):
+            if not _within(path, roots):
                 raise errors.WrongState(
-                    f"disk {disk.dev} ({disk.path}) is outside this node's storage roots: create it first"
+                    f"disk {disk.dev} ({path}) is outside this node's storage roots: create it first"
                 )
-            (to_copy if disk.readonly or disk.device != "disk" else to_create).append(disk)
-        created = [_create_like(dom, disk) for disk in to_create]
-        copied = [_copy_from(source, disk.path) for disk in to_copy]
+            if disk.readonly or disk.device != "disk":
+                to_copy.append(path)
+            else:
+                to_create.append((disk, path))
+        created = [_create_like(dom, disk, path) for disk, path in to_create]
+        copied = [_copy_from(source, path) for path in to_copy]
     finally:
         sconn.close()
     return Prepared(vm_id, tuple(created), tuple(copied))
 
 
-def _create_like(dom: libvirt.virDomain, disk: domaininfo.DiskInfo) -> str:
-    """An empty image at the same path, with the same format, size and (when present) backing."""
-    capacity = dom.blockInfo(disk.path)[0]
+def _create_like(dom: libvirt.virDomain, disk: domaininfo.DiskInfo, path: str) -> str:
+    """An empty image at ``path`` (the disk's), with the same format, size and (when present)
+    backing."""
+    capacity = dom.blockInfo(path)[0]
     fmt = disk.format or "raw"
     argv = ["qemu-img", "create", "-q", "-f", fmt]
     backing = disk.element.find("backingStore/source")
     backing_path = backing.get("file") if backing is not None else None
     if fmt == "qcow2" and backing_path and os.path.exists(backing_path):
-        backing_fmt = disk.element.find("backingStore/format")
-        argv += ["-b", backing_path, "-F", backing_fmt.get("type") if backing_fmt is not None else "qcow2"]
-    os.makedirs(os.path.dirname(disk.path), exist_ok=True)
-    argv += [disk.path, str(capacity)]
+        fmt_element = disk.element.find("backingStore/format")
+        backing_fmt = (fmt_element.get("type") if fmt_element is not None else None) or "qcow2"
+        argv += ["-b", backing_path, "-F", backing_fmt]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    argv += [path, str(capacity)]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=QEMU_IMG_SECONDS, check=False)
     if proc.returncode != 0:
-        raise errors.QuantixError(f"cannot create {disk.path}: {proc.stderr.strip()}")
-    return disk.path
+        raise errors.QuantixError(f"cannot create {path}: {proc.stderr.strip()}")
+    return path
 
 
 def _copy_from(source: migration.Target, path: str) -> str:

@@ -17,18 +17,25 @@ import re
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 import attrs
 from twisted.application.service import Service
 from twisted.internet import defer, task
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IResponse
 
 from quantix import bridge, errors
+from quantix.config import DownloadsConfig
 from quantix.images import checksum, jobs, qemu, target, transfer
 from quantix.images.jobs import Job
 from quantix.util.backoff import Backoff
 from quantix.util.files import atomic_write, fsync_dir
+from quantix.util.reactor import INodeReactor
+
+if TYPE_CHECKING:
+    from treq.client import HTTPClient  # imported by the first download only (idle memory)
 
 log = Logger(namespace="quantix.images")
 
@@ -59,7 +66,7 @@ class _Run:
         self.attempt: transfer.Attempt | None = None
         self.cancelled = False
         self.stopping = False
-        self.sleep: defer.Deferred[Any] | None = None
+        self.sleep: defer.Deferred[None] | None = None
         self.done: defer.Deferred[None] | None = None
         self.samples: collections.deque[tuple[float, int]] = collections.deque()
 
@@ -75,12 +82,12 @@ class DownloadEngine(Service):
 
     def __init__(
         self,
-        reactor: Any,
-        settings: Any,
+        reactor: INodeReactor,
+        settings: DownloadsConfig,
         state_dir: str,
         default_dir: str,
         roots: Callable[[], list[str]],
-        client_factory: Callable[[Any, Any], Any] | None = None,
+        client_factory: Callable[[INodeReactor, DownloadsConfig], HTTPClient] | None = None,
     ) -> None:
         self.reactor = reactor
         self.settings = settings
@@ -88,7 +95,7 @@ class DownloadEngine(Service):
         self.default_dir = default_dir
         self.roots = roots
         self._client_factory = client_factory or default_client
-        self.client: Any = None
+        self.client: HTTPClient | None = None
         self.jobs: dict[str, Job] = {}
         self._queue: collections.deque[str] = collections.deque()
         self._active: dict[str, _Run] = {}
@@ -98,7 +105,7 @@ class DownloadEngine(Service):
         self._saver: task.LoopingCall | None = None
         self._started: defer.Deferred[None] | None = None
 
-    def _http(self) -> Any:
+    def _http(self) -> HTTPClient:
         """The HTTP client, made on the first download: treq and Twisted's web client are
         imported only by a daemon that downloads (idle memory)."""
         if self.client is None:
@@ -112,9 +119,8 @@ class DownloadEngine(Service):
         self._saver = task.LoopingCall(self._save)
         self._saver.clock = self.reactor
         self._saver.start(SAVE_INTERVAL, now=False)
-        self._started = bridge.run_in_worker(jobs.load, self.store, reactor=self.reactor)
-        self._started.addCallback(self._loaded)
-        self._started.addErrback(lambda f: log.failure("cannot read {store}", f, store=self.store))
+        loading = bridge.run_in_worker(jobs.load, self.store, reactor=self.reactor).addCallback(self._loaded)
+        self._started = loading.addErrback(lambda f: log.failure("cannot read {store}", f, store=self.store))
 
     def _loaded(self, loaded: list[Job]) -> None:
         now = time.time()
@@ -133,14 +139,21 @@ class DownloadEngine(Service):
     def ready(self) -> defer.Deferred[None]:
         """Fires once the persisted jobs are loaded (tests and front doors may wait on it)."""
         d: defer.Deferred[None] = defer.Deferred()
+
+        def fire(result: None) -> None:
+            d.callback(None)
+            return result
+
         if self._started is None:
             d.callback(None)
         else:
-            self._started.addBoth(lambda r: (d.callback(None), r)[1])
+            self._started.addBoth(fire)
         return d
 
-    @defer.inlineCallbacks
-    def stopService(self):
+    def stopService(self) -> defer.Deferred[None]:
+        return defer.Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
         super().stopService()
         if self._saver is not None and self._saver.running:
             self._saver.stop()
@@ -148,9 +161,11 @@ class DownloadEngine(Service):
         for run in runs:
             run.stopping = True
             run.interrupt()
-        yield defer.DeferredList([r.done for r in runs if r.done is not None])
+        await defer.DeferredList([r.done for r in runs if r.done is not None])
         self._dirty = True
-        yield self._save()
+        saving = self._save()
+        if saving is not None:
+            await saving
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -187,21 +202,23 @@ class DownloadEngine(Service):
 
     # -- commands --------------------------------------------------------------------------
 
-    @defer.inlineCallbacks
-    def submit(self, req: DownloadRequest):
+    def submit(self, req: DownloadRequest) -> defer.Deferred[Job]:
         """Start (or find) the job for ``req``; fires with a copy of it. Idempotent: the same
         URL and target while active is the same job; a final file already there is a job
         that is already completed."""
+        return defer.Deferred.fromCoroutine(self._submit(req))
+
+    async def _submit(self, req: DownloadRequest) -> Job:
         target.check_url(req.url)
         if req.job_id and not _JOB_ID.fullmatch(req.job_id):
             raise errors.Invalid("job id must be 1-128 letters, digits, '.', '_' or '-'")
         name = target.local_name(req.url, req.filename)
         expected = checksum.parse(req.checksum, req.checksum_type)
         directory = req.target_dir or self.default_dir
-        roots = yield bridge.run_in_worker(self.roots, reactor=self.reactor)
-        real_dir = yield bridge.run_in_worker(target.prepare_dir, directory, roots, reactor=self.reactor)
+        roots = await bridge.run_in_worker(self.roots, reactor=self.reactor)
+        real_dir = await bridge.run_in_worker(target.prepare_dir, directory, roots, reactor=self.reactor)
         final = os.path.join(real_dir, name)
-        yield self.ready()
+        await self.ready()
         existing = self._find(req, final)
         if existing is not None:
             return existing.copy()
@@ -215,7 +232,7 @@ class DownloadEngine(Service):
             checksum=expected.hexdigest if expected else "",
             checksum_type=expected.algorithm if expected else "",
         )
-        size = yield bridge.run_in_worker(_final_size, final, reactor=self.reactor)
+        size = await bridge.run_in_worker(_final_size, final, reactor=self.reactor)
         if job.job_id in self.jobs:  # raced with an identical submit
             return self._find(req, final) or self.jobs[job.job_id].copy()
         if size is not None:
@@ -242,9 +259,12 @@ class DownloadEngine(Service):
             return job
         return None
 
-    @defer.inlineCallbacks
-    def cancel(self, job_id: str):
-        """Stop ``job_id`` and remove its partial file; a job that has ended stays as it is."""
+    def cancel(self, job_id: str) -> defer.Deferred[Job]:
+        """Stop ``job_id`` and remove its partial file; a job that has ended stays as it is.
+        Fires with a copy of the job."""
+        return defer.Deferred.fromCoroutine(self._cancel(job_id))
+
+    async def _cancel(self, job_id: str) -> Job:
         job = self.jobs.get(job_id)
         if job is None:
             raise errors.NotFound(f"download job not found: {job_id[:200]}")
@@ -254,11 +274,12 @@ class DownloadEngine(Service):
         if run is not None:
             run.cancelled = True
             run.interrupt()
-            yield run.done
+            if run.done is not None:
+                await run.done
         else:
             if job_id in self._queue:
                 self._queue.remove(job_id)
-            yield bridge.run_in_worker(_remove_partial, job, reactor=self.reactor)
+            await bridge.run_in_worker(_remove_partial, job, reactor=self.reactor)
             self._end(job, jobs.CANCELLED, "cancelled")
         return job.copy()
 
@@ -271,26 +292,24 @@ class DownloadEngine(Service):
             if job is None or job.ended:
                 continue
             run = self._active[job_id] = _Run()
-            run.done = self._run(job, run)
-            run.done.addErrback(lambda f, j=job: self._crashed(j, f))
-            run.done.addBoth(lambda _, j=job_id: self._finished(j))
+            done = run.done = defer.Deferred.fromCoroutine(self._run(job, run))
+            done.addErrback(self._crashed, job).addBoth(self._finished, job_id)
 
-    def _finished(self, job_id: str) -> None:
+    def _finished(self, _: None, job_id: str) -> None:
         self._active.pop(job_id, None)
         self._pump()
 
-    def _crashed(self, job: Job, failure: Any) -> None:
+    def _crashed(self, failure: Failure, job: Job) -> None:
         log.failure("download {job_id} failed unexpectedly", failure, job_id=job.job_id)
         if not job.ended:
             self._end(job, jobs.FAILED, "internal error")
 
-    @defer.inlineCallbacks
-    def _run(self, job: Job, run: _Run):
+    async def _run(self, job: Job, run: _Run) -> None:
         self._set(job, jobs.DOWNLOADING)
         expected = checksum.parse(job.checksum, job.checksum_type)
         if expected is None and self.settings.verify_sums:
-            expected = yield self._sums(job)
-        result = yield self._transfer(job, run, expected)
+            expected = await self._sums(job)
+        result = await self._transfer(job, run, expected)
         if result is None:
             return  # cancelled or stopping: already handled
         try:
@@ -301,13 +320,13 @@ class DownloadEngine(Service):
                         f"checksum mismatch: expected {expected.algorithm} {expected.hexdigest}, "
                         f"got {result.hexdigest}"
                     )
-            info = yield bridge.run_in_worker(qemu.info, job.part_path, reactor=self.reactor)
+            info = await bridge.run_in_worker(qemu.info, job.part_path, reactor=self.reactor)
             if job.target_path.endswith(".qcow2") and info.format != "qcow2":
                 self._set(job, jobs.CONVERTING)
-                yield bridge.run_in_worker(_convert, job.part_path, info.format, reactor=self.reactor)
-            size = yield bridge.run_in_worker(_finalize, job, reactor=self.reactor)
+                await bridge.run_in_worker(_convert, job.part_path, info.format, reactor=self.reactor)
+            size = await bridge.run_in_worker(_finalize, job, reactor=self.reactor)
         except errors.QuantixError as exc:
-            yield bridge.run_in_worker(_remove_partial, job, reactor=self.reactor)
+            await bridge.run_in_worker(_remove_partial, job, reactor=self.reactor)
             self._end(job, jobs.FAILED, str(exc))
             return
         job.bytes_downloaded = size
@@ -315,8 +334,9 @@ class DownloadEngine(Service):
         self._end(job, jobs.COMPLETED, None)
         log.info("downloaded {url} to {path} ({size} bytes)", url=job.url, path=job.target_path, size=size)
 
-    @defer.inlineCallbacks
-    def _transfer(self, job: Job, run: _Run, expected: checksum.Expected | None):
+    async def _transfer(
+        self, job: Job, run: _Run, expected: checksum.Expected | None
+    ) -> transfer.Result | None:
         """Attempts until one succeeds; ``None`` when cancelled or stopping (handled here)."""
         s = self.settings
         backoff = Backoff(initial=s.retry_initial_delay, maximum=s.retry_max_delay, jitter=0.3)
@@ -334,8 +354,7 @@ class DownloadEngine(Service):
             )
             progress_before = job.bytes_downloaded
             try:
-                result = yield attempt.run()
-                return result
+                return await attempt.run()
             except transfer.TransferError as exc:
                 error = exc
             finally:
@@ -343,14 +362,14 @@ class DownloadEngine(Service):
                 job.bytes_total = attempt.total or job.bytes_total
             if run.cancelled or run.stopping:
                 if run.cancelled:
-                    yield bridge.run_in_worker(_remove_partial, job, reactor=self.reactor)
+                    await bridge.run_in_worker(_remove_partial, job, reactor=self.reactor)
                     self._end(job, jobs.CANCELLED, "cancelled")
                 return None
             failures = 0 if job.bytes_downloaded > progress_before else failures + 1
             if failures == 0:
                 backoff.reset()
             if not error.retryable or failures > s.retries:
-                yield bridge.run_in_worker(_remove_partial, job, reactor=self.reactor)
+                await bridge.run_in_worker(_remove_partial, job, reactor=self.reactor)
                 self._end(job, jobs.FAILED, str(error))
                 return None
             delay = backoff.next()
@@ -362,7 +381,7 @@ class DownloadEngine(Service):
             )
             run.sleep = task.deferLater(self.reactor, delay, lambda: None)
             try:
-                yield run.sleep
+                await run.sleep
             except defer.CancelledError:
                 pass
             run.sleep = None
@@ -385,19 +404,20 @@ class DownloadEngine(Service):
 
         return on_bytes
 
-    @defer.inlineCallbacks
-    def _sums(self, job: Job):
+    async def _sums(self, job: Job) -> checksum.Expected | None:
         """The expected checksum from a SUMS file beside the URL, or ``None``; never fails."""
         base = job.url.split("?", 1)[0].rsplit("/", 1)[0]
         name = target.remote_name(job.url)
         for sums in checksum.SUMS_FILES:
             url = f"{base}/{sums}"
             try:
-                response = yield self._http().get(url, timeout=self.settings.idle_timeout, unbuffered=True)
+                response: IResponse = await self._http().get(
+                    url, timeout=self.settings.idle_timeout, unbuffered=True
+                )
                 if response.code != 200:
                     transfer.drop(response)
                     continue
-                body = yield _read_limited(response, SUMS_LIMIT)
+                body = await _read_limited(response, SUMS_LIMIT)
             except Exception as exc:
                 log.debug("no {sums} for {url}: {exc}", sums=sums, url=job.url, exc=exc)
                 continue
@@ -437,7 +457,7 @@ class DownloadEngine(Service):
         d = self._saving = bridge.run_in_worker(atomic_write, self.store, text, reactor=self.reactor)
         d.addErrback(lambda f: log.failure("cannot write {store}", f, store=self.store))
 
-        def written(_: Any) -> Any:
+        def written(_: None) -> defer.Deferred[None] | None:
             self._saving = None
             return self._save() if self._dirty else None
 
@@ -445,7 +465,7 @@ class DownloadEngine(Service):
         return d
 
 
-def default_client(reactor: Any, settings: Any) -> Any:
+def default_client(reactor: INodeReactor, settings: DownloadsConfig) -> HTTPClient:
     """treq over an Agent with the connect timeout; redirects are followed by treq."""
     from treq.client import HTTPClient
     from twisted.web.client import Agent, HTTPConnectionPool
@@ -454,7 +474,7 @@ def default_client(reactor: Any, settings: Any) -> Any:
     return HTTPClient(Agent(reactor, connectTimeout=settings.connect_timeout, pool=pool))
 
 
-def _read_limited(response: Any, limit: int) -> defer.Deferred[bytes]:
+def _read_limited(response: IResponse, limit: int) -> defer.Deferred[bytes]:
     """The body of ``response``, failing (and closing it) past ``limit`` bytes."""
     import treq
 

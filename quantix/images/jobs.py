@@ -15,6 +15,8 @@ from typing import Any
 
 import attrs
 
+from quantix.util.jsontypes import JsonObject
+
 PENDING = "pending"
 DOWNLOADING = "downloading"
 VERIFYING = "verifying"
@@ -80,7 +82,7 @@ class Job:
     def copy(self) -> Job:
         return attrs.evolve(self)
 
-    def rest(self) -> dict[str, Any]:
+    def rest(self) -> JsonObject:
         """The control plane's shape (research note B.1): camelCase, integers, ``null`` unknowns."""
         error = self.error
         if self.status == CANCELLED:
@@ -101,7 +103,7 @@ class Job:
             "completedAt": rfc3339(self.completed_at),
         }
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JsonObject:
         data = attrs.asdict(self)
         data.pop("speed")
         return data

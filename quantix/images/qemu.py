@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from typing import Any
 
 import attrs
 
 from quantix import errors
+from quantix.util.jsontypes import JsonValue
 
 QEMU_IMG = "qemu-img"
 INFO_TIMEOUT = 10.0
@@ -30,14 +30,22 @@ def info(path: str, timeout: float = INFO_TIMEOUT) -> ImageInfo:
     """Format and sizes of the image at ``path``; :class:`errors.Invalid` when qemu-img refuses it."""
     out = _run([QEMU_IMG, "info", "-U", "--output=json", path], timeout)
     try:
-        data: dict[str, Any] = json.loads(out)
+        data: JsonValue = json.loads(out)
+        if not isinstance(data, dict):
+            raise TypeError("not a JSON object")
         return ImageInfo(
             format=str(data["format"]),
-            virtual_size=int(data.get("virtual-size") or 0),
-            actual_size=int(data.get("actual-size") or os.path.getsize(path)),
+            virtual_size=_size(data.get("virtual-size") or 0),
+            actual_size=_size(data.get("actual-size") or os.path.getsize(path)),
         )
     except (ValueError, KeyError, TypeError) as exc:
         raise errors.Invalid(f"qemu-img info gave unreadable output: {exc}") from None
+
+
+def _size(value: JsonValue) -> int:
+    if not isinstance(value, int | float | str):
+        raise TypeError(f"size {value!r} is not a number")
+    return int(value)
 
 
 def convert_to_qcow2(src: str, dst: str, src_format: str, timeout: float | None = None) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import Any
+from collections.abc import Callable
 
 import attrs
 
@@ -36,7 +36,7 @@ class LocalImage:
 class Scanner:
     """``scan()`` lists ``directory``; instances keep the qemu-img cache between scans."""
 
-    def __init__(self, directory: str, info: Any = qemu.info) -> None:
+    def __init__(self, directory: str, info: Callable[[str], qemu.ImageInfo] = qemu.info) -> None:
         self.directory = directory
         self._info = info
         self._cache: dict[tuple[str, int, int], tuple[str, int]] = {}

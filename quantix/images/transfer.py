@@ -20,18 +20,27 @@ import queue
 import re
 import shutil
 import threading
+import typing
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 import attrs
 from twisted.internet import defer
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IDelayedCall, IReactorThreads, IReactorTime
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.python.failure import Failure
 from twisted.web._newclient import ResponseDone  # twisted.web.client re-exports it, with its TLS stack
 from twisted.web.http import PotentialDataLoss
+from twisted.web.iweb import IResponse
 
 from quantix import bridge
 from quantix.images.checksum import Expected
 from quantix.util.files import atomic_write
+from quantix.util.jsontypes import JsonObject
+from quantix.util.reactor import INodeReactor
+
+if TYPE_CHECKING:
+    from treq.client import HTTPClient  # imported by the first download only (idle memory)
 
 HIGH_WATER = 8 * 1024 * 1024
 LOW_WATER = 2 * 1024 * 1024
@@ -85,8 +94,12 @@ class Sidecar:
 
     def write(self, path: str) -> None:
         """Blocking: replace the sidecar atomically."""
-        body = {"url": self.url, "etag": self.etag, "lastModified": self.last_modified}
-        body["totalBytes"] = self.total_bytes
+        body: JsonObject = {
+            "url": self.url,
+            "etag": self.etag,
+            "lastModified": self.last_modified,
+            "totalBytes": self.total_bytes,
+        }
         atomic_write(path, json.dumps(body))
 
 
@@ -114,18 +127,15 @@ class PartWriter:
     returns the :class:`Result` once everything put before ``finish`` is on disk (fsynced).
     """
 
-    _EOF = object()
-
     def __init__(self, path: str, offset: int, expected_algorithm: str, on_drained: Callable[[], None]):
         self.path = path
         self.offset = offset
         self.algorithm = expected_algorithm
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()  # None: the end
         self._lock = threading.Lock()
         self._queued = 0
         self._paused = False
         self._on_drained = on_drained
-        self._reactor: Any = None
 
     def put(self, data: bytes) -> bool:
         """Reactor: queue ``data``; True when the sender should pause (the queue is full)."""
@@ -137,9 +147,9 @@ class PartWriter:
         return full
 
     def finish(self) -> None:
-        self._queue.put(self._EOF)
+        self._queue.put(None)
 
-    def run(self, reactor: Any) -> Result:
+    def run(self, reactor: IReactorThreads) -> Result:
         import hashlib
 
         hasher = hashlib.new(self.algorithm)
@@ -153,7 +163,7 @@ class PartWriter:
                 hasher.update(block)
             fh.seek(self.offset)
             size = self.offset
-            while (item := self._queue.get()) is not self._EOF:
+            while (item := self._queue.get()) is not None:
                 fh.write(item)
                 hasher.update(item)
                 size += len(item)
@@ -169,11 +179,25 @@ class PartWriter:
         return Result(size, self.algorithm, hasher.hexdigest())
 
 
+@typing.runtime_checkable
+class _Producer(typing.Protocol):
+    """What a response body's transport is (the client's ``TransportProxyProducer``): Twisted
+    types ``Protocol.transport`` as a plain ``ITransport``, which cannot pause."""
+
+    def pauseProducing(self) -> None: ...
+    def resumeProducing(self) -> None: ...
+    def stopProducing(self) -> None: ...
+
+
+def _producer(transport: object) -> _Producer | None:
+    return transport if isinstance(transport, _Producer) else None
+
+
 class _Body(Protocol):
     """Reactor side of the body: batches, back-pressure and the idle-read timeout."""
 
     def __init__(
-        self, writer: PartWriter, reactor: Any, idle_timeout: float, on_bytes: Callable[[int], None]
+        self, writer: PartWriter, reactor: IReactorTime, idle_timeout: float, on_bytes: Callable[[int], None]
     ):
         self.writer = writer
         self.reactor = reactor
@@ -183,7 +207,7 @@ class _Body(Protocol):
         self._batch: list[bytes] = []
         self._batched = 0
         self._paused = False
-        self._timer: Any = None
+        self._timer: IDelayedCall | None = None
         self.timed_out = False
         self.stopped = False
 
@@ -208,8 +232,9 @@ class _Body(Protocol):
     def stop(self) -> None:
         """Abort the transfer (idle timeout, cancel, daemon stop): ``done`` errbacks."""
         self.stopped = True
-        if self.transport is not None:
-            self.transport.stopProducing()
+        producer = _producer(self.transport)
+        if producer is not None:
+            producer.stopProducing()
 
     def dataReceived(self, data: bytes) -> None:
         self._batch.append(data)
@@ -229,15 +254,19 @@ class _Body(Protocol):
             # Our own pause: not the server's silence, so the idle timer stops meanwhile.
             self._paused = True
             self._disarm()
-            self.transport.pauseProducing()
+            producer = _producer(self.transport)
+            if producer is not None:
+                producer.pauseProducing()
 
     def drained(self) -> None:
         if self._paused and not self.stopped:
             self._paused = False
-            self.transport.resumeProducing()
+            producer = _producer(self.transport)
+            if producer is not None:
+                producer.resumeProducing()
             self._arm()
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._disarm()
         self._flush()
         if reason.check(ResponseDone, PotentialDataLoss) and not self.stopped:
@@ -261,14 +290,16 @@ class Attempt:
     """A single GET of ``request.url`` into the part file; :meth:`run` fires with a
     :class:`Result` or fails with :class:`TransferError`. :meth:`stop` aborts it."""
 
-    def __init__(self, reactor: Any, client: Any, request: Request, on_bytes: Callable[[int], None]):
+    def __init__(
+        self, reactor: INodeReactor, client: HTTPClient, request: Request, on_bytes: Callable[[int], None]
+    ):
         self.reactor = reactor
         self.client = client
         self.request = request
         self.on_bytes = on_bytes
         self.total = 0
         self.offset = 0
-        self._pending: defer.Deferred[Any] | None = None
+        self._cancel_pending: Callable[[], None] | None = None  # while waiting for the response
         self._body: _Body | None = None
         self._stopped = False
 
@@ -276,23 +307,25 @@ class Attempt:
         self._stopped = True
         if self._body is not None:
             self._body.stop()
-        elif self._pending is not None:
-            self._pending.cancel()
+        elif self._cancel_pending is not None:
+            self._cancel_pending()
 
-    @defer.inlineCallbacks
-    def run(self):
+    def run(self) -> defer.Deferred[Result]:
+        return defer.Deferred.fromCoroutine(self._run())
+
+    async def _run(self) -> Result:
         req = self.request
-        offset, side = yield bridge.run_in_worker(
+        offset, side = await bridge.run_in_worker(
             resume_point, req.part, req.sidecar, req.url, reactor=self.reactor
         )
-        headers = {}
-        if offset and side is not None:
-            headers = {"Range": f"bytes={offset}-", "If-Range": side.validator}
+        headers: dict[bytes | str, bytes | str] = {}
+        validator = side.validator if side is not None else None
+        if offset and validator:
+            headers = {"Range": f"bytes={offset}-", "If-Range": validator}
         try:
-            self._pending = self.client.get(
-                req.url, headers=headers, unbuffered=True, timeout=req.idle_timeout
-            )
-            response = yield self._pending
+            pending = self.client.get(req.url, headers=headers, unbuffered=True, timeout=req.idle_timeout)
+            self._cancel_pending = pending.cancel
+            response: IResponse = await pending
         except defer.CancelledError:
             raise TransferError(
                 "stopped" if self._stopped else f"no response in {req.idle_timeout:.0f} s", True
@@ -300,7 +333,7 @@ class Attempt:
         except Exception as exc:
             raise TransferError(f"cannot reach {_host(req.url)}: {_reason(exc)}", True) from None
         finally:
-            self._pending = None
+            self._cancel_pending = None
         try:
             offset, total = self._range(response, offset, side)
         except TransferError:
@@ -308,15 +341,14 @@ class Attempt:
             raise
         if offset == -1:  # 416 for a part that is already whole
             drop(response)
-            result = yield self._write(response, side.total_bytes, writer_only=True)
-            return result
+            return await self._write(response, total, writer_only=True)  # total: the part's size
         if offset == -2:  # 416 for a part the server does not know: start over
             drop(response)
-            yield bridge.run_in_worker(_discard_part, req.part, req.sidecar, reactor=self.reactor)
+            await bridge.run_in_worker(_discard_part, req.part, req.sidecar, reactor=self.reactor)
             raise TransferError("server refused the resume range; starting over", True)
         self.offset, self.total = offset, total
         try:
-            yield self._check_space(total - offset if total else 0)
+            await self._check_space(total - offset if total else 0)
         except TransferError:
             drop(response)
             raise
@@ -326,13 +358,13 @@ class Attempt:
             last_modified=_header(response, b"last-modified"),
             total_bytes=total,
         )
-        yield bridge.run_in_worker(new_side.write, req.sidecar, reactor=self.reactor)
-        result = yield self._write(response, offset)
+        await bridge.run_in_worker(new_side.write, req.sidecar, reactor=self.reactor)
+        result = await self._write(response, offset)
         if total and result.size != total:
             raise TransferError(f"server sent {result.size} of {total} bytes", True)
         return result
 
-    def _range(self, response: Any, offset: int, side: Sidecar | None) -> tuple[int, int]:
+    def _range(self, response: IResponse, offset: int, side: Sidecar | None) -> tuple[int, int]:
         """(offset to write at, total size or 0) for the answer; offset -1: the part is already
         complete, -2: the part must be discarded."""
         code = response.code
@@ -356,34 +388,32 @@ class Attempt:
         retry = code in (408, 425, 429) or code >= 500
         raise TransferError(f"server answered HTTP {code}", retry)
 
-    @defer.inlineCallbacks
-    def _check_space(self, needed: int):
+    async def _check_space(self, needed: int) -> None:
         if not needed:
             return
         directory = os.path.dirname(self.request.part)
-        free = yield bridge.run_in_worker(free_space, directory, reactor=self.reactor)
+        free = await bridge.run_in_worker(free_space, directory, reactor=self.reactor)
         if needed > free:
             raise TransferError(f"insufficient space: need {needed} bytes, {free} free in {directory}", False)
 
-    @defer.inlineCallbacks
-    def _write(self, response: Any, offset: int, writer_only: bool = False):
+    async def _write(self, response: IResponse, offset: int, writer_only: bool = False) -> Result:
         req = self.request
         body: _Body | None = None
         writer = PartWriter(req.part, offset, req.algorithm, lambda: body.drained() if body else None)
         written = bridge.run_in_worker(writer.run, self.reactor, reactor=self.reactor)
-        failure = None
+        failure: Exception | None = None
         if not writer_only:
             body = self._body = _Body(writer, self.reactor, req.idle_timeout, self.on_bytes)
             response.deliverBody(body)
             try:
-                yield body.done
+                await body.done
             except Exception as exc:
                 failure = exc
             finally:
                 self._body = None
         # Whatever arrived is kept (and fsynced) for the next attempt to resume from.
         writer.finish()
-        result = yield written
+        result = await written
         if failure is not None:
             if self._stopped:
                 raise TransferError("stopped", True)
@@ -395,10 +425,12 @@ class Attempt:
 
 class _Discard(Protocol):
     def connectionMade(self) -> None:
-        self.transport.stopProducing()
+        producer = _producer(self.transport)
+        if producer is not None:
+            producer.stopProducing()
 
 
-def drop(response: Any) -> None:
+def drop(response: IResponse) -> None:
     """Close a response whose body we will not read (it must not hold the connection)."""
     try:
         response.deliverBody(_Discard())
@@ -406,7 +438,7 @@ def drop(response: Any) -> None:
         pass
 
 
-def _header(response: Any, name: bytes) -> str | None:
+def _header(response: IResponse, name: bytes) -> str | None:
     values = response.headers.getRawHeaders(name)
     return values[0].decode("latin-1") if values else None
 
@@ -423,7 +455,7 @@ def _host(url: str) -> str:
     return urlsplit(url).netloc
 
 
-def _reason(exc: Any) -> str:
+def _reason(exc: BaseException) -> str:
     reasons = getattr(exc, "reasons", None)
     if reasons:
         exc = reasons[0].value

@@ -9,14 +9,33 @@ daemon aborts libvirt's job and the VM stays on the source.
 from __future__ import annotations
 
 import argparse
-from typing import IO, Any
+from collections.abc import Callable
+from typing import IO, TYPE_CHECKING, Protocol
 
 from tqdm import tqdm
+
+if TYPE_CHECKING:
+    from quantix.proto import node_grpc, node_pb2
 
 PHASES = {0: "preparing", 1: "transferring", 2: "switching", 3: "complete", 4: "failed"}
 
 
-def add_parser(sub: Any) -> None:
+class Ctl(Protocol):
+    """What the command needs of ``quantix-nodectl``'s context (:class:`quantix.ops.nodectl._Ctl`)."""
+
+    @property
+    def args(self) -> argparse.Namespace: ...
+    @property
+    def out(self) -> IO[str]: ...
+    @property
+    def stub(self) -> node_grpc.NodeDaemonServiceStub: ...
+
+    def emit(
+        self, message: node_pb2.MigrationProgress, render: Callable[[node_pb2.MigrationProgress], str]
+    ) -> None: ...
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = sub.add_parser("migrate", help="move a VM to another node (live, unless --offline)")
     parser.add_argument("vm_id")
     parser.add_argument(
@@ -40,7 +59,7 @@ def add_parser(sub: Any) -> None:
     )
 
 
-def describe(message: Any) -> str:
+def describe(message: node_pb2.MigrationProgress) -> str:
     """One line for a progress message (pure)."""
     from quantix.ops.nodectl import human_bytes
 
@@ -55,37 +74,38 @@ def describe(message: Any) -> str:
     return text
 
 
-def prepare_target(ctl: Any, address: str) -> None:
+def prepare_target(ctl: Ctl, address: str) -> None:
     """PrepareMigration and ReceiveMigration on the target daemon at ``address``."""
     import grpc
+    from google.protobuf import empty_pb2
 
-    from quantix.proto import node_grpc
+    from quantix.proto import node_grpc, node_pb2
 
-    pb, args = ctl.pb, ctl.args
-    source = ctl.stub.GetNodeInfo(ctl.empty(), timeout=args.timeout).management_ip
+    args = ctl.args
+    source = ctl.stub.GetNodeInfo(empty_pb2.Empty(), timeout=args.timeout).management_ip
     channel = grpc.insecure_channel(address)
     try:
         stub = node_grpc.NodeDaemonServiceStub(channel)
-        request = pb.PrepareMigrationRequest(vm_id=args.vm_id, source_node_uri=source)
+        request = node_pb2.PrepareMigrationRequest(vm_id=args.vm_id, source_node_uri=source)
         token = stub.PrepareMigration(request, timeout=max(args.timeout, 120))
         stub.ReceiveMigration(token, timeout=args.timeout)
     finally:
         channel.close()
 
 
-def run(ctl: Any, err: IO[str]) -> int:
+def run(ctl: Ctl, err: IO[str]) -> int:
     """Stream MigrateVM; a bar on stderr (or JSON lines with ``--json``); 0 when COMPLETE."""
     from quantix.ops.nodectl import EXIT_OK, EXIT_RPC_ERROR
+    from quantix.proto import node_pb2
 
-    args: argparse.Namespace = ctl.args
-    pb = ctl.pb
+    args = ctl.args
     if args.target_daemon:
         prepare_target(ctl, args.target_daemon)
-    request = pb.MigrateVMRequest(
+    request = node_pb2.MigrateVMRequest(
         vm_id=args.vm_id, target_node_uri=args.to, live=not args.offline, storage=args.storage
     )
     call = ctl.stub.MigrateVM(request)
-    last = None
+    last: node_pb2.MigrationProgress | None = None
     bar = tqdm(total=100, unit="%", file=err, disable=args.json, dynamic_ncols=True, leave=True)
     try:
         for message in call:
@@ -103,7 +123,7 @@ def run(ctl: Any, err: IO[str]) -> int:
         return EXIT_RPC_ERROR
     finally:
         bar.close()
-    if last is None or last.phase != pb.MIGRATION_PHASE_COMPLETE:
+    if last is None or last.phase != node_pb2.MIGRATION_PHASE_COMPLETE:
         reason = last.error if last is not None else "the stream ended without a result"
         err.write(f"quantix-nodectl: migration of {args.vm_id} failed: {reason}\n")
         return EXIT_RPC_ERROR

@@ -17,7 +17,7 @@ from twisted.internet import defer
 from twisted.logger import ILogObserver
 
 from quantix.config import Config
-from quantix.ops import access, logs, shutdown
+from quantix.ops import access, heap, logs, shutdown
 from quantix.ops.drain import Drain
 from quantix.ops.notify import Notifier
 from quantix.rpc import status
@@ -66,6 +66,8 @@ class Operations(MultiService):
         self.log_observer: ILogObserver | None = None
         #: In front of every RPC handler (see :meth:`gate`); refuses new calls once stopping.
         self.drain = Drain()
+        #: Set under twistd: :meth:`ready` freezes the start-up heap (see :mod:`quantix.ops.heap`).
+        self.freeze_heap_when_ready = False
 
     def gate(self, table: Mapping[str, status.Handler]) -> dict[str, status.Handler]:
         """Put the drain gate in front of the handler table the gRPC server is built from."""
@@ -90,6 +92,7 @@ class Operations(MultiService):
             return
         self.log_observer = logs.twistd_observer(self.config.logging, twistd_options)
         self.reactor.callWhenRunning(shutdown.exit_zero_on_sigterm, self.reactor)
+        self.freeze_heap_when_ready = True  # the process is the daemon's alone
 
     def attach_logging(self, parent: object) -> None:
         """Called when the node joins twistd's application, before twistd starts logging."""
@@ -101,6 +104,8 @@ class Operations(MultiService):
         super().startService()
 
     def ready(self) -> None:
+        if self.freeze_heap_when_ready:
+            heap.freeze_startup_heap()
         self.notifier.ready(f"serving gRPC on port {self.grpc.port}")
 
     def stopping(self) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Iterator
-from typing import Any
 
 import grpc
 from google.protobuf import empty_pb2, timestamp_pb2
@@ -111,13 +110,13 @@ class MigrationRpcs:
         self.events.publish_from_thread(mapping.VM_MIGRATED_OUT, vm_id, message, {"target": target})
 
     @staticmethod
-    def _message(vm_id: str, progress: migration.Progress) -> Any:
+    def _message(vm_id: str, progress: migration.Progress) -> node_pb2.MigrationProgress:
         return node_pb2.MigrationProgress(
             vm_id=vm_id,
             percent_complete=progress.percent,
             data_transferred_bytes=progress.transferred,
             data_remaining_bytes=progress.remaining,
-            phase=progress.phase,
+            phase=node_pb2.MigrationPhase.ValueType(progress.phase),
             error=progress.error,
         )
 

@@ -168,7 +168,8 @@ class VmRpcs:
     ) -> node_pb2.VMStatusResponse:
         conn = self._conn()
         entry = self.domain_cache.entry(conn, request.vm_id, vms.lookup)
-        msg = vms.status_of(conn, entry, self.sampler, self._pid_dir())
+        pid_dir = self._pid_dir()
+        msg = self.domain_cache.status(entry, lambda e: vms.status_of(conn, e, self.sampler, pid_dir))
         agent = self._guest_agent(msg.vm_id)
         if agent is not None:
             msg.guest_agent.CopyFrom(agent)

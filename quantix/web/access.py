@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import enum
 import hmac
-from typing import Any
 
 import attrs
 from twisted.logger import Logger
+from twisted.web.http import Request
 
 from quantix.ops import regtoken
 from quantix.web.allow import ClientAllowList
@@ -45,7 +45,7 @@ class RouteAccess:
     token: str | None = None
     require_client_cert: bool = False
 
-    def check(self, kind: Kind, peer: str, request: Any) -> None:
+    def check(self, kind: Kind, peer: str, request: Request) -> None:
         """Raise 403 :class:`HttpError` (and log why) unless the client may use a ``kind`` route."""
         if kind is Kind.OPEN:
             return
@@ -62,7 +62,7 @@ class RouteAccess:
         )
         raise HttpError(403, "forbidden", f"client {peer} is not allowed: {why}")
 
-    def _refusal(self, kind: Kind, peer: str, request: Any) -> str | None:
+    def _refusal(self, kind: Kind, peer: str, request: Request) -> str | None:
         if not (kind is Kind.READ and self.open_read_only) and not self.clients(peer):
             return "address not in the allow-list (loopback, control plane, https.allowed_clients)"
         if self.token is not None:
@@ -74,10 +74,11 @@ class RouteAccess:
         return None
 
 
-def _has_client_cert(request: Any) -> bool:
-    """The TLS layer verified any certificate sent against the CA; here: was one sent."""
-    transport = getattr(request.channel, "transport", None)
-    get = getattr(transport, "getPeerCertificate", None)
+def _has_client_cert(request: Request) -> bool:
+    """The TLS layer verified any certificate sent against the CA; here: was one sent. (The
+    channel's transport is the connection wrapper, which passes ``getPeerCertificate`` through
+    to the TLS transport without declaring ``ISSLTransport``.)"""
+    get = getattr(request.channel.transport, "getPeerCertificate", None)
     try:
         return get is not None and get() is not None
     except Exception:  # not a TLS connection, or the handshake is gone

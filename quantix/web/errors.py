@@ -7,7 +7,6 @@ starts with ``<`` as old firmware, so no error may ever come out as Twisted's HT
 from __future__ import annotations
 
 import json
-from typing import Any
 
 
 class HttpError(Exception):
@@ -20,12 +19,13 @@ class HttpError(Exception):
         self.message = message
         self.headers = headers or {}
 
-    def body(self) -> dict[str, Any]:
+    def body(self) -> dict[str, str]:
         return {"error": self.code, "message": self.message}
 
 
-def encode(body: Any) -> bytes:
-    """Compact UTF-8 JSON; integers stay JSON numbers (no protobuf stringification)."""
+def encode(body: object) -> bytes:
+    """Compact UTF-8 JSON; integers stay JSON numbers (no protobuf stringification). ``body`` is
+    whatever a route answered: JSON values, dicts and lists of them (``TypeError`` otherwise)."""
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 

@@ -12,12 +12,15 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
+
+import libvirt
+from twisted.internet import defer
 
 import quantix
 from quantix.config import Config
 from quantix.hypervisor import discovery, hostinfo
 from quantix.ops import regtoken, updates
+from quantix.util.jsontypes import JsonObject
 from quantix.web.access import Kind
 from quantix.web.errors import HttpError
 from quantix.web.router import Call
@@ -37,7 +40,7 @@ class HostRoutes:
     def __init__(
         self,
         config: Config,
-        conn: Callable[[], Any],
+        conn: Callable[[], libvirt.virConnect],
         host: hostinfo.HostBox,
         now: Callable[[], float] = time.time,
     ) -> None:
@@ -57,8 +60,8 @@ class HostRoutes:
         routes.add("GET", f"{API}/registration/token", Kind.OPEN, self.registration_token)
         routes.add("GET", f"{API}/registration/discovery", Kind.OPEN, self.registration_discovery)
 
-    def update_version(self, call: Call) -> Any:
-        def version() -> dict[str, Any]:
+    def update_version(self, call: Call) -> defer.Deferred[JsonObject]:
+        def version() -> JsonObject:
             return updates.version(identity(self.host)[0], self.config.updates.channel)
 
         return call.in_thread(version)
@@ -67,8 +70,8 @@ class HostRoutes:
         exc = updates.UpdateUnsupported()
         raise HttpError(exc.status, exc.code, str(exc))
 
-    def registration_ping(self, call: Call) -> Any:
-        def ping() -> dict[str, Any]:
+    def registration_ping(self, call: Call) -> defer.Deferred[JsonObject]:
+        def ping() -> JsonObject:
             hostname, ip = identity(self.host)
             return {
                 "status": "ok",
@@ -91,8 +94,8 @@ class HostRoutes:
         except regtoken.TokenError as exc:
             raise HttpError(exc.status, exc.code, str(exc)) from None
 
-    def registration_token(self, call: Call) -> Any:
-        def token() -> dict[str, Any]:
+    def registration_token(self, call: Call) -> defer.Deferred[JsonObject]:
+        def token() -> JsonObject:
             tok = self._check_token(call)
             hostname, ip = identity(self.host)
             return {
@@ -106,8 +109,8 @@ class HostRoutes:
 
         return call.in_thread(token)
 
-    def registration_discovery(self, call: Call) -> Any:
-        def discover() -> dict[str, Any]:
+    def registration_discovery(self, call: Call) -> defer.Deferred[JsonObject]:
+        def discover() -> JsonObject:
             self._check_token(call)
             return discovery.discovery(self.host.facts(self.conn()))
 

@@ -8,29 +8,31 @@ download engine's; these functions only check the JSON and map errors.
 
 from __future__ import annotations
 
-from typing import Any
-
-from twisted.internet import defer
+from typing import TYPE_CHECKING
 
 from quantix import errors
 from quantix.images import jobs
-from quantix.images.engine import DownloadRequest
+from quantix.images.engine import DownloadEngine, DownloadRequest
 from quantix.images.target import InvalidTarget
+from quantix.util.jsontypes import JsonObject
+from quantix.util.reactor import INodeReactor
 from quantix.web.errors import HttpError
 from quantix.web.listener import WebListener
 from quantix.web.router import Call, Router
+
+if TYPE_CHECKING:
+    from quantix.hypervisor.storage.manager import StorageManager
 
 REQUIRED = ("url", "imageId", "targetDir")
 OPTIONAL = ("catalogId", "poolId", "checksum", "filename")
 
 
-def add_routes(router: Router, engine: Any) -> None:
+def add_routes(router: Router, engine: DownloadEngine) -> None:
     """Serve ``engine`` (a :class:`~quantix.images.engine.DownloadEngine`) on ``router``."""
 
-    @defer.inlineCallbacks
-    def start(call: Call):
+    async def start(call: Call) -> JsonObject:
         body = call.json()
-        fields = {}
+        fields: dict[str, str] = {}
         for key in REQUIRED + OPTIONAL:
             value = body.get(key)
             if value is None:
@@ -50,7 +52,7 @@ def add_routes(router: Router, engine: Any) -> None:
             pool_id=fields["poolId"],
         )
         try:
-            job = yield engine.submit(request)
+            job = await engine.submit(request)
         except errors.QuantixError as exc:
             raise http_error(exc) from None
         if job.status == jobs.COMPLETED:
@@ -66,13 +68,13 @@ def add_routes(router: Router, engine: Any) -> None:
             "message": message,
         }
 
-    def status(call: Call) -> dict[str, Any]:
+    def status(call: Call) -> JsonObject:
         try:
             return engine.get(call.params["jobId"]).rest()
         except errors.NotFound:
             raise HttpError(404, "job_not_found", f"download job not found: {call.params['jobId']}") from None
 
-    def listing(call: Call) -> dict[str, Any]:
+    def listing(call: Call) -> JsonObject:
         """Not used by the control plane: ``quantix-nodectl images jobs`` reads it."""
         return {"jobs": [job.rest() for job in engine.list()]}
 
@@ -93,14 +95,14 @@ def http_error(exc: errors.QuantixError) -> HttpError:
     return HttpError(503, "unavailable", str(exc))
 
 
-def listener(reactor: Any, listen: str | None, engine: Any) -> WebListener:
+def listener(reactor: INodeReactor, listen: str | None, engine: DownloadEngine) -> WebListener:
     """The plain-HTTP listener (``http.listen``) with the download routes."""
     router = Router()
     add_routes(router, engine)
     return WebListener(reactor, listen, router, name="http")
 
 
-def storage_roots(root: str, storage: Any) -> list[str]:
+def storage_roots(root: str, storage: StorageManager) -> list[str]:
     """Blocking (libvirt): where downloads may go: the storage root and every active pool with
     a directory (custom NFS mount points and local paths lie outside the root)."""
     roots = [root]

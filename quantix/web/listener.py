@@ -6,18 +6,27 @@ that is gone.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Generator
 
 from twisted.application.service import Service
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IProtocolNegotiationFactory
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IOpenSSLContextFactory,
+    IProtocolNegotiationFactory,
+    IReactorSSL,
+)
+from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from twisted.protocols.policies import WrappingFactory
+from twisted.web.resource import IResource
 from zope.interface import implementer
 
 from quantix import bridge
 from quantix.config import ListenError, parse_address
+from quantix.util.reactor import INodeReactor
 from quantix.web.allow import ClientAllowList, resolve_host
 from quantix.web.request import MAX_BODY, JsonSite
 
@@ -25,10 +34,13 @@ log = Logger(namespace="quantix.web")
 
 
 @implementer(IProtocolNegotiationFactory)
-class _TrackingFactory(WrappingFactory):
+class _TrackingFactory(WrappingFactory, ServerFactory):
     """Tracks connections and, over TLS, answers ALPN itself: a plain ``WrappingFactory`` hides
     the site's ALPN support, and then a client offering ALPN (curl does) gets an "internal error"
-    alert instead of a handshake. HTTP/1.1 only: the request limits are written for it."""
+    alert instead of a handshake. HTTP/1.1 only: the request limits are written for it.
+
+    ``ServerFactory`` adds nothing at run time; it says what this factory is for (Twisted's
+    ``WrappingFactory`` derives from ``ClientFactory``, and ``listenTCP`` takes server factories)."""
 
     def acceptableProtocols(self) -> list[bytes]:
         return [b"http/1.1"]
@@ -43,16 +55,18 @@ class WebListener(Service):
     HTTPS; without it the listener is plain HTTP.
     """
 
+    name: str  # never None here: it names the listener in logs and errors
+
     def __init__(
         self,
-        reactor: Any,
+        reactor: INodeReactor,
         listen: str | None,
-        resource: Any,
+        resource: IResource,
         *,
         name: str = "http",
-        allow: Any = None,
+        allow: Callable[[str], bool] | None = None,
         control_plane_url: str | None = None,
-        tls: Any = None,
+        tls: IOpenSSLContextFactory | None = None,
         max_body: int = MAX_BODY,
     ) -> None:
         self.reactor = reactor
@@ -65,7 +79,7 @@ class WebListener(Service):
         self._factory = _TrackingFactory(self.site)
         self._factory.noisy = False  # no "Starting factory <..._TrackingFactory object at 0x...>"
         self.port: int | None = None
-        self._listening: Any = None
+        self._listening: IListeningPort | None = None
 
     def startService(self) -> None:
         if self.listen is None:
@@ -79,13 +93,15 @@ class WebListener(Service):
             raise ListenError.of(self.name, repr(self.listen), reason, self._hint()) from None
         try:
             if self.tls is not None:
-                self._listening = self.reactor.listenSSL(port, self._factory, self.tls, interface=host)
+                tls_reactor = IReactorSSL(self.reactor)  # the running reactor provides it
+                self._listening = tls_reactor.listenSSL(port, self._factory, self.tls, interface=host)
             else:
                 self._listening = self.reactor.listenTCP(port, self._factory, interface=host)
         except CannotListenError as exc:
             reason = getattr(exc.socketError, "strerror", None) or str(exc.socketError)
             raise ListenError.of(self.name, self.listen, reason.lower(), self._hint()) from None
-        self.port = self._listening.getHost().port
+        address = self._listening.getHost()
+        self.port = address.port if isinstance(address, IPv4Address | IPv6Address) else None
         self._resolve_control_plane()
         scheme = "https" if self.tls is not None else "http"
         log.info(
@@ -113,10 +129,11 @@ class WebListener(Service):
         bridge.run_in_worker(resolve_host, self.control_plane_url, reactor=self.reactor).addCallback(resolved)
 
     @defer.inlineCallbacks
-    def stopService(self):
+    def stopService(self) -> Generator[defer.Deferred[None], None, None]:
         super().stopService()
         listening, self._listening = self._listening, None
-        if listening is not None:
-            yield listening.stopListening()
+        stopped = listening.stopListening() if listening is not None else None
+        if stopped is not None:
+            yield stopped
         for connection in list(self._factory.protocols):
             connection.loseConnection()

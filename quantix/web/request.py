@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable
-from typing import Any
 
 from twisted.python.failure import Failure
-from twisted.web import server
+from twisted.web import http, server
+from twisted.web.resource import IResource
 
+from quantix.util.reactor import INodeReactor
 from quantix.web.errors import HttpError
 from quantix.web.router import log, write_error
 
@@ -27,13 +28,26 @@ DISCARD_FACTOR = 16
 class JsonRequest(server.Request):
     _refusal: HttpError | None = None
     _received = 0
+    _body: io.BytesIO
+
+    def _site(self) -> JsonSite:
+        """The channel's site (``Site.buildProtocol`` sets it; ``HTTPChannel`` does not declare it)."""
+        site = getattr(self.channel, "site", None)
+        if not isinstance(site, JsonSite):
+            raise TypeError(f"JsonRequest served by {site!r}, not a JsonSite")
+        return site
+
+    def _keep_body(self) -> None:
+        self._body = io.BytesIO()
+        self.content = self._body
 
     def gotLength(self, length: int | None) -> None:
-        site = self.channel.site
-        self.content = io.BytesIO()
+        site = self._site()
+        self._keep_body()
         self._received = 0
         self._refusal = None
-        peer = getattr(self.channel.transport.getPeer(), "host", "")
+        transport = self.channel.transport
+        peer = getattr(transport.getPeer(), "host", "") if transport is not None else ""
         if site.allow is not None and not site.allow(peer):
             self._refusal = HttpError(403, "forbidden", f"client {peer} is not allowed")
         elif length is not None and length > site.max_body:
@@ -41,19 +55,19 @@ class JsonRequest(server.Request):
 
     def handleContentChunk(self, data: bytes) -> None:
         self._received += len(data)
-        limit = self.channel.site.max_body
+        limit = self._site().max_body
         if self._refusal is None and self._received > limit:
             self._refusal = _too_large(limit)
-            self.content = io.BytesIO()
+            self._keep_body()
         if self._refusal is None:
-            self.content.write(data)
-        elif self._received > DISCARD_FACTOR * limit:
+            self._body.write(data)
+        elif self._received > DISCARD_FACTOR * limit and self.channel.transport is not None:
             self.channel.transport.loseConnection()
 
     def process(self) -> None:
         if self._refusal is None:
             return super().process()
-        self.site = self.channel.site
+        self.site = self._site()
         write_error(self, self._refusal)
 
     def processingFailed(self, reason: Failure) -> None:
@@ -74,14 +88,15 @@ class JsonSite(server.Site):
     """
 
     requestFactory = JsonRequest
+    reactor: INodeReactor  # the routes' worker threads come from it too (``Call.in_thread``)
     displayTracebacks = False
     noisy = False
 
     def __init__(
         self,
-        resource: Any,
+        resource: IResource,
         *,
-        reactor: Any = None,
+        reactor: INodeReactor | None = None,
         max_body: int = MAX_BODY,
         allow: Callable[[str], bool] | None = None,
     ) -> None:
@@ -90,7 +105,7 @@ class JsonSite(server.Site):
         self.max_body = max_body
         self.allow = allow
 
-    def log(self, request: Any) -> None:
+    def log(self, request: http.Request) -> None:
         """No per-request access line at info level (a poller every 2 s would flood the log)."""
         log.debug(
             "{method} {path} {code}",

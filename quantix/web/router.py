@@ -8,9 +8,10 @@ answer unknown paths and methods with HTML, so the router is the site's only res
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import ParamSpec, TypeVar
 from urllib.parse import unquote
 
 import attrs
@@ -18,14 +19,19 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET
+from twisted.web.server import NOT_DONE_YET, Request
 
 from quantix import bridge
+from quantix.util.jsontypes import JsonObject
+from quantix.util.reactor import INodeReactor
 from quantix.web.errors import HttpError, encode
 
 log = Logger(namespace="quantix.web")
 
 JSON_TYPE = b"application/json; charset=utf-8"
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 @attrs.frozen
@@ -33,7 +39,7 @@ class Reply:
     """A successful answer other than plain 200, e.g. ``Reply(202, {...})``."""
 
     status: int
-    body: Any
+    body: object  # anything :func:`~quantix.web.errors.encode` takes
     headers: dict[str, str] = attrs.field(factory=dict)
 
 
@@ -41,7 +47,7 @@ class Reply:
 class Call:
     """What a route function receives: the request, its path parameters and helpers."""
 
-    request: Any
+    request: Request
     params: dict[str, str]
 
     @property
@@ -53,26 +59,41 @@ class Call:
         values = self.request.args.get(name.encode(), [])
         return values[0].decode("utf-8", "replace") if values else default
 
-    def json(self) -> dict[str, Any]:
+    def json(self) -> JsonObject:
         """The body as a JSON object; anything else is 400 ``invalid_json``. The size limit was
         enforced before the body was buffered (:mod:`quantix.web.request`)."""
-        content = self.request.content
-        raw = content.getvalue() if hasattr(content, "getvalue") else content.read()
+        content = self.request.content  # a BytesIO from JsonRequest.gotLength
+        if isinstance(content, io.BytesIO):
+            raw = content.getvalue()
+        else:
+            raw = content.read() if content is not None else b""
         try:
-            body = json.loads(raw)
+            body: object = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
             raise HttpError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
         if not isinstance(body, dict):
             raise HttpError(400, "invalid_json", "request body must be a JSON object")
         return body
 
-    def in_thread(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred:
+    @property
+    def reactor(self) -> INodeReactor:
+        """The site's reactor (its thread pool runs :meth:`in_thread`; its clock bounds waits)."""
+        from quantix.web.request import JsonSite  # imports this module
+
+        site = self.request.site  # set by Request.process, before any resource renders
+        if not isinstance(site, JsonSite):
+            raise RuntimeError(f"a Router is served by a JsonSite, not {site!r}")
+        return site.reactor
+
+    def in_thread(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> defer.Deferred[R]:
         """Run blocking ``fn`` in a worker thread (through :mod:`quantix.bridge`); the reactor
         keeps serving meanwhile."""
-        return bridge.run_in_worker(fn, *args, reactor=self.request.channel.site.reactor, **kwargs)
+        return bridge.run_in_worker(fn, *args, reactor=self.reactor, **kwargs)
 
 
-Handler = Callable[[Call], Any]
+#: A route: its answer (a JSON-encodable value or a :class:`Reply`), or a Deferred or coroutine
+#: of one; :meth:`Router.render` resolves it with ``maybeDeferred``.
+Handler = Callable[[Call], object]
 
 
 def _pattern(path: str) -> tuple[str, ...]:
@@ -130,7 +151,7 @@ class Router(Resource):
             )
         raise HttpError(404, "not_found", "no such route")
 
-    def render(self, request: Any) -> Any:
+    def render(self, request: Request) -> int:
         gone: list[bool] = []
         request.notifyFinish().addErrback(lambda _: gone.append(True))
         try:
@@ -144,9 +165,9 @@ class Router(Resource):
         return NOT_DONE_YET
 
 
-def _failed(request: Any, gone: list[bool]) -> Callable[[Failure], None]:
+def _failed(request: Request, gone: list[bool]) -> Callable[[Failure], None]:
     def failed(failure: Failure) -> None:
-        if failure.check(HttpError):
+        if isinstance(failure.value, HttpError):
             error = failure.value
         else:
             log.failure(
@@ -162,18 +183,18 @@ def _failed(request: Any, gone: list[bool]) -> Callable[[Failure], None]:
     return failed
 
 
-def write_result(request: Any, result: Any) -> None:
+def write_result(request: Request, result: object) -> None:
     if isinstance(result, Reply):
         write_json(request, result.status, result.body, result.headers)
     else:
         write_json(request, 200, result)
 
 
-def write_error(request: Any, error: HttpError) -> None:
+def write_error(request: Request, error: HttpError) -> None:
     write_json(request, error.status, error.body(), error.headers)
 
 
-def write_json(request: Any, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
+def write_json(request: Request, status: int, body: object, headers: dict[str, str] | None = None) -> None:
     """Answer and finish: JSON content type, exact length, never cached."""
     data = encode(body)
     request.setResponseCode(status)

@@ -8,15 +8,14 @@ always gets JSON, even when a guest never answers.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 
 from quantix import errors
 from quantix.web.access import Kind, RouteAccess
 from quantix.web.errors import HttpError
-from quantix.web.router import Call, Router
+from quantix.web.router import Call, Handler, Router
 
 #: Every route answers within this (the control plane waits 30 s).
 ROUTE_DEADLINE = 28.0
@@ -45,16 +44,16 @@ def http_error(exc: Exception) -> HttpError | None:
     return None
 
 
-def serve(access: RouteAccess, kind: Kind, fn: Callable[[Call], Any], clock: Any) -> Callable[[Call], Any]:
+def serve(access: RouteAccess, kind: Kind, fn: Handler, clock: IReactorTime) -> Handler:
     """``fn`` behind the access check, the error table and the route deadline."""
 
-    def handler(call: Call) -> defer.Deferred:
+    def handler(call: Call) -> defer.Deferred[object]:
         access.check(kind, call.peer, call.request)
         d = defer.maybeDeferred(fn, call)
         d.addTimeout(ROUTE_DEADLINE, clock)
 
-        def mapped(failure):
-            err = http_error(failure.value)
+        def mapped(failure: Failure) -> Failure:
+            err = http_error(failure.value) if isinstance(failure.value, Exception) else None
             if err is None:
                 return failure
             raise err
@@ -68,12 +67,12 @@ class Routes:
     """Collects ``(method, path, kind, fn)``; :meth:`router` serves them all."""
 
     def __init__(self) -> None:
-        self.entries: list[tuple[str, str, Kind, Callable[[Call], Any]]] = []
+        self.entries: list[tuple[str, str, Kind, Handler]] = []
 
-    def add(self, method: str, path: str, kind: Kind, fn: Callable[[Call], Any]) -> None:
+    def add(self, method: str, path: str, kind: Kind, fn: Handler) -> None:
         self.entries.append((method, path, kind, fn))
 
-    def router(self, access: RouteAccess, clock: Any) -> Router:
+    def router(self, access: RouteAccess, clock: IReactorTime) -> Router:
         r = Router()
         for method, path, kind, fn in self.entries:
             r.add(method, path, serve(access, kind, fn, clock))

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import datetime
 import posixpath
-from typing import Any
+
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from quantix.agent.guestinfo import GuestInfo
 from quantix.hypervisor.consoles import LogTail
 from quantix.proto import agent_pb2
+from quantix.util.jsontypes import JsonObject, JsonValue
 from quantix.web.errors import bad_request
 
 MAX_GUEST_PATH = 4096
@@ -23,7 +25,7 @@ def rfc3339(stamp: float) -> str:
     return datetime.datetime.fromtimestamp(stamp, datetime.UTC).isoformat().replace("+00:00", "Z")
 
 
-def vm_logs(vm_id: str, name: str, t: LogTail) -> dict[str, Any]:
+def vm_logs(vm_id: str, name: str, t: LogTail) -> JsonObject:
     return {
         "vmId": vm_id,
         "vmName": name,
@@ -36,7 +38,7 @@ def vm_logs(vm_id: str, name: str, t: LogTail) -> dict[str, Any]:
     }
 
 
-def _usage(t: agent_pb2.TelemetryReport) -> dict[str, Any]:
+def _usage(t: agent_pb2.TelemetryReport) -> JsonObject:
     return {
         "cpuUsagePercent": t.cpu_usage_percent,
         "memoryTotalBytes": t.memory_total_bytes,
@@ -66,9 +68,9 @@ def _usage(t: agent_pb2.TelemetryReport) -> dict[str, Any]:
     }
 
 
-def agent_status(info: GuestInfo, error: str | None = None) -> dict[str, Any]:
+def agent_status(info: GuestInfo, error: str | None = None) -> JsonObject:
     """``agent/ping`` and ``agent/refresh``: what the guest agent last told us."""
-    body: dict[str, Any] = {
+    body: JsonObject = {
         "connected": info.connected,
         "ipAddresses": list(info.ip_addresses),
         "capabilities": list(info.capabilities),
@@ -93,14 +95,14 @@ def agent_status(info: GuestInfo, error: str | None = None) -> dict[str, Any]:
     return body
 
 
-def disconnected(error: str) -> dict[str, Any]:
+def disconnected(error: str) -> JsonObject:
     return agent_status(GuestInfo(), error)
 
 
-def execute(r: agent_pb2.ExecuteResponse, wait_for_exit: bool) -> dict[str, Any]:
+def execute(r: agent_pb2.ExecuteResponse, wait_for_exit: bool) -> JsonObject:
     """``execute``: success means the command ran and exited 0 (or was started, without waiting)."""
     ok = not r.error and not r.timed_out and (r.exit_code == 0 or not wait_for_exit)
-    body: dict[str, Any] = {
+    body: JsonObject = {
         "success": ok,
         "exitCode": r.exit_code,
         "stdout": r.stdout,
@@ -113,7 +115,7 @@ def execute(r: agent_pb2.ExecuteResponse, wait_for_exit: bool) -> dict[str, Any]
     return body
 
 
-def execute_failed(error: str) -> dict[str, Any]:
+def execute_failed(error: str) -> JsonObject:
     return {
         "success": False,
         "exitCode": -1,
@@ -125,24 +127,24 @@ def execute_failed(error: str) -> dict[str, Any]:
     }
 
 
-def outcome(success: bool, message: str, error: str | None = None, **extra: Any) -> dict[str, Any]:
+def outcome(success: bool, message: str, error: str | None = None, **extra: JsonValue) -> JsonObject:
     """``{success, message, error?}`` of agent shutdown/reboot/update and similar actions."""
-    body: dict[str, Any] = {"success": success, "message": message, **extra}
+    body: JsonObject = {"success": success, "message": message, **extra}
     if error:
         body["error"] = error
     return body
 
 
-def _stamp(ts: Any) -> str | None:
+def _stamp(ts: Timestamp) -> str | None:
     if not ts.seconds and not ts.nanos:
         return None
     return rfc3339(ts.seconds + ts.nanos / 1e9)
 
 
-def directory(path: str, r: agent_pb2.ListDirectoryResponse) -> dict[str, Any]:
-    entries = []
+def directory(path: str, r: agent_pb2.ListDirectoryResponse) -> JsonObject:
+    entries: list[JsonValue] = []
     for e in r.entries:
-        entry: dict[str, Any] = {
+        entry: JsonObject = {
             "name": e.name,
             "path": e.path,
             "isDirectory": e.is_directory,
@@ -158,7 +160,7 @@ def directory(path: str, r: agent_pb2.ListDirectoryResponse) -> dict[str, Any]:
         if e.group:
             entry["group"] = e.group
         entries.append(entry)
-    body: dict[str, Any] = {"success": r.success, "path": path, "entries": entries}
+    body: JsonObject = {"success": r.success, "path": path, "entries": entries}
     if r.error:
         body["error"] = r.error
     return body

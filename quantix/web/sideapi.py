@@ -8,16 +8,19 @@ what is :mod:`.access`; how each route is served is :mod:`.routes`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
+import libvirt
 from cryptography import x509
 from OpenSSL import crypto
 from twisted.internet import defer, ssl, task
 from twisted.logger import Logger
 
 from quantix import bridge
+from quantix.agent.manager import AgentManager
 from quantix.config import Config, ListenError
+from quantix.hypervisor import hostinfo, qemuagent
 from quantix.ops import selfsigned
+from quantix.util.reactor import INodeReactor
 from quantix.web.access import RouteAccess
 from quantix.web.allow import ClientAllowList, resolve_host
 from quantix.web.hostroutes import HostRoutes, identity
@@ -49,18 +52,17 @@ def tls_options(
         cas = x509.load_pem_x509_certificates(client_ca_pem) if client_ca_pem else []
     except (ValueError, crypto.Error) as exc:
         raise ListenError(f"https certificate or key unusable: {exc}") from None
-    kwargs: dict[str, Any] = {}
-    if cas:
-        kwargs = {
-            "verify": True,
-            "requireCertificate": False,
-            "caCerts": [crypto.X509.from_cryptography(c) for c in cas],
-        }
+    certificate = crypto.X509.from_cryptography(chain[0])
+    extra = [crypto.X509.from_cryptography(c) for c in chain[1:]]
+    if not cas:
+        return ssl.CertificateOptions(privateKey=key, certificate=certificate, extraCertChain=extra)
     return ssl.CertificateOptions(
         privateKey=key,
-        certificate=crypto.X509.from_cryptography(chain[0]),
-        extraCertChain=[crypto.X509.from_cryptography(c) for c in chain[1:]],
-        **kwargs,
+        certificate=certificate,
+        extraCertChain=extra,
+        verify=True,
+        requireCertificate=False,
+        caCerts=[crypto.X509.from_cryptography(c) for c in cas],
     )
 
 
@@ -70,7 +72,7 @@ class HttpsListener(WebListener):
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: INodeReactor,
         config: Config,
         routes: Routes,
         access: RouteAccess,
@@ -82,7 +84,7 @@ class HttpsListener(WebListener):
         self.base_clients = access.clients
         self.cert_names = cert_names
         self._resolver: task.LoopingCall | None = None
-        self.vm_routes: Any = None
+        self.vm_routes: VmRoutes | None = None
 
     def startService(self) -> None:
         if self.listen is not None:
@@ -93,7 +95,7 @@ class HttpsListener(WebListener):
             self._resolver.clock = self.reactor
             self._resolver.start(RESOLVE_INTERVAL, now=True)
 
-    def stopService(self):
+    def stopService(self) -> defer.Deferred[None]:
         if self._resolver is not None and self._resolver.running:
             self._resolver.stop()
         return super().stopService()
@@ -118,7 +120,7 @@ class HttpsListener(WebListener):
         ca = _read(https.client_ca, "client_ca") if https.client_ca else None
         return tls_options(cert, key, ca)
 
-    def _resolve(self) -> defer.Deferred:
+    def _resolve(self) -> defer.Deferred[None]:
         """Blocking DNS in a worker; a failed lookup keeps the previous addresses."""
 
         def resolved(addresses: list[str]) -> None:
@@ -126,9 +128,8 @@ class HttpsListener(WebListener):
                 self.access.clients = self.base_clients.with_addresses(addresses)
 
         d = bridge.run_in_worker(resolve_host, self.config.control_plane_url, reactor=self.reactor)
-        d.addCallback(resolved)
-        d.addErrback(lambda f: log.failure("resolving the control plane failed", f))
-        return d
+        d2 = d.addCallback(resolved)
+        return d2.addErrback(lambda f: log.failure("resolving the control plane failed", f))
 
 
 def access_for(config: Config) -> RouteAccess:
@@ -142,7 +143,12 @@ def access_for(config: Config) -> RouteAccess:
 
 
 def build(
-    reactor: Any, config: Config, conn: Callable[[], Any], agents: Any, host: Any, qga_runner: Any = None
+    reactor: INodeReactor,
+    config: Config,
+    conn: Callable[[], libvirt.virConnect],
+    agents: AgentManager,
+    host: hostinfo.HostBox,
+    qga_runner: qemuagent.Runner | None = None,
 ) -> HttpsListener:
     """The 8443 listener: ``conn()`` is the live libvirt connection, ``agents`` the reactor-side
     :class:`~quantix.agent.manager.AgentManager`, ``host`` the host-facts box (hostname,
@@ -156,6 +162,6 @@ def build(
     return listener
 
 
-def _cert_names(host: Any) -> tuple[str, list[str]]:
+def _cert_names(host: hostinfo.HostBox) -> tuple[str, list[str]]:
     hostname, ip = identity(host)
     return hostname, [ip]

@@ -12,10 +12,14 @@ from __future__ import annotations
 import base64
 import glob
 import os
-from typing import Any
+from collections.abc import Callable
 
 import attrs
+import libvirt
+from google.protobuf.message import Message
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 
 from quantix import errors
 from quantix.agent.manager import AgentManager
@@ -23,6 +27,7 @@ from quantix.agent.protocol import AgentError, ConnectionLost
 from quantix.config import Config
 from quantix.hypervisor import consoles, devices, domaininfo, domainxml, qemuagent, vms
 from quantix.proto import agent_pb2
+from quantix.util.jsontypes import JsonObject
 from quantix.web import shapes
 from quantix.web.access import Kind
 from quantix.web.errors import HttpError
@@ -45,7 +50,7 @@ NOT_RUNNING = "VM is not running"
 
 @attrs.frozen
 class VmRef:
-    dom: Any
+    dom: libvirt.virDomain
     uuid: str
     name: str
     active: bool
@@ -55,7 +60,12 @@ class VmRoutes:
     """``conn()`` is the live libvirt connection (raises HypervisorDown); ``agents`` runs on the reactor."""
 
     def __init__(
-        self, conn: Any, agents: AgentManager, config: Config, qga_runner: Any = None, clock: Any = None
+        self,
+        conn: Callable[[], libvirt.virConnect],
+        agents: AgentManager,
+        config: Config,
+        qga_runner: qemuagent.Runner | None = None,
+        clock: IReactorTime | None = None,
     ) -> None:
         self.conn = conn
         self.agents = agents
@@ -85,35 +95,36 @@ class VmRoutes:
         dom = vms.lookup(self.conn(), vm_id)
         return VmRef(dom, dom.UUIDString(), dom.name(), bool(dom.isActive()))
 
-    def vm(self, call: Call) -> defer.Deferred:
+    def vm(self, call: Call) -> defer.Deferred[VmRef]:
         return call.in_thread(self._find, call.params["id"])
 
-    def _agent(self, ref: VmRef, payload: Any, timeout: float) -> defer.Deferred:
+    def _agent(self, ref: VmRef, payload: Message, timeout: float) -> defer.Deferred:
+        """The agent's reply (the response message that matches ``payload``)."""
         return self.agents.request(ref.uuid, payload, timeout)
 
     # -- QEMU log and QEMU guest agent -------------------------------------------------------
 
-    def logs(self, call: Call) -> defer.Deferred:
+    def logs(self, call: Call) -> defer.Deferred[JsonObject]:
         lines = shapes.int_param(
             call.query("lines"), "lines", consoles.DEFAULT_LOG_LINES, 1, consoles.MAX_LOG_LINES
         )
 
-        def read() -> dict[str, Any]:
+        def read() -> JsonObject:
             ref = self._find(call.params["id"])
             t = consoles.tail(consoles.log_path(self.config.hypervisor.log_dir, ref.name), lines)
             return shapes.vm_logs(ref.uuid, ref.name, t)
 
         return call.in_thread(read)
 
-    def qemu_agent_ping(self, call: Call) -> defer.Deferred:
-        def ping() -> dict[str, Any]:
+    def qemu_agent_ping(self, call: Call) -> defer.Deferred[JsonObject]:
+        def ping() -> JsonObject:
             return qemuagent.ping_result(self._find(call.params["id"]).dom, self.qga_runner)
 
         d = call.in_thread(ping)
         # libvirt bounds the command to 5 s; this bounds the whole hop, lookup included.
-        d.addTimeout(PING_TIMEOUT + 1, call.request.channel.site.reactor)
+        d.addTimeout(PING_TIMEOUT + 1, call.reactor)
 
-        def late(failure):
+        def late(failure: Failure) -> JsonObject:
             failure.trap(defer.TimeoutError)
             return {
                 "available": False,
@@ -122,10 +133,10 @@ class VmRoutes:
 
         return d.addErrback(late)
 
-    def agent_install(self, call: Call) -> defer.Deferred:
+    def agent_install(self, call: Call) -> defer.Deferred[JsonObject]:
         call.json()  # {"force": false}: validated, nothing else to take from it
 
-        def install() -> dict[str, Any]:
+        def install() -> JsonObject:
             ref = self._find(call.params["id"])
             return qemuagent.install_agent(ref.dom, self.config.agent.binary_path, self.qga_runner).to_json()
 
@@ -133,22 +144,20 @@ class VmRoutes:
 
     # -- our guest agent ---------------------------------------------------------------------
 
-    @defer.inlineCallbacks
-    def agent_ping(self, call: Call):
-        ref = yield self.vm(call)
+    async def agent_ping(self, call: Call) -> JsonObject:
+        ref = await self.vm(call)
         if not ref.active:
             return shapes.disconnected(NOT_RUNNING)
         return shapes.agent_status(self.agents.info(ref.uuid))
 
-    @defer.inlineCallbacks
-    def agent_refresh(self, call: Call):
+    async def agent_refresh(self, call: Call) -> JsonObject:
         """Ask for fresh telemetry (Ping with sequence 1, as upstream) and answer from the cache."""
-        ref = yield self.vm(call)
+        ref = await self.vm(call)
         if not ref.active:
             return shapes.disconnected(NOT_RUNNING)
         fresh = self.agents.guests.next_telemetry(ref.uuid)
         try:
-            yield self._agent(ref, agent_pb2.PingRequest(sequence=1), PING_TIMEOUT)
+            await self._agent(ref, agent_pb2.PingRequest(sequence=1), PING_TIMEOUT)
         except (errors.Unavailable, errors.Timeout, AgentError) as exc:
             fresh.addErrback(lambda _: None)
             fresh.cancel()
@@ -156,15 +165,14 @@ class VmRoutes:
         # Agents answer sequence 1 with a telemetry report too; older ones may not.
         fresh.addTimeout(REFRESH_WAIT, self.clock)
         try:
-            yield fresh
+            await fresh
         except defer.TimeoutError:
             pass
         return shapes.agent_status(self.agents.info(ref.uuid))
 
-    @defer.inlineCallbacks
-    def agent_logs(self, call: Call):
+    async def agent_logs(self, call: Call) -> JsonObject:
         lines = shapes.int_param(call.query("lines"), "lines", 50, 1, consoles.MAX_LOG_LINES)
-        ref = yield self.vm(call)
+        ref = await self.vm(call)
         if not ref.active:
             return {"success": False, "lines": [], "error": NOT_RUNNING}
         req = agent_pb2.ExecuteRequest(
@@ -174,10 +182,10 @@ class VmRoutes:
             wait_for_exit=True,
         )
         try:
-            r = yield self._agent(ref, req, AGENT_TIMEOUT + EXEC_REPLY_GRACE)
+            r = await self._agent(ref, req, AGENT_TIMEOUT + EXEC_REPLY_GRACE)
         except AgentError as exc:
             return {"success": False, "lines": [], "error": str(exc)}
-        body: dict[str, Any] = {
+        body: JsonObject = {
             "success": not r.error and r.exit_code == 0,
             "lines": r.stdout.splitlines()[-lines:],
         }
@@ -185,15 +193,14 @@ class VmRoutes:
             body["error"] = r.error or r.stderr.strip() or f"journalctl exited {r.exit_code}"
         return body
 
-    @defer.inlineCallbacks
-    def agent_power(self, call: Call, reboot: bool):
+    async def agent_power(self, call: Call, reboot: bool) -> JsonObject:
         what = "reboot" if reboot else "shutdown"
-        ref = yield self.vm(call)
+        ref = await self.vm(call)
         if not ref.active:
             return shapes.outcome(False, f"{what} not sent", NOT_RUNNING)
         kind = agent_pb2.SHUTDOWN_TYPE_REBOOT if reboot else agent_pb2.SHUTDOWN_TYPE_POWEROFF
         try:
-            r = yield self._agent(ref, agent_pb2.ShutdownRequest(type=kind), AGENT_TIMEOUT)
+            r = await self._agent(ref, agent_pb2.ShutdownRequest(type=kind), AGENT_TIMEOUT)
         except ConnectionLost:
             return shapes.outcome(True, f"{what} requested")  # the guest went down before it answered
         except AgentError as exc:
@@ -202,26 +209,24 @@ class VmRoutes:
             return shapes.outcome(False, f"{what} refused by the guest", r.error or "not accepted")
         return shapes.outcome(True, f"{what} requested")
 
-    @defer.inlineCallbacks
-    def files_list(self, call: Call):
+    async def files_list(self, call: Call) -> JsonObject:
         path = shapes.guest_path(call.query("path"))
         hidden = (call.query("include_hidden") or "").lower() in ("1", "true", "yes")
-        ref = yield self.vm(call)
+        ref = await self.vm(call)
         if not ref.active:
             return {"success": False, "path": path, "entries": [], "error": NOT_RUNNING}
         req = agent_pb2.ListDirectoryRequest(path=path, include_hidden=hidden)
         try:
-            r = yield self._agent(ref, req, AGENT_TIMEOUT)
+            r = await self._agent(ref, req, AGENT_TIMEOUT)
         except AgentError as exc:
             return {"success": False, "path": path, "entries": [], "error": str(exc)}
         return shapes.directory(path, r)
 
-    @defer.inlineCallbacks
-    def files_read(self, call: Call):
+    async def files_read(self, call: Call) -> JsonObject:
         path = shapes.guest_path(call.query("path"))
-        ref = yield self.vm(call)
+        ref = await self.vm(call)
 
-        def failed(error: str) -> dict[str, Any]:
+        def failed(error: str) -> JsonObject:
             return {"success": False, "path": path, "error": error}
 
         if not ref.active:
@@ -230,7 +235,7 @@ class VmRoutes:
         while True:
             req = agent_pb2.FileReadRequest(path=path, offset=len(data), length=CHUNK, chunk_size=CHUNK)
             try:
-                r = yield self._agent(ref, req, AGENT_TIMEOUT)
+                r = await self._agent(ref, req, AGENT_TIMEOUT)
             except AgentError as exc:
                 return failed(str(exc))
             if not r.success:
@@ -243,8 +248,7 @@ class VmRoutes:
         content = base64.b64encode(bytes(data)).decode("ascii")
         return {"success": True, "path": path, "content": content, "sizeBytes": len(data)}
 
-    @defer.inlineCallbacks
-    def execute(self, call: Call):
+    async def execute(self, call: Call) -> JsonObject:
         body = call.json()
         command = body.get("command")
         if not isinstance(command, str) or not command.strip():
@@ -256,25 +260,24 @@ class VmRoutes:
         if not isinstance(wait, bool):
             raise errors.Invalid("waitForExit must be true or false")
         seconds = min(seconds or EXEC_DEFAULT_SECONDS, EXEC_MAX_SECONDS)
-        ref = yield self.vm(call)
+        ref = await self.vm(call)
         if not ref.active:
             return shapes.execute_failed(NOT_RUNNING)
         # No args: the agent runs the text with ``sh -c``, as the control plane's script box expects.
         req = agent_pb2.ExecuteRequest(command=command, timeout_seconds=seconds, wait_for_exit=wait)
         try:
-            r = yield self._agent(ref, req, seconds + EXEC_REPLY_GRACE)
+            r = await self._agent(ref, req, seconds + EXEC_REPLY_GRACE)
         except AgentError as exc:
             return shapes.execute_failed(str(exc))
         return shapes.execute(r, wait)
 
-    @defer.inlineCallbacks
-    def agent_update(self, call: Call):
+    async def agent_update(self, call: Call) -> JsonObject:
         """Push ``agent.binary_path`` with the agent's own update request (64 KiB chunks)."""
         body = call.json()
         target = body.get("targetVersion") or ""
         if not isinstance(target, str):
             raise errors.Invalid("targetVersion must be a string")
-        ref = yield self.vm(call)
+        ref = await self.vm(call)
         if not ref.active:
             return shapes.outcome(False, "update not started", NOT_RUNNING)
         if not self.agents.info(ref.uuid).connected:
@@ -286,8 +289,8 @@ class VmRoutes:
                 "update not started",
                 f"no agent binary on this host ({binary or 'agent.binary_path unset'})",
             )
-        data = yield call.in_thread(_read_file, binary)
-        checksum = yield call.in_thread(_sha256, data)
+        data = await call.in_thread(_read_file, binary)
+        checksum = await call.in_thread(_sha256, data)
         chunks = [data[i : i + CHUNK] for i in range(0, len(data), CHUNK)] or [b""]
         try:
             for n, chunk in enumerate(chunks):
@@ -299,18 +302,20 @@ class VmRoutes:
                     checksum_sha256=checksum,
                     total_size=len(data),
                 )
-                r = yield self._agent(ref, req, AGENT_TIMEOUT)
+                r = await self._agent(ref, req, AGENT_TIMEOUT)
                 if not r.success:
                     return shapes.outcome(False, "update failed", r.error or "the agent refused the update")
         except AgentError as exc:
             return shapes.outcome(False, "update failed", str(exc))
-        extra = {"newVersion": r.current_version} if r.current_version else {}
-        return shapes.outcome(True, "update delivered; the agent restarts itself", **extra)
+        delivered = "update delivered; the agent restarts itself"
+        if r.current_version:
+            return shapes.outcome(True, delivered, newVersion=r.current_version)
+        return shapes.outcome(True, delivered)
 
     # -- CD-ROM ------------------------------------------------------------------------------
 
-    def mount_agent_iso(self, call: Call) -> defer.Deferred:
-        def mount() -> dict[str, Any]:
+    def mount_agent_iso(self, call: Call) -> defer.Deferred[JsonObject]:
+        def mount() -> JsonObject:
             ref = self._find(call.params["id"])
             iso = newest_tools_iso(self.config.storage.iso_images)
             if iso is None:
@@ -331,7 +336,7 @@ def newest_tools_iso(iso_dir: str) -> str | None:
     """The agent tools ISO with the highest version in its name (then the newest file)."""
     found = glob.glob(os.path.join(glob.escape(iso_dir), TOOLS_ISO_GLOB))
 
-    def key(path: str) -> tuple:
+    def key(path: str) -> tuple[tuple[int, ...], float]:
         version = os.path.basename(path)[len("quantix-kvm-agent-tools-") : -len(".iso")]
         parts = tuple(int(p) if p.isdigit() else -1 for p in version.split("."))
         return parts, os.path.getmtime(path)
