@@ -17,6 +17,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from twisted.application import service
 from twisted.internet import defer, task
@@ -24,12 +25,15 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from quantix import bridge
-from quantix.controlplane.connect import ConnectClient, ConnectError
+from quantix.controlplane.connect import ConnectError
 from quantix.images.scan import LocalImage
 from quantix.proto import storage_pb2
 from quantix.util.files import atomic_write
 from quantix.util.jsontypes import JsonObject
 from quantix.util.reactor import INodeReactor
+
+if TYPE_CHECKING:
+    from quantix.controlplane.link import CallClient
 
 IMAGE_SERVICE = "limiquantix.storage.v1.ImageService"
 NOTIFY_PATH = "/api/v1/images/notify"
@@ -91,7 +95,7 @@ class ImageReporter(service.Service):
     def __init__(
         self,
         reactor: INodeReactor,
-        client: ConnectClient,
+        client: CallClient,
         scan: Callable[[], list[LocalImage]],
         state_dir: str,
         rescan_interval: float = RESCAN_INTERVAL,

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import enum
 import random
-from collections.abc import Callable, Iterable
-from typing import Any, Protocol, TypeVar
+from collections.abc import Callable, Coroutine, Iterable, Mapping
+from typing import Protocol, TypeVar
 
 from google.protobuf.message import Message
 from twisted.application import service
@@ -27,6 +27,7 @@ from quantix.controlplane.connect import ConnectError
 from quantix.controlplane.facts import HeartbeatSample, HostFacts, PoolReport, VMFacts
 from quantix.proto import compute_pb2, storage_pb2
 from quantix.util.backoff import Backoff
+from quantix.util.jsontypes import JsonValue
 from quantix.util.states import StateMachine
 
 NODE_SERVICE = "limiquantix.compute.v1.NodeService"
@@ -53,20 +54,25 @@ def _warning(fmt: str, **kwargs: object) -> None:
     log.emit(LogLevel.warn, fmt, **kwargs)
 
 
-Step = Callable[[], "defer.Deferred[tuple[float, Any] | None]"]
+#: One step of the main loop; it answers when to run which step next (None: stop).
+Step = Callable[[], Coroutine[defer.Deferred[object], object, "tuple[float, Step] | None"]]
 
 
 M = TypeVar("M", bound=Message)
+T = TypeVar("T")
 
 
 class CallClient(Protocol):
-    """What the link needs of :class:`~quantix.controlplane.connect.ConnectClient`."""
+    """What the link, and the reporters that share its client, need of
+    :class:`~quantix.controlplane.connect.ConnectClient`."""
 
     base_url: str
 
     def call(
         self, service: str, method: str, request: Message, response_cls: type[M]
     ) -> defer.Deferred[M]: ...
+
+    def post_json(self, path: str, body: Mapping[str, object]) -> defer.Deferred[JsonValue]: ...
 
 
 class Link(enum.Enum):
@@ -115,6 +121,14 @@ TRANSITIONS: dict[tuple[Link, Input], Link] = {
 }
 
 
+async def _gather(source: Callable[[], T | defer.Deferred[T]]) -> T:
+    """A data source's value, whether it answers at once or with a Deferred."""
+    result = source()
+    if isinstance(result, defer.Deferred):
+        return await result
+    return result
+
+
 def _empty() -> tuple[()]:
     return ()
 
@@ -142,12 +156,12 @@ class ControlPlaneLink(service.Service):
         self,
         reactor: IReactorTime,
         client: CallClient,
-        facts: Callable[[], HostFacts | defer.Deferred],
+        facts: Callable[[], HostFacts | defer.Deferred[HostFacts]],
         state_dir: str,
         *,
-        vms: Callable[[], Iterable[VMFacts] | defer.Deferred] = _empty,
-        heartbeat_sample: Callable[[], HeartbeatSample | defer.Deferred] = HeartbeatSample,
-        pool_reports: Callable[[], Iterable[PoolReport] | defer.Deferred] = _empty,
+        vms: Callable[[], Iterable[VMFacts] | defer.Deferred[Iterable[VMFacts]]] = _empty,
+        heartbeat_sample: Callable[[], HeartbeatSample | defer.Deferred[HeartbeatSample]] = HeartbeatSample,
+        pool_reports: Callable[[], Iterable[PoolReport] | defer.Deferred[Iterable[PoolReport]]] = _empty,
         ensure_pool: Callable[[storage_pb2.StoragePool], defer.Deferred] | None = None,
         release_pool: Callable[[str], defer.Deferred] | None = None,
         heartbeat_interval: float = 30.0,
@@ -191,7 +205,7 @@ class ControlPlaneLink(service.Service):
         self._no_pool_handler_logged = False
 
         #: Called with the node id after every (re)registration, without waiting for them.
-        self.registered_listeners: list[Callable[[str], Any]] = []
+        self.registered_listeners: list[Callable[[str], object]] = []
         self._unimplemented: set[str] = set()
         self._unimplemented_logged: set[str] = set()
         self._notifications: set[defer.Deferred] = set()
@@ -227,7 +241,7 @@ class ControlPlaneLink(service.Service):
         return defer.succeed(None)
 
     @property
-    def client(self) -> Any:
+    def client(self) -> CallClient:
         """The Connect client (other reporters to the same control plane share it)."""
         return self._client
 
@@ -285,11 +299,10 @@ class ControlPlaneLink(service.Service):
 
     # -- steps -------------------------------------------------------------------------------
 
-    @defer.inlineCallbacks
-    def _register(self) -> Any:
+    async def _register(self) -> tuple[float, Step] | None:
         try:
-            facts = yield defer.maybeDeferred(self._facts)
-            node = yield self._client.call(
+            facts = await _gather(self._facts)
+            node = await self._client.call(
                 NODE_SERVICE, "RegisterNode", messages.register_request(facts), compute_pb2.Node
             )
             if not node.id:
@@ -312,12 +325,12 @@ class ControlPlaneLink(service.Service):
             node_id=node.id,
             hostname=facts.hostname,
         )
-        vms = yield self._read_vms()
+        vms = await self._read_vms()
         if vms is not None:
-            yield self._optional(
+            await self._optional(
                 "SyncNodeVMs", messages.sync_vms_request(node.id, vms), compute_pb2.SyncNodeVMsResponse
             )
-        yield self._full_sync(facts, vms)
+        await self._full_sync(facts, vms)
         for listener in list(self.registered_listeners):
             try:
                 listener(node.id)
@@ -327,13 +340,12 @@ class ControlPlaneLink(service.Service):
         # registrations but forgets us at once must not be hammered.
         return (0.0, self._heartbeat)
 
-    @defer.inlineCallbacks
-    def _heartbeat(self) -> Any:
+    async def _heartbeat(self) -> tuple[float, Step] | None:
         try:
-            sample = yield defer.maybeDeferred(self._sample)
-            pools = yield defer.maybeDeferred(self._pool_reports)
+            sample = await _gather(self._sample)
+            pools = await _gather(self._pool_reports)
             request = messages.heartbeat_request(self.node_id or "", sample, pools)
-            answer = yield self._client.call(
+            answer = await self._client.call(
                 NODE_SERVICE, "UpdateHeartbeat", request, compute_pb2.UpdateHeartbeatResponse
             )
         except Exception as exc:
@@ -360,7 +372,7 @@ class ControlPlaneLink(service.Service):
         self._backoff.reset()
         self._reconcile_pools(list(answer.assigned_pool_ids))
         if answer.request_full_sync:
-            yield self._resync()
+            await self._resync()
         return (self._interval, self._heartbeat)
 
     def _retry_delay(self, exc: BaseException, cap: float | None = None) -> float:
@@ -411,49 +423,47 @@ class ControlPlaneLink(service.Service):
 
     # -- optional calls ----------------------------------------------------------------------
 
-    @defer.inlineCallbacks
-    def _read_vms(self) -> Any:
+    async def _read_vms(self) -> list[VMFacts] | None:
         try:
-            return list((yield defer.maybeDeferred(self._vms)))
+            return list(await _gather(self._vms))
         except defer.CancelledError:
             raise
         except Exception:
             log.failure("listing VMs for the control plane failed")
             return None
 
-    @defer.inlineCallbacks
-    def _resync(self) -> Any:
+    async def _resync(self) -> compute_pb2.SyncFullStateResponse | None:
         """The control plane asked for our full state (a newer one than today's may)."""
         try:
-            facts = yield defer.maybeDeferred(self._facts)
+            facts = await _gather(self._facts)
         except defer.CancelledError:
             raise
         except Exception:
             log.failure("gathering host facts failed")
             return None
-        return (yield self._full_sync(facts, (yield self._read_vms())))
+        return await self._full_sync(facts, await self._read_vms())
 
-    @defer.inlineCallbacks
-    def _full_sync(self, facts: HostFacts, vms: list[VMFacts] | None) -> Any:
+    async def _full_sync(
+        self, facts: HostFacts, vms: list[VMFacts] | None
+    ) -> compute_pb2.SyncFullStateResponse | None:
         if "SyncFullState" in self._unimplemented or vms is None:
             return None
         try:
-            pools = yield defer.maybeDeferred(self._pool_reports)
+            pools = await _gather(self._pool_reports)
         except defer.CancelledError:
             raise
         except Exception:
             log.failure("collecting pool reports failed")
             return None
         request = messages.full_state_request(self.node_id or "", facts, vms, pools)
-        return (yield self._optional("SyncFullState", request, compute_pb2.SyncFullStateResponse))
+        return await self._optional("SyncFullState", request, compute_pb2.SyncFullStateResponse)
 
-    @defer.inlineCallbacks
-    def _optional(self, method: str, request: Any, response_cls: Any) -> Any:
+    async def _optional(self, method: str, request: Message, response_cls: type[M]) -> M | None:
         """A call whose failure must not stop the link; ``unimplemented`` is remembered."""
         if method in self._unimplemented:
             return None
         try:
-            return (yield self._client.call(NODE_SERVICE, method, request, response_cls))
+            return await self._client.call(NODE_SERVICE, method, request, response_cls)
         except ConnectError as exc:
             if exc.code == "unimplemented":
                 self._unimplemented.add(method)
@@ -482,7 +492,7 @@ class ControlPlaneLink(service.Service):
             if previous_state
             else compute_pb2.VM_POWER_STATE_UNKNOWN,
         )
-        d = self._optional("NotifyVMChange", request, compute_pb2.VMChangeAck)
+        d = defer.Deferred.fromCoroutine(self._optional("NotifyVMChange", request, compute_pb2.VMChangeAck))
         self._notifications.add(d)
 
         def done(result: object) -> None:
@@ -503,9 +513,9 @@ class ControlPlaneLink(service.Service):
             return
         wanted = set(assigned)
         for pool_id in sorted(wanted - self._pools - set(self._pool_ops)):
-            self._pool_op(pool_id, self._set_up_pool(pool_id))
+            self._pool_op(pool_id, defer.Deferred.fromCoroutine(self._set_up_pool(pool_id)))
         for pool_id in sorted((self._pools | self._pools_before) - wanted - set(self._pool_ops)):
-            self._pool_op(pool_id, self._take_back_pool(pool_id))
+            self._pool_op(pool_id, defer.Deferred.fromCoroutine(self._take_back_pool(pool_id)))
 
     def _pool_op(self, pool_id: str, d: defer.Deferred) -> None:
         self._pool_ops[pool_id] = d
@@ -516,14 +526,13 @@ class ControlPlaneLink(service.Service):
 
         d.addBoth(done)
 
-    @defer.inlineCallbacks
-    def _set_up_pool(self, pool_id: str) -> Any:
+    async def _set_up_pool(self, pool_id: str) -> None:
         try:
-            pool = yield self._client.call(
+            pool = await self._client.call(
                 POOL_SERVICE, "GetPool", storage_pb2.GetPoolRequest(id=pool_id), storage_pb2.StoragePool
             )
             assert self._ensure_pool is not None  # checked by _reconcile_pools
-            yield defer.maybeDeferred(self._ensure_pool, pool)
+            await defer.maybeDeferred(self._ensure_pool, pool)
         except defer.CancelledError:
             return
         except ConnectError as exc:
@@ -537,11 +546,10 @@ class ControlPlaneLink(service.Service):
         self._pools_before.discard(pool_id)
         self._persist()
 
-    @defer.inlineCallbacks
-    def _take_back_pool(self, pool_id: str) -> Any:
+    async def _take_back_pool(self, pool_id: str) -> None:
         try:
             assert self._release_pool is not None  # checked by _reconcile_pools
-            yield defer.maybeDeferred(self._release_pool, pool_id)
+            await defer.maybeDeferred(self._release_pool, pool_id)
         except defer.CancelledError:
             return
         except Exception:

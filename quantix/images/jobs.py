@@ -11,11 +11,11 @@ import json
 import os
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import TypeVar
 
 import attrs
 
-from quantix.util.jsontypes import JsonObject
+from quantix.util.jsontypes import JsonObject, JsonValue
 
 PENDING = "pending"
 DOWNLOADING = "downloading"
@@ -109,9 +109,55 @@ class Job:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Job:
-        names = {f.name for f in attrs.fields(cls)} - {"speed"}
-        return cls(**{k: v for k, v in data.items() if k in names})
+    def from_dict(cls, data: JsonValue) -> Job:
+        """A job as :meth:`to_dict` wrote it; ``TypeError`` when the record is not one (the
+        store is damaged)."""
+        if not isinstance(data, dict):
+            raise TypeError("a job record is not a JSON object")
+        started = _seconds(data, "started_at")
+        return cls(
+            job_id=_field(data, "job_id", str),
+            image_id=_field(data, "image_id", str),
+            url=_field(data, "url", str),
+            target_path=_field(data, "target_path", str),
+            catalog_id=_field(data, "catalog_id", str, ""),
+            pool_id=_optional(data, "pool_id", str),
+            checksum=_field(data, "checksum", str, ""),
+            checksum_type=_field(data, "checksum_type", str, ""),
+            status=_field(data, "status", str, PENDING),
+            bytes_downloaded=_field(data, "bytes_downloaded", int, 0),
+            bytes_total=_field(data, "bytes_total", int, 0),
+            error=_optional(data, "error", str),
+            started_at=started if started is not None else time.time(),
+            completed_at=_seconds(data, "completed_at"),
+        )
+
+
+_T = TypeVar("_T")
+_REQUIRED = object()
+
+
+def _field(data: JsonObject, key: str, kind: type[_T], default: _T | object = _REQUIRED) -> _T:
+    value = data.get(key, default)
+    if value is _REQUIRED:
+        raise TypeError(f"job record without {key}")
+    if not isinstance(value, kind):
+        raise TypeError(f"job record's {key} is not a {kind.__name__}")
+    return value
+
+
+def _optional(data: JsonObject, key: str, kind: type[_T]) -> _T | None:
+    value = data.get(key)
+    return None if value is None else _field(data, key, kind)
+
+
+def _seconds(data: JsonObject, key: str) -> float | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"job record's {key} is not a number")
+    return value
 
 
 def load(path: str) -> list[Job]:

@@ -17,7 +17,7 @@ state belongs to the reactor.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 import grpc
 from prometheus_client import (
@@ -34,7 +34,7 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, IReactorTCP
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
@@ -251,7 +251,7 @@ class MetricsService(Service):
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactorTCP,
         listen: str | None,
         collector: NodeCollector | None = None,
         observers: status.RpcObservers | None = None,
@@ -277,7 +277,9 @@ class MetricsService(Service):
         site = Site(root)
         site.noisy = False
         try:
-            self._listening = self.reactor.listenTCP(port, site, interface=host)
+            # Twisted types listenTCP's factory as ServerFactory of its default protocol type, which
+            # Site (a factory of HTTP channels) is not to an invariant generic; it is one at runtime.
+            self._listening = self.reactor.listenTCP(port, site, interface=host)  # type: ignore[arg-type]
         except CannotListenError as exc:
             reason = getattr(exc.socketError, "strerror", None) or str(exc.socketError)
             raise ListenError.of("metrics", self.listen, reason.lower(), CHANGE_HINT) from None

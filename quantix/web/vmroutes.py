@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 
 from quantix import errors
 from quantix.agent.manager import AgentManager
-from quantix.agent.protocol import AgentError, ConnectionLost
+from quantix.agent.protocol import AgentError, ConnectionLost, R, expect
 from quantix.config import Config
 from quantix.hypervisor import consoles, devices, domaininfo, domainxml, qemuagent, vms
 from quantix.proto import agent_pb2
@@ -98,9 +98,9 @@ class VmRoutes:
     def vm(self, call: Call) -> defer.Deferred[VmRef]:
         return call.in_thread(self._find, call.params["id"])
 
-    def _agent(self, ref: VmRef, payload: Message, timeout: float) -> defer.Deferred:
-        """The agent's reply (the response message that matches ``payload``)."""
-        return self.agents.request(ref.uuid, payload, timeout)
+    async def _agent(self, ref: VmRef, payload: Message, reply: type[R], timeout: float) -> R:
+        """The agent's reply to ``payload``: the ``reply`` message it is answered with."""
+        return expect(await self.agents.request(ref.uuid, payload, timeout), reply)
 
     # -- QEMU log and QEMU guest agent -------------------------------------------------------
 
@@ -157,7 +157,7 @@ class VmRoutes:
             return shapes.disconnected(NOT_RUNNING)
         fresh = self.agents.guests.next_telemetry(ref.uuid)
         try:
-            await self._agent(ref, agent_pb2.PingRequest(sequence=1), PING_TIMEOUT)
+            await self._agent(ref, agent_pb2.PingRequest(sequence=1), agent_pb2.PongResponse, PING_TIMEOUT)
         except (errors.Unavailable, errors.Timeout, AgentError) as exc:
             fresh.addErrback(lambda _: None)
             fresh.cancel()
@@ -182,12 +182,12 @@ class VmRoutes:
             wait_for_exit=True,
         )
         try:
-            r = await self._agent(ref, req, AGENT_TIMEOUT + EXEC_REPLY_GRACE)
+            r = await self._agent(ref, req, agent_pb2.ExecuteResponse, AGENT_TIMEOUT + EXEC_REPLY_GRACE)
         except AgentError as exc:
             return {"success": False, "lines": [], "error": str(exc)}
         body: JsonObject = {
             "success": not r.error and r.exit_code == 0,
-            "lines": r.stdout.splitlines()[-lines:],
+            "lines": list(r.stdout.splitlines()[-lines:]),
         }
         if r.error or r.exit_code:
             body["error"] = r.error or r.stderr.strip() or f"journalctl exited {r.exit_code}"
@@ -200,7 +200,9 @@ class VmRoutes:
             return shapes.outcome(False, f"{what} not sent", NOT_RUNNING)
         kind = agent_pb2.SHUTDOWN_TYPE_REBOOT if reboot else agent_pb2.SHUTDOWN_TYPE_POWEROFF
         try:
-            r = await self._agent(ref, agent_pb2.ShutdownRequest(type=kind), AGENT_TIMEOUT)
+            r = await self._agent(
+                ref, agent_pb2.ShutdownRequest(type=kind), agent_pb2.ShutdownResponse, AGENT_TIMEOUT
+            )
         except ConnectionLost:
             return shapes.outcome(True, f"{what} requested")  # the guest went down before it answered
         except AgentError as exc:
@@ -217,7 +219,7 @@ class VmRoutes:
             return {"success": False, "path": path, "entries": [], "error": NOT_RUNNING}
         req = agent_pb2.ListDirectoryRequest(path=path, include_hidden=hidden)
         try:
-            r = await self._agent(ref, req, AGENT_TIMEOUT)
+            r = await self._agent(ref, req, agent_pb2.ListDirectoryResponse, AGENT_TIMEOUT)
         except AgentError as exc:
             return {"success": False, "path": path, "entries": [], "error": str(exc)}
         return shapes.directory(path, r)
@@ -235,7 +237,7 @@ class VmRoutes:
         while True:
             req = agent_pb2.FileReadRequest(path=path, offset=len(data), length=CHUNK, chunk_size=CHUNK)
             try:
-                r = await self._agent(ref, req, AGENT_TIMEOUT)
+                r = await self._agent(ref, req, agent_pb2.FileReadResponse, AGENT_TIMEOUT)
             except AgentError as exc:
                 return failed(str(exc))
             if not r.success:
@@ -266,7 +268,7 @@ class VmRoutes:
         # No args: the agent runs the text with ``sh -c``, as the control plane's script box expects.
         req = agent_pb2.ExecuteRequest(command=command, timeout_seconds=seconds, wait_for_exit=wait)
         try:
-            r = await self._agent(ref, req, seconds + EXEC_REPLY_GRACE)
+            r = await self._agent(ref, req, agent_pb2.ExecuteResponse, seconds + EXEC_REPLY_GRACE)
         except AgentError as exc:
             return shapes.execute_failed(str(exc))
         return shapes.execute(r, wait)
@@ -302,7 +304,7 @@ class VmRoutes:
                     checksum_sha256=checksum,
                     total_size=len(data),
                 )
-                r = await self._agent(ref, req, AGENT_TIMEOUT)
+                r = await self._agent(ref, req, agent_pb2.AgentUpdateResponse, AGENT_TIMEOUT)
                 if not r.success:
                     return shapes.outcome(False, "update failed", r.error or "the agent refused the update")
         except AgentError as exc:
