@@ -100,3 +100,18 @@ class JobTests(unittest.TestCase):
         self.assertEqual(jobs.load(path), [])
         self.assertTrue(os.path.exists(path + ".damaged"))
         self.assertEqual(jobs.load(path), [])
+
+    def test_store_record_with_wrong_types_is_damage(self):
+        job = jobs.Job("j", "i", "http://h/x", "/t/x", completed_at=5)
+        record = json.loads(jobs.dump([job]))["jobs"][0]
+        self.assertEqual(jobs.Job.from_dict(record), job)
+        for key, value in (("job_id", 1), ("bytes_total", "10"), ("completed_at", True), ("pool_id", [])):
+            path = self.mktemp()
+            with open(path, "w") as fh:
+                json.dump({"version": 1, "jobs": [{**record, key: value}]}, fh)
+            self.assertEqual(jobs.load(path), [], key)
+            self.assertTrue(os.path.exists(path + ".damaged"), key)
+        path = self.mktemp()
+        with open(path, "w") as fh:
+            json.dump({"version": 1, "jobs": [{k: v for k, v in record.items() if k != "url"}]}, fh)
+        self.assertEqual(jobs.load(path), [])
