@@ -201,7 +201,13 @@ class NodeService(MultiService):
                 domain_cache=self.domain_cache,
             ),
             NetworkRpcs(self.network),
-            MigrationRpcs(self.config, self.hypervisor, self.bus, self.migration_tokens),
+            MigrationRpcs(
+                self.config,
+                self.hypervisor,
+                self.bus,
+                self.migration_tokens,
+                vm_changed=self.domain_cache.forget,
+            ),
             ImageRpcs(self.downloads, self.reactor, self.bus.closed),
         ]
 

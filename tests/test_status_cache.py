@@ -186,3 +186,26 @@ class StatusStateTests(unittest.TestCase):
         await wait_for(lambda: daemon.node.watcher.known.get(RUNNING_UUID, (None, None))[1] == "paused")
         after = await daemon.call("GetVMStatus", request)
         self.assertEqual(after.state, node_pb2.POWER_STATE_PAUSED)
+
+    async def test_a_caller_reads_its_own_change_before_the_event_arrives(self):
+        daemon = await Daemon(self, **{"hypervisor.status_max_age": 60.0}).start()
+        node = daemon.node
+        # Only the RPCs themselves can drop the kept status now: libvirt's events are not heard.
+        node.watcher.state_listeners.remove(node.domain_cache.state_changed)
+        node.watcher.xml_listeners.remove(node.domain_cache.forget)
+        vm = node_pb2.VMIdRequest(vm_id=RUNNING_UUID)
+
+        async def state():
+            return (await daemon.call("GetVMStatus", vm)).state
+
+        self.assertEqual(await state(), node_pb2.POWER_STATE_RUNNING)
+        await daemon.call("PauseVM", vm)
+        self.assertEqual(await state(), node_pb2.POWER_STATE_PAUSED)
+        await daemon.call("ResumeVM", vm)
+        self.assertEqual(await state(), node_pb2.POWER_STATE_RUNNING)
+        await daemon.call("ForceStopVM", vm)
+        self.assertEqual(await state(), node_pb2.POWER_STATE_STOPPED)
+        await daemon.call("StartVM", vm)
+        self.assertEqual(await state(), node_pb2.POWER_STATE_RUNNING)
+        await daemon.call("StopVM", node_pb2.StopVMRequest(vm_id=RUNNING_UUID, timeout_seconds=5))
+        self.assertEqual(await state(), node_pb2.POWER_STATE_STOPPED)

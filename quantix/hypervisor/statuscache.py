@@ -11,8 +11,9 @@ interface counters) and answers in milliseconds, against a fraction of one for t
 call. So the status built from it is reused for ``hypervisor.status_max_age`` seconds, and
 callers that arrive while one query for the domain is in flight wait for that query instead of
 starting their own (:meth:`DomainCache.status`). The state in it stays current: every lifecycle
-event, and every change made through our own RPCs, drops the domain's status with the rest of
-its entry; only the counters may be up to ``status_max_age`` old.
+event drops the domain's status, and so does every RPC that changes a VM (before it answers, so
+a caller reads its own change even before libvirt's event arrives); only the counters may be up
+to ``status_max_age`` old.
 
 Thread-safe: entries are built in gRPC threads, dropped from the reactor. A version counter
 bumped by every drop keeps an entry built from XML read before a drop from being stored after
@@ -137,9 +138,9 @@ class DomainCache:
             self._entries.pop(uuid, None)
             self._samples.pop(uuid, None)
 
-    def state_changed(self, uuid: str, name: str, state: str | None) -> None:
-        """A domain state listener (reactor): suspended, resumed, ... drop the status only (the
-        XML stays what it was)."""
+    def state_changed(self, uuid: str, name: str = "", state: str | None = None) -> None:
+        """Any thread: the domain's state changed (a domain state listener on the reactor, or an
+        RPC that changed it): drop its status only, the XML stays what it was."""
         with self._lock:
             self._version += 1
             self._samples.pop(uuid, None)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 from google.protobuf import empty_pb2, timestamp_pb2
@@ -34,12 +34,19 @@ class MigrationRpcs:
     with it)."""
 
     def __init__(
-        self, config: Config, hypervisor: VmHost, events: EventFeed, tokens: migration_target.Tokens
+        self,
+        config: Config,
+        hypervisor: VmHost,
+        events: EventFeed,
+        tokens: migration_target.Tokens,
+        vm_changed: Callable[[str], None] = lambda vm_id: None,
     ) -> None:
         self.config = config
         self.hypervisor = hypervisor
         self.events = events
         self.tokens = tokens
+        #: Told the VM's id when a migration of it ends (GetVMStatus drops what it kept).
+        self.vm_changed = vm_changed
         self._jobs: dict[str, migration.MigrationJob] = {}
         self._jobs_lock = threading.Lock()
 
@@ -98,6 +105,7 @@ class MigrationRpcs:
                 continue
             yield self._message(vm_id, job.sample())
         final = job.final()
+        self.vm_changed(vm_id)
         if final.phase == migration.COMPLETE:
             log.info("VM {vm_id} migrated to {uri}", vm_id=vm_id, uri=target.uri)
             if plan.offline:  # no libvirt lifecycle event says so for a stopped VM

@@ -111,8 +111,14 @@ class VmRpcs:
         another Start is booting would fail "already running" instead of being the no-op it is).
         Keyed by the domain's UUID, so a VM named by id or by name is one VM."""
         dom = self._dom(vm_id)
-        with self._vm_locks.hold(dom.UUIDString()):
-            yield dom
+        uuid = dom.UUIDString()
+        with self._vm_locks.hold(uuid):
+            try:
+                yield dom
+            finally:
+                # A GetVMStatus after this call must see what it did, before libvirt's event
+                # (which drops the kept status too) has reached the reactor.
+                self.domain_cache.state_changed(uuid)
 
     @rpc("StartVM")
     def start_vm(self, request: node_pb2.VMIdRequest, context: grpc.ServicerContext) -> empty_pb2.Empty:
@@ -127,7 +133,10 @@ class VmRpcs:
         with self._serialised(request.vm_id) as dom:
             asked = vms.request_shutdown(dom)
         if asked:  # the wait holds no lock: a ForceStop must be able to cut it short
-            vms.wait_until_off(dom, timeout)
+            try:
+                vms.wait_until_off(dom, timeout)
+            finally:
+                self.domain_cache.state_changed(dom.UUIDString())
         return _EMPTY
 
     @rpc("ForceStopVM")
