@@ -139,6 +139,26 @@ class RpcObserversTests(unittest.TestCase):
         ours.remove(broken)
         ours.remove(broken)  # not registered any more: nothing happens
 
+    def test_the_peer_is_asked_only_for_a_request_observer(self) -> None:
+        from quantix.rpc import status
+
+        class Context:
+            asked = 0
+
+            def peer(self) -> str:
+                self.asked += 1
+                return "ipv4:127.0.0.1:1"
+
+        observers, context, heard = status.RpcObservers(), Context(), []
+        observers.add(lambda *args: heard.append(args))
+        call = status.unary("Ping", lambda request, context: "pong", observers)
+        call("req", context)
+        self.assertEqual((context.asked, len(heard)), (0, 1))  # metrics need no peer
+        observers.add_with_request(lambda *args: heard.append(args))
+        call("req", context)
+        self.assertEqual(context.asked, 1)
+        self.assertEqual(heard[-1][3], "ipv4:127.0.0.1:1")
+
 
 class StateMachineTests(unittest.TestCase):
     def test_table_moves_and_refuses(self) -> None:

@@ -116,7 +116,7 @@ class RpcMetrics:
             registry=registry,
         )
 
-    def observe(self, method: str, code: grpc.StatusCode, seconds: float, peer: str) -> None:
+    def observe(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
         self.requests.labels(method, code.name).inc()
         self.duration.labels(method, code.name).observe(seconds)
 
