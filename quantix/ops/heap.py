@@ -1,6 +1,6 @@
 """Keep the cyclic garbage collector's full passes short once the daemon is up.
 
-What start-up builds (modules, classes, the service tree: about 90,000 objects) lives as long
+What start-up builds (modules, classes, the service tree: about 72,000 objects) lives as long
 as the process, yet every full (generation 2) collection walks all of it again while holding the
 GIL, in whichever thread triggered it. Under the 200-client storm of
 ``bench/bench_reactor_lag.py`` such passes took 40-80 ms: the reactor's worst ticks. Freezing
