@@ -274,9 +274,13 @@ class NodeService(MultiService):
     def _domain_state(self, vm_id: str, name: str, state: str | None) -> None:
         if state == mapping.RUNNING:
             self.agents.vm_started(vm_id, domain_name=name)
-            run_in_worker(self.network.vm_started, vm_id).addErrback(
-                lambda f: log.warn("binding the network ports of {vm_id}: {err}", vm_id=vm_id, err=f.value)
-            )
+            # Most VMs have no OVN port: no worker hop for them on every start or resume.
+            if self.network.store.may_have_ports(vm_id):
+                run_in_worker(self.network.vm_started, vm_id).addErrback(
+                    lambda f: log.warn(
+                        "binding the network ports of {vm_id}: {err}", vm_id=vm_id, err=f.value
+                    )
+                )
         elif state in (None, mapping.STOPPED, mapping.CRASHED):
             self.agents.vm_stopped(vm_id)
         if self.cplink is not None:

@@ -153,6 +153,17 @@ class StoreTests(unittest.TestCase):
         self.assertIsNone(ports.PortStore(self.dir).get("p1"))
         self.assertIsNone(again.remove("p1"))
 
+    def test_may_have_ports_answers_without_loading_or_locking(self):
+        b = ports.binding_from_request(request(), "br-int")
+        ports.PortStore(self.dir).put(b)
+        store = ports.PortStore(self.dir)
+        self.assertTrue(store.may_have_ports("any-vm"))  # not loaded yet: cannot tell
+        store.all()
+        self.assertTrue(store.may_have_ports(VM))
+        self.assertFalse(store.may_have_ports("another-vm"))
+        store.remove("p1")
+        self.assertFalse(store.may_have_ports(VM))
+
     def test_unreadable_file_is_ignored_not_fatal(self):
         with open(os.path.join(self.dir, "network-ports.json"), "w") as fh:
             fh.write("{not json")

@@ -32,8 +32,9 @@ RESUME_HEADER = "x-quantix-resume-after"
 def make_event(
     event_id: int, event_type: int, vm_id: str, message: str, metadata: dict | None
 ) -> node_pb2.NodeEvent:
-    ts = Timestamp()
-    ts.GetCurrentTime()
+    # Not Timestamp.GetCurrentTime(): it goes through datetime, a large share of a publish.
+    seconds, nanos = divmod(time.time_ns(), 1_000_000_000)
+    ts = Timestamp(seconds=seconds, nanos=nanos)
     return node_pb2.NodeEvent(
         id=str(event_id),
         timestamp=ts,

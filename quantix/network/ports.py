@@ -211,15 +211,23 @@ class PortStore:
 
     def _load(self) -> dict[str, Binding]:
         if self._ports is None:
-            self._ports = {}
+            loaded: dict[str, Binding] = {}
             try:
                 raw = json.loads(self.path.read_text())
-                self._ports = {p["port_id"]: _from_json(p) for p in raw.get("ports", [])}
+                loaded = {p["port_id"]: _from_json(p) for p in raw.get("ports", [])}
             except FileNotFoundError:
                 pass
             except (ValueError, TypeError, KeyError) as exc:
                 log.error("ignoring unreadable {path}: {err}", path=str(self.path), err=exc)
+            self._ports = loaded  # published whole: see may_have_ports
         return self._ports
+
+    def may_have_ports(self, vm_id: str) -> bool:
+        """Any thread, without the lock (the reactor asks each time a VM runs, resumes
+        included): False only when the loaded set has no port of ``vm_id``. The set is replaced
+        whole on every change and never mutated after; before the first load it cannot tell."""
+        ports = self._ports
+        return ports is None or any(b.vm_id == vm_id for b in ports.values())
 
     def _save(self, ports: dict[str, Binding]) -> None:
         state.ensure_dir(self._dir)
