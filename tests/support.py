@@ -6,13 +6,14 @@ import os
 import shutil
 import socket
 import tempfile
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 from twisted.internet import defer, reactor, threads
 from twisted.trial import unittest
 
 from quantix import config as cfg
+from quantix.errors import HypervisorDown
 from quantix.node import NodeService
 from quantix.proto import node_grpc
 
@@ -147,3 +148,15 @@ class DatagramSink:
 
     def count(self, line: str) -> int:
         return sum(line in m.splitlines() for m in self.messages())
+
+
+class NoLibvirt:
+    """A hypervisor box whose libvirt is away (agent RPC tests): an unknown VM is then reported
+    as "no agent"."""
+
+    uri = "test:///default"
+    identity = None
+    connected = False
+
+    def conn(self) -> NoReturn:
+        raise HypervisorDown()

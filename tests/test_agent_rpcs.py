@@ -3,20 +3,19 @@ connected to the reference guest peer over a real UNIX socket."""
 
 from __future__ import annotations
 
-from typing import NoReturn
-
 from twisted.internet import defer, reactor, threads
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from quantix.agent.facade import WorkerAgents
 from quantix.agent.quiesce import Quiesce
-from quantix.errors import HypervisorDown, Invalid, Timeout, Unavailable
+from quantix.errors import Invalid, Timeout, Unavailable
 from quantix.proto import agent_pb2, node_pb2
 from quantix.rpc import agent_rpcs
 from quantix.rpc.agent_rpcs import AgentRpcs
 from quantix.rpc.registry import collect
 from tests.guestpeer import ChannelFixture
+from tests.support import NoLibvirt
 
 
 class Context:
@@ -27,17 +26,6 @@ class Context:
 
     def set_trailing_metadata(self, md: tuple) -> None:
         self.trailing = md
-
-
-class NoLibvirt:
-    """A hypervisor box whose libvirt is away: an unknown VM is then reported as "no agent"."""
-
-    uri = "test:///default"
-    identity = None
-    connected = False
-
-    def conn(self) -> NoReturn:
-        raise HypervisorDown()
 
 
 class AgentRpcTests(unittest.TestCase):

@@ -7,8 +7,6 @@ reply (``silent``) while a second freeze arrives.
 
 from __future__ import annotations
 
-from typing import NoReturn
-
 from twisted.internet import defer, reactor, threads
 from twisted.internet.task import Clock
 from twisted.trial import unittest
@@ -16,21 +14,11 @@ from twisted.trial import unittest
 from quantix import bridge
 from quantix.agent.facade import WorkerAgents
 from quantix.agent.quiesce import ALREADY_FROZEN, Quiesce
-from quantix.errors import HypervisorDown, Invalid
+from quantix.errors import Invalid
 from quantix.proto import agent_pb2, node_pb2
 from quantix.rpc.agent_rpcs import AgentRpcs
 from tests.guestpeer import ChannelFixture
-
-
-class NoLibvirt:
-    """A hypervisor box whose libvirt is away."""
-
-    uri = "test:///default"
-    identity = None
-    connected = False
-
-    def conn(self) -> NoReturn:
-        raise HypervisorDown()
+from tests.support import NoLibvirt
 
 
 class QuiesceOwnerTests(unittest.TestCase):

@@ -82,7 +82,7 @@ class Sampler:
         dt = now - self._prev_at if self._prev_at is not None else 0.0
         self._prev_at = now
         ts = Timestamp()
-        ts.GetCurrentTime()
+        ts.FromNanoseconds(time.time_ns())  # as the event bus stamps events
 
         busy, total = _busy_total(psutil.cpu_times())
         cpu = _pct(busy - self._prev_cpu[0], total - self._prev_cpu[1])
