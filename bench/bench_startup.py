@@ -8,12 +8,11 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
-import sys
 import tempfile
 import time
 
 import psutil
-from common import ROOT, free_port, median, start_daemon, stop, table, wait_serving
+from common import baseline_argv, free_port, median, start_daemon, stop, table, wait_serving
 
 from quantix.proto import node_pb2
 
@@ -23,10 +22,9 @@ def bare_server() -> tuple[subprocess.Popen, float]:
     with open(canned, "wb") as fh:
         fh.write(b"HealthCheck\n" + node_pb2.HealthCheckResponse(healthy=True).SerializeToString())
     port = free_port()
+    argv = baseline_argv(port, [canned])
     started = time.monotonic()
-    proc = subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, "bench", "baseline_server.py"), str(port), canned]
-    )
+    proc = subprocess.Popen(argv)
     wait_serving(f"127.0.0.1:{port}")
     return proc, time.monotonic() - started
 

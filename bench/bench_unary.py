@@ -18,13 +18,12 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 
 import grpc
-from common import ROOT, free_port, median, pct, start_daemon, stop, table
+from common import ROOT, baseline_argv, free_port, median, pct, start_daemon, stop, table
 
 from quantix.proto import node_grpc, node_pb2
 
@@ -118,7 +117,7 @@ def measure(
         channel.close()
         port = free_port()
         baseline = subprocess.Popen(
-            [sys.executable, os.path.join(ROOT, "bench", "baseline_server.py"), str(port), *canned],
+            baseline_argv(port, canned),
             stdout=subprocess.PIPE,
         )
         baseline.stdout.readline()

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -31,7 +30,7 @@ from collections.abc import Callable
 
 import grpc
 import libvirt
-from common import ROOT, free_port, median, start_daemon, stop, table, wait_serving
+from common import baseline_argv, free_port, median, start_daemon, stop, table, wait_serving
 from google.protobuf import empty_pb2
 
 from quantix.hypervisor.vms import NOWAIT, STATS
@@ -181,7 +180,7 @@ def bare_server(tmp: str, replies: dict[str, bytes]) -> tuple[subprocess.Popen, 
         canned.append(path)
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, "bench", "baseline_server.py"), str(port), *canned],
+        baseline_argv(port, canned),
         stdout=subprocess.PIPE,
     )
     proc.stdout.readline()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import compileall
+import functools
 import os
 import socket
 import statistics
@@ -20,15 +21,20 @@ sys.path.insert(0, ROOT)
 from quantix.proto import generated_dir, node_grpc, node_pb2  # noqa: E402
 
 
+@functools.cache
 def compile_bytecode() -> None:
     """Byte-compile the checkout and the generated protobuf modules, as installing the package
     does: with PYTHONDONTWRITEBYTECODE set (as on some CI hosts) every process started from the
-    checkout would otherwise compile ~110 modules from source, about 0.3 s of each start."""
+    checkout would otherwise compile ~110 modules from source, about 0.3 s of each start. Done
+    once, by the driver, before it starts a server (never in the timed servers themselves)."""
     for path in (os.path.join(ROOT, "quantix"), generated_dir()):
         compileall.compile_dir(path, quiet=1)
 
 
-compile_bytecode()
+def baseline_argv(port: int, canned: Sequence[str]) -> list[str]:
+    """The command line of a bare grpcio server (``baseline_server.py``) serving ``canned``."""
+    compile_bytecode()
+    return [sys.executable, os.path.join(ROOT, "bench", "baseline_server.py"), str(port), *canned]
 
 
 def free_port() -> int:
@@ -66,6 +72,7 @@ def wait_serving(address: str, timeout: float = 30.0) -> float:
 
 def start_daemon(*flags: str, uri: str = "test:///default") -> tuple[subprocess.Popen, str, float]:
     """Run ``twistd -n quantix-node`` on a free port; returns (process, address, seconds to SERVING)."""
+    compile_bytecode()
     port = free_port()
     state = tempfile.mkdtemp(prefix="qtx-bench-")
     address = f"127.0.0.1:{port}"
