@@ -1,10 +1,13 @@
 """A bare grpcio NodeDaemonService that returns canned messages: the floor the daemon stands on.
 
-usage: baseline_server.py PORT CANNED.bin...  (each file: method name, newline, serialized response)
+usage: baseline_server.py [--stack] PORT CANNED.bin...  (each file: method name, newline, serialized
+response). With ``--stack`` it first imports what the design itself requires of any daemon built on
+it (twistd, the Twisted reactor, libvirt-python) and nothing of the daemon's own: the design floor.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
@@ -14,11 +17,20 @@ from google.protobuf import message_factory
 
 from quantix.rpc.server import SERVICE
 
+#: What a twistd plugin driving libvirt imports before it does anything of its own. The reactor
+#: module imports pyOpenSSL and cryptography whenever they are installed (twisted.internet.tcp).
+STACK = ("twisted.scripts.twistd", "twisted.internet.reactor", "libvirt")
+
 
 def main() -> None:
-    port = int(sys.argv[1])
+    args = sys.argv[1:]
+    if args[0] == "--stack":
+        args = args[1:]
+        for name in STACK:
+            importlib.import_module(name)
+    port = int(args[0])
     handlers = {}
-    for path in sys.argv[2:]:
+    for path in args[1:]:
         with open(path, "rb") as fh:
             name, _, payload = fh.read().partition(b"\n")
         method = SERVICE.methods_by_name[name.decode()]

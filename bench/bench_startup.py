@@ -1,5 +1,9 @@
 """Idle RSS and time from exec to SERVING: the daemon vs. a bare grpcio server process.
 
+A third process, the *design floor*, is the same bare server after importing what the fixed design
+requires of any daemon (twistd, the Twisted reactor, libvirt-python; see ``baseline_server.py``):
+what is above it is the daemon's own, what is between the two floors is the design's.
+
 usage: python bench/bench_startup.py [--runs 5]
 """
 
@@ -17,16 +21,21 @@ from common import baseline_argv, free_port, median, start_daemon, stop, table, 
 from quantix.proto import node_pb2
 
 
-def bare_server() -> tuple[subprocess.Popen, float]:
+def bare_server(stack: bool = False) -> tuple[subprocess.Popen, float]:
     canned = os.path.join(tempfile.mkdtemp(prefix="qtx-bench-"), "HealthCheck")
     with open(canned, "wb") as fh:
         fh.write(b"HealthCheck\n" + node_pb2.HealthCheckResponse(healthy=True).SerializeToString())
     port = free_port()
-    argv = baseline_argv(port, [canned])
+    argv = baseline_argv(port, [canned], stack=stack)
     started = time.monotonic()
     proc = subprocess.Popen(argv)
     wait_serving(f"127.0.0.1:{port}")
     return proc, time.monotonic() - started
+
+
+def daemon() -> tuple[subprocess.Popen, float]:
+    proc, _, seconds = start_daemon()
+    return proc, seconds
 
 
 def rss_mib(proc: subprocess.Popen) -> float:
@@ -38,23 +47,28 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
-    base_t, base_rss, t, rss = [], [], [], []
+    starts = {
+        "bare": lambda: bare_server(),
+        "floor": lambda: bare_server(stack=True),
+        "daemon": daemon,
+    }
+    t: dict[str, list[float]] = {name: [] for name in starts}
+    rss: dict[str, list[float]] = {name: [] for name in starts}
     for _ in range(args.runs):
-        proc, seconds = bare_server()
-        base_t.append(seconds)
-        base_rss.append(rss_mib(proc))
-        stop(proc)
-        proc, _, seconds = start_daemon()
-        t.append(seconds)
-        rss.append(rss_mib(proc))
-        stop(proc)
+        for name, start in starts.items():  # interleaved, so drift hits all three alike
+            proc, seconds = start()
+            t[name].append(seconds)
+            rss[name].append(rss_mib(proc))
+            stop(proc)
+
+    def row(label: str, samples: dict[str, list[float]]) -> list[object]:
+        bare, floor, daemon = (median(samples[name]) for name in starts)
+        return [label, bare, floor, daemon, daemon / bare, daemon / floor]
+
     table(
         f"Start-up and idle memory (median of {args.runs})",
-        ["measure", "bare grpcio", "daemon", "ratio"],
-        [
-            ["exec to SERVING, s", median(base_t), median(t), median(t) / median(base_t)],
-            ["idle RSS, MiB", median(base_rss), median(rss), median(rss) / median(base_rss)],
-        ],
+        ["measure", "bare grpcio", "design floor", "daemon", "x bare", "x floor"],
+        [row("exec to SERVING, s", t), row("idle RSS, MiB", rss)],
     )
 
 

@@ -31,10 +31,12 @@ def compile_bytecode() -> None:
         compileall.compile_dir(path, quiet=1)
 
 
-def baseline_argv(port: int, canned: Sequence[str]) -> list[str]:
-    """The command line of a bare grpcio server (``baseline_server.py``) serving ``canned``."""
+def baseline_argv(port: int, canned: Sequence[str], stack: bool = False) -> list[str]:
+    """The command line of a bare grpcio server (``baseline_server.py``) serving ``canned``;
+    ``stack``: after importing what the design requires (twistd, the reactor, libvirt)."""
     compile_bytecode()
-    return [sys.executable, os.path.join(ROOT, "bench", "baseline_server.py"), str(port), *canned]
+    flags = ["--stack"] if stack else []
+    return [sys.executable, os.path.join(ROOT, "bench", "baseline_server.py"), *flags, str(port), *canned]
 
 
 def free_port() -> int:

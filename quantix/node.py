@@ -13,7 +13,7 @@ import time
 from typing import TYPE_CHECKING, NoReturn
 
 import libvirt
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.logger import Logger
 
@@ -51,13 +51,13 @@ from quantix.rpc.server import SERVICE, GrpcServer
 from quantix.rpc.storage_rpcs import StorageRpcs
 from quantix.rpc.vm_rpcs import VmRpcs
 from quantix.util.reactor import INodeReactor, running_reactor
-from quantix.web import images as web_images
-from quantix.web import sideapi
 
 if TYPE_CHECKING:
     from quantix.controlplane.images import ImageReporter
     from quantix.controlplane.link import ControlPlaneLink
     from quantix.ops.metrics import NodeCollector
+    from quantix.web.listener import WebListener
+    from quantix.web.sideapi import HttpsListener
 
 log = Logger(namespace="quantix.node")
 
@@ -67,6 +67,18 @@ def _fatal(message: str) -> NoReturn:
     and by now it has redirected ``sys.stderr`` into the log."""
     print(f"quantix-node: {message}", file=sys.__stderr__, flush=True)
     raise SystemExit(1)
+
+
+class ListenerOff(Service):
+    """An 8080 or 8443 listener configured off (``listen: null``), in its place among the node's
+    services: twisted.web and the routes are then never imported (idle memory, start-up time)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def startService(self) -> None:
+        super().startService()
+        log.info("{name} listener off", name=self.name)
 
 
 class NodeService(MultiService):
@@ -94,9 +106,13 @@ class NodeService(MultiService):
             config.downloads,
             config.state_dir,
             config.storage.cloud_images,
-            roots=lambda: web_images.storage_roots(config.storage.root, self.storage),
+            roots=self.storage.download_roots,
         )
-        self.http = web_images.listener(reactor, config.http.listen, self.downloads)
+        self.http: WebListener | ListenerOff = ListenerOff("http")
+        if config.http.listen:
+            from quantix.web import images as web_images
+
+            self.http = web_images.listener(reactor, config.http.listen, self.downloads)
         ovs = config.ovs
         self.network = NetworkPorts(
             reactor,
@@ -121,7 +137,11 @@ class NodeService(MultiService):
         )
         #: The one owner of guest filesystem freezes (RPCs and quiesced snapshots).
         self.quiesce = Quiesce(self.agents.request, reactor)
-        self.https = sideapi.build(reactor, config, self.hypervisor.conn, self.agents, self.host)
+        self.https: HttpsListener | ListenerOff = ListenerOff("https")
+        if config.https.listen:
+            from quantix.web import sideapi
+
+            self.https = sideapi.build(reactor, config, self.hypervisor.conn, self.agents, self.host)
         #: The control-plane link (``.registered``, ``.node_id``), when registering.
         self.cplink: ControlPlaneLink | None = None
         self.image_reports: ImageReporter | None = None

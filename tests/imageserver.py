@@ -136,6 +136,10 @@ class _Sender:
         self.request.write(chunk)
         self.pos += len(chunk)
         self.sent += len(chunk)
+        if self.pos >= len(data):
+            # Finished now, not a tick later: a client holding every byte may end its test first.
+            self.request.finish()
+            return
         rate = self.entry.rate
         reactor.callLater(len(chunk) / rate if rate else 0, self.go)
 

@@ -540,6 +540,22 @@ class MetadataTests(unittest.TestCase):
 
 
 class ValidationTests(unittest.TestCase):
+    def test_free_text_takes_exactly_what_xml_can_carry(self) -> None:
+        """Every code point of the BMP, and a few above it: accepted in free text iff XML 1.0's
+        Char production allows it and it is no C0/C1 control character but tab, LF and CR."""
+
+        def xml_char(c: int) -> bool:
+            return c in (0x9, 0xA, 0xD) or 0x20 <= c <= 0xD7FF or 0xE000 <= c <= 0xFFFD or c >= 0x10000
+
+        for c in [*range(0x10010), 0x1F600, 0x10FFFF]:
+            ok = xml_char(c) and not (0x7F <= c <= 0x9F)
+            try:
+                domainxml.check_text("description", chr(c), allow_newlines=True)
+                accepted = True
+            except Invalid:
+                accepted = False
+            self.assertEqual(accepted, ok, f"U+{c:04X}")
+
     def test_vm_id(self) -> None:
         for bad in ("", "vm-1", "not-a-uuid-at-all-xxxxxxxxxxxxxxxxxxx", "0b7e4d1c-5f3a-4e2b-9c8d"):
             self.assertRaises(Invalid, build, vm_id=bad)

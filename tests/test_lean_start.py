@@ -21,11 +21,15 @@ ROOT = os.path.dirname(HERE)
 
 #: Used only by what a plain start does not configure or do: the cloud-init ISO builder (CreateVM
 #: with cloud-init), the control-plane client (--register), the metrics endpoint
-#: (server.metrics_listen), the HTTP client of image downloads (the first download).
+#: (server.metrics_listen), the HTTP client of image downloads (the first download), the web
+#: server of the 8080 and 8443 listeners (both off here).
 UNUSED = (
     "pycdlib",
     "treq",
     "twisted.web.client",
+    "twisted.web.server",
+    "twisted.web.http",
+    "quantix.web.listener",
     "quantix.controlplane.connect",
     "quantix.controlplane.sources",
     "prometheus_client",
@@ -59,7 +63,8 @@ class LeanStartTests(unittest.TestCase):
             os.environ,
             PYTHONPATH=ROOT,
             QUANTIX_SERVER_METRICS_LISTEN="",
-            # Fixed default ports another test run may hold; the listeners import nothing optional.
+            # Off: then nothing of the web server is imported (and the fixed default ports are
+            # not taken from another test run).
             QUANTIX_HTTP_LISTEN="",
             QUANTIX_HTTPS_LISTEN="",
             UNUSED=json.dumps(UNUSED),

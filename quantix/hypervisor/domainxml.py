@@ -50,8 +50,9 @@ FORMATS = ("qcow2", "raw")
 _FIXED_PCIE_DEVICES = 6
 
 _MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
-# Anything outside XML 1.0's Char production (lone surrogates, U+FFFE/FFFF, most of C0).
-_XML_BAD = re.compile("[^\t\n\r\u0020-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+# Anything outside XML 1.0's Char production: C0 but tab/LF/CR, lone surrogates, U+FFFE/FFFF.
+# (Spelled as the excluded set: the complement of the allowed ranges compiles 5x slower.)
+_XML_BAD = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 # Control characters (Unicode Cc): never in names or paths; only tab/newline/CR in free text.
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 _CONTROL_MULTILINE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")

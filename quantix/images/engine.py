@@ -24,7 +24,6 @@ from twisted.application.service import Service
 from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.iweb import IResponse
 
 from quantix import bridge, errors
 from quantix.config import DownloadsConfig
@@ -36,6 +35,7 @@ from quantix.util.reactor import INodeReactor
 
 if TYPE_CHECKING:
     from treq.client import HTTPClient  # imported by the first download only (idle memory)
+    from twisted.web.iweb import IResponse
 
 log = Logger(namespace="quantix.images")
 

@@ -29,9 +29,6 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorThreads, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
-from twisted.web._newclient import ResponseDone  # twisted.web.client re-exports it, with its TLS stack
-from twisted.web.http import PotentialDataLoss
-from twisted.web.iweb import IResponse
 
 from quantix import bridge
 from quantix.images.checksum import Expected
@@ -40,7 +37,9 @@ from quantix.util.jsontypes import JsonObject
 from quantix.util.reactor import INodeReactor
 
 if TYPE_CHECKING:
-    from treq.client import HTTPClient  # imported by the first download only (idle memory)
+    # The HTTP client side of twisted.web is imported by the first download only (idle memory).
+    from treq.client import HTTPClient
+    from twisted.web.iweb import IResponse
 
 HIGH_WATER = 8 * 1024 * 1024
 LOW_WATER = 2 * 1024 * 1024
@@ -267,6 +266,9 @@ class _Body(Protocol):
             self._arm()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        from twisted.web._newclient import ResponseDone  # twisted.web.client's, without its TLS
+        from twisted.web.http import PotentialDataLoss
+
         self._disarm()
         self._flush()
         if reason.check(ResponseDone, PotentialDataLoss) and not self.stopped:

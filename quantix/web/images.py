@@ -8,8 +8,6 @@ download engine's; these functions only check the JSON and map errors.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from quantix import errors
 from quantix.images import jobs
 from quantix.images.engine import DownloadEngine, DownloadRequest
@@ -19,9 +17,6 @@ from quantix.util.reactor import INodeReactor
 from quantix.web.errors import HttpError
 from quantix.web.listener import WebListener
 from quantix.web.router import Call, Router
-
-if TYPE_CHECKING:
-    from quantix.hypervisor.storage.manager import StorageManager
 
 REQUIRED = ("url", "imageId", "targetDir")
 OPTIONAL = ("catalogId", "poolId", "checksum", "filename")
@@ -100,14 +95,3 @@ def listener(reactor: INodeReactor, listen: str | None, engine: DownloadEngine) 
     router = Router()
     add_routes(router, engine)
     return WebListener(reactor, listen, router, name="http")
-
-
-def storage_roots(root: str, storage: StorageManager) -> list[str]:
-    """Blocking (libvirt): where downloads may go: the storage root and every active pool with
-    a directory (custom NFS mount points and local paths lie outside the root)."""
-    roots = [root]
-    try:
-        roots += [p.mount_path for p in storage.list_pools() if p.active and p.mount_path]
-    except errors.QuantixError:
-        pass  # libvirt down: the storage root still covers every path the control plane builds
-    return roots

@@ -359,6 +359,16 @@ class StorageManager:
     def _under_root(self, path: str) -> bool:
         return bool(path) and paths.within(os.path.realpath(path), os.path.realpath(self.root))
 
+    def download_roots(self) -> list[str]:
+        """Blocking (libvirt): where image downloads may go: the storage root and every active
+        pool with a directory (custom NFS mount points and local paths lie outside the root)."""
+        roots = [self.config.root]
+        try:
+            roots += [p.mount_path for p in self.list_pools() if p.active and p.mount_path]
+        except errors.QuantixError:
+            pass  # libvirt down: the storage root still covers every path the control plane builds
+        return roots
+
     def allowed_roots(self) -> list[str]:
         """Where a path in a request may point: the storage directories, ``allowed_paths``, and
         the directory of every active file pool (one in a system directory excepted)."""
