@@ -8,7 +8,6 @@ it). Cheap to call: no libvirt connection, no generated protobuf code imported.
 from __future__ import annotations
 
 import platform
-from importlib import metadata
 
 from quantix import __version__
 
@@ -38,6 +37,8 @@ def libvirt_library_version() -> str:
 
 
 def _dist_version(name: str) -> str:
+    from importlib import metadata  # its email and zipfile imports only when a report is asked for
+
     try:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
