@@ -6,7 +6,11 @@ in the same run, and ``ListVMs`` is timed meanwhile (what per-subscriber samplin
 Shared sampling makes 50 subscribers cost about what one does (the sample is taken and
 serialized once; each subscriber adds only its transport): the target is <= 2x.
 
-usage: python bench/bench_metrics.py [--domains 1000] [--subscribers 1,50] [--seconds 10]
+The conditions are alternated over ``--rounds`` (idle, 1, 50, idle, 1, 50, ...) and each round's
+ratio is taken against that round's idle figure: the difference being measured (a few ms of CPU
+per second) is smaller than the drift of the idle daemon's own CPU between windows.
+
+usage: python bench/bench_metrics.py [--domains 1000] [--subscribers 1,50] [--seconds 10] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -66,27 +70,49 @@ def main() -> None:
     parser.add_argument("--domains", type=int, default=1000)
     parser.add_argument("--subscribers", default="1,50")
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--rounds", type=int, default=3, help="idle and each count, alternated")
     args = parser.parse_args()
     counts = [int(n) for n in args.subscribers.split(",")]
     path, _ = node_xml(args.domains, tempfile.mkdtemp(prefix="qtx-metrics-"))
     proc, address, _ = start_daemon(uri=f"test://{path}")
+    # condition (0 = idle) -> per-round (CPU ms/s, ListVMs ms, samples)
+    runs: dict[int, list[tuple[float, float, int]]] = {n: [] for n in [0, *counts]}
     try:
         time.sleep(2)
-        idle_cpu, idle_list, _ = measure(address, proc.pid, 0, args.seconds)
-        rows = [["idle daemon (floor)", idle_cpu, "", idle_list, 0]]
-        one = None
-        for n in counts:
-            cpu, list_ms, got = measure(address, proc.pid, n, args.seconds)
-            busy = cpu - idle_cpu
-            one = busy if one is None else one
-            ratio = f"{busy / one:.2f}x" if one > 0 else ""
-            rows.append([f"{n} subscriber(s), 1 s interval", cpu, ratio, list_ms, got])
+        for _ in range(args.rounds):
+            for n in runs:  # alternated, so drift and neighbours hit every condition alike
+                runs[n].append(measure(address, proc.pid, n, args.seconds))
     finally:
         stop(proc)
+
+    def over_idle(n: int, i: int) -> float:
+        """Round ``i``'s CPU with ``n`` subscribers above that round's idle CPU."""
+        return runs[n][i][0] - runs[0][i][0]
+
+    first = counts[0]
+    rows = [["idle daemon (floor)", median([r[0] for r in runs[0]]), "", median([r[1] for r in runs[0]]), 0]]
+    for n in counts:
+        ratios = sorted(
+            over_idle(n, i) / over_idle(first, i) for i in range(args.rounds) if over_idle(first, i) > 0
+        )
+        spread = " / ".join(f"{x:.2f}" for x in (ratios[0], median(ratios), ratios[-1])) if ratios else ""
+        rows.append([
+            f"{n} subscriber(s), 1 s interval",
+            median([r[0] for r in runs[n]]),
+            spread,
+            median([r[1] for r in runs[n]]),
+            sum(r[2] for r in runs[n]),
+        ])  # fmt: skip
     table(
-        f"StreamMetrics, {args.domains} domains, {args.seconds:.0f} s per row (target: {counts[-1]} "
-        f"subscribers <= 2x the CPU of {counts[0]} over idle)",
-        ["condition", "daemon CPU ms/s", "x first (over idle)", "ListVMs p50 ms", "samples received"],
+        f"StreamMetrics, {args.domains} domains, {args.rounds} alternated rounds of {args.seconds:.0f} s "
+        f"(medians; target: {counts[-1]} subscribers <= 2x the CPU of {first} over idle)",
+        [
+            "condition",
+            "daemon CPU ms/s",
+            f"x {first} over idle, min / median / max",
+            "ListVMs p50 ms",
+            "samples",
+        ],
         rows,
     )
 
