@@ -7,12 +7,17 @@ waiting for a poll, and every StreamMetrics subscriber of one interval gets the 
 
 from __future__ import annotations
 
+import threading
+import time
+
 import grpc
+import libvirt
 from google.protobuf.empty_pb2 import Empty
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from twisted.internet import defer, threads
 from twisted.trial import unittest
 
+from quantix.events.metrics import MetricsHub
 from quantix.proto import node_pb2
 from quantix.rpc import event_rpcs
 from tests.support import Daemon, wait_for
@@ -148,3 +153,41 @@ class SharedMetricsTests(unittest.TestCase):
         for s in streams:
             s.cancel()
         yield wait_for(lambda: hub.channel(1.0) is None)
+
+
+class MetricsTimekeeperTests(unittest.TestCase):
+    """One subscriber of an interval waits for the next sample to fall due, the others wait to be
+    told it is there; when that timekeeper leaves, another must take over."""
+
+    def test_next_sample_still_comes_when_the_timekeeper_leaves(self):
+        conn = libvirt.open("test:///default")
+        self.addCleanup(conn.close)
+        hub = MetricsHub(lambda: conn)
+        a, b = hub.subscribe(0.3), hub.subscribe(0.3)
+        channel = hub.channel(0.3)
+        self.addCleanup(channel.close)  # a thread left waiting by a failure ends with Unavailable
+        self.assertEqual(channel.next_after(0, a)[0], 1)  # sample 1; the next is due in 0.3 s
+        got: dict[str, object] = {}
+
+        def take(name, sub):
+            got[name] = channel.next_after(1, sub)
+
+        keeper = threading.Thread(target=take, args=("a", a), daemon=True)
+        keeper.start()
+        deadline = time.monotonic() + 2
+        while not channel.timekeeper and time.monotonic() < deadline:
+            time.sleep(0.005)
+        self.assertTrue(channel.timekeeper)
+        other = threading.Thread(target=take, args=("b", b), daemon=True)
+        other.start()
+        time.sleep(0.1)  # b is waiting to be told, not for the due time
+        # The timekeeper goes, and only it hears of it (a cancel wakes everyone, which would hide
+        # a timekeeper that leaves without handing over): notify() wakes the first waiter.
+        a.cancelled = True
+        with channel.cond:
+            channel.cond.notify()
+        keeper.join(2)
+        other.join(2)
+        self.assertIsNone(got.get("a", "still waiting"))
+        self.assertEqual(got.get("b", ("still waiting",))[0], 2)
+        self.assertEqual(channel.taken, 2)

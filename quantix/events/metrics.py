@@ -171,8 +171,11 @@ def stats_flags(uri: str) -> int:
 class _Channel:
     """The samples of one interval: the latest one, serialized, and who is taking the next.
 
-    Subscribers wait on the condition until the next sample is due; the first to wake takes it
-    (outside the lock) while the others wait for it, then all send the same bytes."""
+    One subscriber at a time waits for the next sample to fall due (the timekeeper) and takes it
+    (outside the lock); the others wait to be told it is there, then all send the same bytes. So
+    each subscriber wakes once per sample: were they all to wait for the due time, they would all
+    wake at once and queue for the lock and the GIL, only to wait again for the sample.
+    """
 
     def __init__(self, sampler: Sampler, interval: float) -> None:
         self.sampler = sampler
@@ -183,6 +186,8 @@ class _Channel:
         self.latest = b""
         self.due = 0.0
         self.sampling = False
+        #: A subscriber is waiting for ``due`` (the others wait for a notification).
+        self.timekeeper = False
         self.closed = False
         #: Samples taken (for tests and benchmarks: one per interval, not one per subscriber).
         self.taken = 0
@@ -191,21 +196,25 @@ class _Channel:
         """Blocking: the first sample newer than ``seen`` (the latest at once for a new
         subscriber), taking it when due; None once ``sub`` is cancelled."""
         with self.cond:
+            keeper = False  # this caller is the timekeeper
             while True:
-                if self.closed:
-                    raise errors.Unavailable(SHUTTING_DOWN)
-                if sub.cancelled:
-                    return None
-                if self.seq > seen:
-                    return self.seq, self.latest
-                if not self.sampling:
-                    wait = self.due - time.monotonic()
-                    if wait <= 0:
-                        self.sampling = True
-                        break
-                    self.cond.wait(wait)
-                else:
+                if self.closed or sub.cancelled or self.seq > seen:
+                    if keeper:  # leaving: the others elect another timekeeper
+                        self.timekeeper = False
+                        self.cond.notify_all()
+                    if self.closed:
+                        raise errors.Unavailable(SHUTTING_DOWN)
+                    return None if sub.cancelled else (self.seq, self.latest)
+                if self.sampling or (self.timekeeper and not keeper):
                     self.cond.wait()
+                    continue
+                wait = self.due - time.monotonic()
+                if wait <= 0:
+                    self.timekeeper = False
+                    self.sampling = True
+                    break
+                self.timekeeper = keeper = True
+                self.cond.wait(wait)
         started = time.monotonic()
         data = None
         try:
