@@ -1,5 +1,5 @@
 #!/bin/sh
-# Run every benchmark in bench/ with modest settings and print each table (about 14 minutes).
+# Run every benchmark in bench/ with modest settings and print each table (about 10 minutes).
 # usage: bench/run_all.sh            (PYTHON=/path/to/python to pick the interpreter)
 # bench_eventloop.py needs the real libvirtd at qemu:///system; it is skipped when that does not answer.
 set -u
@@ -27,7 +27,7 @@ run bench_unary.py --seconds 10 --rounds 10 --concurrency 1,8,64
 run bench_vms.py --sizes 1000,5000 --runs 5 --calls 200
 run bench_events.py --toggles 200 --burst 5000
 run bench_reactor_lag.py --clients 200 --seconds 5
-run bench_metrics.py --domains 1000 --subscribers 1,50 --seconds 8
+run bench_metrics.py --domains 1000 --subscribers 1,50 --seconds 8 --rounds 3
 run bench_agent.py --pings 1000 --agents 500 --window 10
 run bench_codec.py --mib 4 --runs 3
 run bench_download.py --size 1024 --small 128
