@@ -14,7 +14,7 @@ GetVMStatus looks one VM up among N: per call, the daemon vs. ``lookupByUUIDStri
 one-domain stats query and the live XML in this process (and the bare servicer). Target: daemon
 <= 1.2x the raw bulk query.
 
-usage: python bench/bench_vms.py [--sizes 1000,5000] [--runs 7] [--calls 300]
+usage: python bench/bench_vms.py [--sizes 1000,5000] [--runs 7] [--calls 300] [--settle 60]
 """
 
 from __future__ import annotations
@@ -196,12 +196,19 @@ def stub_for(address: str) -> tuple[grpc.Channel, object]:
     return channel, node_grpc.NodeDaemonServiceStub(channel)
 
 
-def bench_size(count: int, tmp: str, runs: int, calls: int) -> tuple[list[list[object]], list[list[object]]]:
+def bench_size(
+    count: int, tmp: str, runs: int, calls: int, settle: float
+) -> tuple[list[list[object]], list[list[object]]]:
     path, ids = node_xml(count, tmp)
     uri = f"test://{path}"
     probe = ids[len(ids) // 2]
     request = node_pb2.VMIdRequest(vm_id=probe)
     daemon, address, boot = start_daemon(uri=uri)
+    # Every test-driver domain "runs" without an agent socket, so each one's agent channel
+    # retries its connect, the backoff reaching its 30 s cap about 56 s after start: until then
+    # thousands of attempts a second share the daemon's CPU with the calls measured here (one
+    # run measured ListVMs of 5,000 domains at 2.2x the floor, the next at 1.05x).
+    time.sleep(settle)
     bare = None
     channels: list[grpc.Channel] = []
     conn = libvirt.open(uri)
@@ -279,12 +286,13 @@ def main() -> None:
         "--runs", type=int, default=7, help="samples per row (median), taken in turn across rows"
     )
     parser.add_argument("--calls", type=int, default=300, help="GetVMStatus calls per sample")
+    parser.add_argument("--settle", type=float, default=60.0, help="seconds from start to the first call")
     args = parser.parse_args()
     tmp = tempfile.mkdtemp(prefix="qtx-bench-vms-")
     list_rows: list[list[object]] = []
     status_rows: list[list[object]] = []
     for count in (int(x) for x in args.sizes.split(",")):
-        lr, sr = bench_size(count, tmp, args.runs, args.calls)
+        lr, sr = bench_size(count, tmp, args.runs, args.calls, args.settle)
         list_rows += lr
         status_rows += sr
     table(
