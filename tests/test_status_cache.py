@@ -90,6 +90,11 @@ class StatusReuseTests(unittest.TestCase):
         self.queries += 1
         return vms.status_of(self.conn, entry, self.sampler, None)
 
+    def test_every_spelling_of_the_uuid_finds_the_entry(self):
+        for spelling in (TEST_UUID, TEST_UUID.upper(), "{" + TEST_UUID + "}", TEST_UUID.replace("-", "")):
+            self.assertIs(self.cache.cached(self.conn, spelling), self.entry, spelling)
+        self.assertIsNone(self.cache.cached(self.conn, "not-a-uuid"))
+
     def test_reused_until_max_age(self):
         first = self.cache.status(self.entry, self.build)
         self.clock.now += 0.9

@@ -77,8 +77,10 @@ class DomainCache:
 
     def cached(self, conn: libvirt.virConnect, vm_id: str) -> Entry | None:
         """The entry for ``vm_id`` (a UUID) on ``conn``, without any libvirt call; else None."""
-        key = _canonical(vm_id)
-        entry = self._entries.get(key) if key is not None else None
+        entry = self._entries.get(vm_id)  # the usual spelling is the canonical one: no parse
+        if entry is None:
+            key = _canonical(vm_id)
+            entry = self._entries.get(key) if key is not None else None
         return entry if entry is not None and entry.conn is conn else None
 
     def entry(
