@@ -23,7 +23,7 @@ import time
 
 import grpc
 from bench_vms import node_xml, task_cpu
-from common import median, start_daemon, stop, table
+from common import AGENT_RETRIES_SETTLE, median, start_daemon, stop, table
 from google.protobuf import empty_pb2
 
 from quantix.proto import node_grpc, node_pb2
@@ -72,7 +72,9 @@ def main() -> None:
     parser.add_argument("--subscribers", default="1,50")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=3, help="idle and each count, alternated")
-    parser.add_argument("--settle", type=float, default=60.0, help="seconds before the first window")
+    parser.add_argument(
+        "--settle", type=float, default=AGENT_RETRIES_SETTLE, help="seconds before the first window"
+    )
     args = parser.parse_args()
     counts = [int(n) for n in args.subscribers.split(",")]
     path, _ = node_xml(args.domains, tempfile.mkdtemp(prefix="qtx-metrics-"))
@@ -80,10 +82,7 @@ def main() -> None:
     # condition (0 = idle) -> per-round (CPU ms/s, ListVMs ms, samples)
     runs: dict[int, list[tuple[float, float, int]]] = {n: [] for n in [0, *counts]}
     try:
-        # Test-driver domains "run" without an agent socket, so each one's agent channel retries
-        # its connect with a backoff that reaches its 30 s cap about 56 s after start: until then
-        # the idle daemon's own CPU falls from tens of ms/s to a few, more than what is measured.
-        time.sleep(args.settle)
+        time.sleep(args.settle)  # see AGENT_RETRIES_SETTLE
         for _ in range(args.rounds):
             for n in runs:  # alternated, so drift and neighbours hit every condition alike
                 runs[n].append(measure(address, proc.pid, n, args.seconds))

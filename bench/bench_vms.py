@@ -30,7 +30,16 @@ from collections.abc import Callable
 
 import grpc
 import libvirt
-from common import baseline_argv, free_port, median, start_daemon, stop, table, wait_serving
+from common import (
+    AGENT_RETRIES_SETTLE,
+    baseline_argv,
+    free_port,
+    median,
+    start_daemon,
+    stop,
+    table,
+    wait_serving,
+)
 from google.protobuf import empty_pb2
 
 from quantix.hypervisor.vms import NOWAIT, STATS
@@ -204,11 +213,7 @@ def bench_size(
     probe = ids[len(ids) // 2]
     request = node_pb2.VMIdRequest(vm_id=probe)
     daemon, address, boot = start_daemon(uri=uri)
-    # Every test-driver domain "runs" without an agent socket, so each one's agent channel
-    # retries its connect, the backoff reaching its 30 s cap about 56 s after start: until then
-    # thousands of attempts a second share the daemon's CPU with the calls measured here (one
-    # run measured ListVMs of 5,000 domains at 2.2x the floor, the next at 1.05x).
-    time.sleep(settle)
+    time.sleep(settle)  # see AGENT_RETRIES_SETTLE
     bare = None
     channels: list[grpc.Channel] = []
     conn = libvirt.open(uri)
@@ -286,7 +291,9 @@ def main() -> None:
         "--runs", type=int, default=7, help="samples per row (median), taken in turn across rows"
     )
     parser.add_argument("--calls", type=int, default=300, help="GetVMStatus calls per sample")
-    parser.add_argument("--settle", type=float, default=60.0, help="seconds from start to the first call")
+    parser.add_argument(
+        "--settle", type=float, default=AGENT_RETRIES_SETTLE, help="seconds from start to the first call"
+    )
     args = parser.parse_args()
     tmp = tempfile.mkdtemp(prefix="qtx-bench-vms-")
     list_rows: list[list[object]] = []

@@ -45,6 +45,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+#: Seconds to leave a daemon on many test-driver domains before measuring it. Each such domain
+#: "runs" without an agent socket, so its agent channel retries the connect with a backoff that
+#: reaches its 30 s cap about 56 s after start; until then thousands of attempts a second share
+#: the daemon's CPU with what is measured (ListVMs of 5,000 domains read 2.2x the floor in one
+#: run and 1.05x in the next; the idle daemon's CPU fell from tens of ms/s to a few).
+AGENT_RETRIES_SETTLE = 60.0
+
 RETRY_FAST = [
     ("grpc.initial_reconnect_backoff_ms", 10),
     ("grpc.min_reconnect_backoff_ms", 10),

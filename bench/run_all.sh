@@ -1,5 +1,5 @@
 #!/bin/sh
-# Run every benchmark in bench/ with modest settings and print each table (about 10 minutes).
+# Run every benchmark in bench/ with modest settings and print each table (about 12 minutes).
 # usage: bench/run_all.sh            (PYTHON=/path/to/python to pick the interpreter)
 # bench_eventloop.py needs the real libvirtd at qemu:///system; it is skipped when that does not answer.
 set -u
